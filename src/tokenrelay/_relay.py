@@ -1,0 +1,674 @@
+"""The relay: one run per session, each run a task in the relay's nursery.
+
+A *run* is one producer (usually: read tokens from a model server) writing events into its
+log. Subscribers replay that log and then follow it live, any number of them, joining and
+leaving at will; the run does not care whether anybody is watching. A session has at most one
+producer alive at any time: a new run supersedes, is rejected, or waits its turn.
+
+Who owns what:
+
+- The relay owns one nursery. Every producer runs there, as does the reaper that evicts
+  finished runs ``grace`` seconds after their last subscriber left.
+- Each run owns a cancel scope around its producer. Stopping, superseding and shutting down
+  are ``scope.cancel(reason)``; timeouts are the guard's ``fail_after``.
+- A session owns a FIFO of runs: the head is the running run (or the next to run), the rest
+  wait their turn. A run gets its turn only once everything ahead of it has fully finished,
+  its ``on_finish`` included, so producers never overlap and saves are sequential.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import trio
+
+from ._events import Event, RunStatus
+from ._exceptions import RelayClosed, SessionBusy, UnknownSession, UpstreamError
+from ._lifecycle import lifecycle, logger
+from ._log import MAX_BATCH, LogReader, MemoryRunLog, RunLog
+from ._reaper import Reaper
+
+__all__ = [
+    "Emit",
+    "OnBusy",
+    "OnFinish",
+    "Produce",
+    "Relay",
+    "RelayStatistics",
+    "Run",
+    "Subscription",
+    "open_relay",
+    "start_relay",
+]
+
+OnBusy = Literal["supersede", "reject", "enqueue"]
+#: ``await emit(data)`` appends one event to the run's log and returns it.
+Emit = Callable[[str], Awaitable[Event]]
+#: ``await produce(emit)``: the run's work.
+Produce = Callable[[Emit], Awaitable[object]]
+#: ``await on_finish(run, events)``: called once per run, however it ended.
+OnFinish = Callable[["Run", list[Event]], Awaitable[object]]
+
+
+def _check_on_busy(value: str) -> OnBusy:
+    for policy in get_args(OnBusy):
+        if value == policy:
+            return policy  # type: ignore[no-any-return]
+    raise ValueError(f"on_busy must be 'supersede', 'reject' or 'enqueue', not {value!r}")
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The ``Run.reason`` for a producer that raised ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, UpstreamError):
+        return exc.run_reason
+    return "exception"
+
+
+class Run:
+    """One producer's run and its event log. Made by :meth:`Relay.start`.
+
+    Attributes:
+        id: unique and unguessable (128 random bits, URL-safe).
+        session_id: the session the run belongs to.
+        status: :class:`RunStatus`; ``RUNNING`` until the producer is over.
+        reason: why a ``STOPPED`` or ``ERROR`` run ended: ``"stopped"``, ``"superseded"``,
+            ``"shutdown"``, ``"client_disconnect"``, ``"first_token_timeout"``,
+            ``"token_timeout"``, ``"upstream_error"`` (or another :class:`UpstreamError`
+            subclass's ``run_reason``), ``"exception"``; or what was given to
+            :meth:`cancel`. ``None`` while running and for ``DONE``.
+        error: the exception that ended an ``ERROR`` run, else ``None``.
+        started_at: when the producer started, on trio's clock (``None`` for a run that was
+            superseded while waiting for its turn and so never started).
+        finished_at: when the producer was over, on trio's clock.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        session_id: str,
+        log: RunLog,
+        run_id: str,
+        on_finish: OnFinish | None,
+    ) -> None:
+        self.id = run_id
+        self.session_id = session_id
+        self.status = RunStatus.RUNNING
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self._relay = relay
+        self._log = log
+        self._on_finish = on_finish
+        self._scope = trio.CancelScope()
+        self._cancel_reason: str | None = None
+        self._turn = trio.Event()
+        self._finished = trio.Event()
+        self._subscribers = 0
+        self._evict_at: float | None = None
+
+    def __repr__(self) -> str:
+        reason = f" reason={self.reason}" if self.reason else ""
+        return (
+            f"<Run {self.id} session={self.session_id!r} status={self.status.value}{reason} "
+            f"events={self.event_count}>"
+        )
+
+    @property
+    def event_count(self) -> int:
+        """How many events the producer has emitted (held or not)."""
+        return self._log.next_seq
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of event data this run's log holds."""
+        return self._log.nbytes
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many subscriptions are open on this run."""
+        return self._subscribers
+
+    def events(self) -> list[Event]:
+        """The events still held, oldest first."""
+        return self._log.held()
+
+    def cancel(self, reason: str = "stopped") -> bool:
+        """Ask the run to stop, with ``reason`` as its ``Run.reason``. Returns at once; use
+        :meth:`wait_finished` to wait until it has (or :meth:`Relay.stop`, which does both).
+
+        Returns ``True`` if the run had not finished yet. The first reason given wins.
+        """
+        if self._finished.is_set() or self.finished_at is not None:
+            return False
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+            if self.started_at is not None:
+                lifecycle("stream_cancelled", run=self.id, session=self.session_id, reason=reason)
+            self._scope.cancel(reason=reason)
+        return True
+
+    async def wait_finished(self) -> None:
+        """Wait until the run is over and its ``on_finish`` has been called."""
+        await self._finished.wait()
+
+    def subscribe(self, *, after: int = -1) -> Subscription:
+        """Follow this run: replay the events with ``seq > after``, then follow live.
+
+        Use it as ``async with run.subscribe() as sub: async for event in sub: ...``.
+
+        Raises:
+            ReplayGap: some of the events asked for are no longer held.
+        """
+        return Subscription(self, self._log.open_reader(after))
+
+    async def _emit(self, data: str) -> Event:
+        if not isinstance(data, str):
+            raise TypeError(f"emit() takes a str, not {type(data).__name__}")
+        # Trio's rule for a cancelled operation: it had no effect. So check for cancellation
+        # before appending, and yield to the scheduler afterwards without a cancellation point.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        event = self._log.append(data)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return event
+
+
+class Subscription(trio.abc.ReceiveChannel[Event]):
+    """A view of one run's events: every event with ``seq`` greater than the ``after`` it was
+    opened with, then live ones, in order, with no gap and no duplicate. Iteration ends when the
+    run is over; read ``sub.run.status`` / ``sub.run.reason`` to tell how it ended.
+
+    While it is open, the run is not evicted. Close it (``async with``) when done.
+
+    Attributes:
+        run: the run followed.
+    """
+
+    def __init__(self, run: Run, reader: LogReader) -> None:
+        self.run = run
+        self._reader = reader
+        self._closed = False
+        run._subscribers += 1
+        run._evict_at = None
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event handed out (``after`` if none yet): what a client that
+        reconnects should ask to resume after."""
+        return self._reader.position - 1
+
+    async def receive(self) -> Event:
+        """The next event. Raises :exc:`trio.EndOfChannel` when the run is over and every
+        event was read, :exc:`ReplayGap` if this subscriber fell so far behind that events
+        it needed were dropped."""
+        if self._closed:
+            raise trio.ClosedResourceError("this subscription was closed")
+        return await self._reader.receive()
+
+    async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
+        """Wait for at least one event, then return all that are ready (at most
+        ``max_events``), in order. For writers that coalesce events into one write."""
+        if self._closed:
+            raise trio.ClosedResourceError("this subscription was closed")
+        return await self._reader.receive_batch(max_events)
+
+    async def aclose(self) -> None:
+        """Stop following the run. If this was its last subscriber and the run is over, its
+        eviction clock starts."""
+        if not self._closed:
+            self._closed = True
+            run = self.run
+            run._subscribers -= 1
+            if run._subscribers == 0:
+                run._relay._arm_eviction(run)
+        await self._reader.aclose()
+
+
+class _Session:
+    __slots__ = ("id", "latest", "queue")
+
+    def __init__(self, session_id: str) -> None:
+        self.id = session_id
+        #: Unfinished runs, oldest first: the head has the turn, the rest wait for it.
+        self.queue: deque[Run] = deque()
+        #: The run subscribers get: the running one, else the last one that ran.
+        self.latest: Run | None = None
+
+
+@dataclass(frozen=True)
+class RelayStatistics:
+    """A snapshot of what a relay holds (see :meth:`Relay.statistics`)."""
+
+    #: Sessions with a run held or in progress.
+    sessions: int
+    #: Runs whose producer is running.
+    runs_running: int
+    #: Runs waiting for their turn (``on_busy="enqueue"``, or behind a supersede).
+    runs_waiting: int
+    #: Finished runs still held for replay.
+    runs_retained: int
+    #: Open subscriptions on held runs.
+    subscribers: int
+    #: Bytes of event data held by held runs.
+    bytes_held: int
+
+
+class Relay:
+    """Runs producers, one per session at a time, and keeps their events for subscribers.
+
+    Make one with :func:`open_relay` (which owns its nursery) or :func:`start_relay` (which
+    runs it in yours); the parameters are documented on :func:`open_relay`.
+    """
+
+    def __init__(
+        self,
+        *,
+        grace: float = 180.0,
+        max_events: int | None = None,
+        max_bytes: int | None = None,
+        on_busy: OnBusy = "supersede",
+        finish_timeout: float = 5.0,
+    ) -> None:
+        if not grace >= 0:
+            raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
+        for name, cap in (("max_events", max_events), ("max_bytes", max_bytes)):
+            if cap is not None and (not isinstance(cap, int) or cap < 1):
+                raise ValueError(f"{name} must be a positive int or None, not {cap!r}")
+        if not finish_timeout > 0:
+            raise ValueError(f"finish_timeout must be > 0 seconds, not {finish_timeout!r}")
+        self.grace = grace
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.on_busy: OnBusy = _check_on_busy(on_busy)
+        self.finish_timeout = finish_timeout
+        self._sessions: dict[str, _Session] = {}
+        self._reaper: Reaper[tuple[str, str]] = Reaper(self._evict)
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Relay {state} sessions={len(self._sessions)}>"
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the relay: its producers and its reaper live in a nursery inside this call,
+        which returns after :meth:`aclose`. Start it with ``await nursery.start(relay.serve)``
+        (that is what :func:`start_relay` does). If it is cancelled instead, running runs stop
+        with reason ``"shutdown"`` and still get their ``on_finish``."""
+        if self._nursery is not None:
+            raise RuntimeError("this relay is already being served")
+        if self._closed:
+            raise RelayClosed("this relay was closed")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await self._reaper.run()
+            finally:
+                # Cancelled: by aclose() once every run has finished, or from outside, in which
+                # case this marks the runs' reason before their producers see the cancellation.
+                self._begin_close()
+
+    async def aclose(self) -> None:
+        """Shut down: start no new runs, stop every run with reason ``"shutdown"``, wait until
+        all of them (and runs waiting their turn) have fully finished, then stop the reaper.
+        Safe to call more than once."""
+        self._begin_close()
+        while True:
+            pending = next((s.queue[-1] for s in self._sessions.values() if s.queue), None)
+            if pending is None:
+                break
+            await pending.wait_finished()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel(reason="relay closed")
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the relay has begun shutting down (it starts no new runs)."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._nursery is None:
+            raise RelayClosed("this relay is not running: use open_relay() or start_relay()")
+        if self._closed:
+            raise RelayClosed("the relay is closed: it starts no new runs")
+
+    def _begin_close(self) -> None:
+        self._closed = True
+        for session in self._sessions.values():
+            for run in session.queue:
+                run.cancel("shutdown")
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        session_id: str,
+        produce: Produce,
+        *,
+        on_finish: OnFinish | None = None,
+        on_busy: OnBusy | None = None,
+    ) -> Run:
+        """Start a run for ``session_id``: ``await produce(emit)`` in the relay's nursery, where
+        ``await emit(data)`` appends one event (a ``str``) to the run's log.
+
+        What happens if the session already has a run in progress depends on ``on_busy``
+        (default: the relay's):
+
+        - ``"supersede"``: cancel it (reason ``"superseded"``), and any runs waiting their turn,
+          and return only after it has fully finished, its ``on_finish`` included.
+        - ``"reject"``: raise :class:`SessionBusy`.
+        - ``"enqueue"``: wait until the runs ahead have ended on their own.
+
+        Returns the run, already running. A run that was superseded or stopped while it waited
+        for its turn is returned ``STOPPED``, its producer never called (its ``on_finish``
+        was). If this call is cancelled while the run waits for its turn, the run is withdrawn:
+        it never existed.
+
+        ``on_finish(run, events)``, if given, is called exactly once when the run is over,
+        however it ended, with the events still held: the place to save the answer, partial
+        or whole. It runs shielded from cancellation for at most the relay's
+        ``finish_timeout``; an exception in it is logged, never raised.
+
+        Raises:
+            SessionBusy: ``on_busy="reject"`` and the session has a run in progress.
+            RelayClosed: the relay is shutting down.
+        """
+        policy = self.on_busy if on_busy is None else _check_on_busy(on_busy)
+        self._check_open()
+        called_at = trio.current_time()
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session(session_id)
+        superseded: Run | None = None
+        if session.queue:
+            if policy == "reject":
+                raise SessionBusy(session_id, session.queue[0].id)
+            if policy == "supersede":
+                head = session.queue[0]
+                if head.started_at is not None and head.cancel("superseded"):
+                    superseded = head
+                for waiting in session.queue:
+                    waiting.cancel("superseded")
+        run_id = secrets.token_urlsafe(16)
+        log = MemoryRunLog(run_id, max_events=self.max_events, max_bytes=self.max_bytes)
+        run = Run(self, session_id, log, run_id, on_finish)
+        session.queue.append(run)
+        self._give_turn(session)
+        try:
+            await run._turn.wait()
+        except BaseException:
+            session.queue.remove(run)
+            self._give_turn(session)
+            self._forget_if_idle(session)
+            raise
+        if superseded is not None:
+            lifecycle(
+                "prev_stream_finished_cleanly",
+                run=superseded.id,
+                session=session_id,
+                waited_ms=_ms(trio.current_time() - called_at),
+            )
+        if self._closed:
+            run.cancel("shutdown")
+        if run._cancel_reason is not None:
+            # Superseded, stopped or shut down before it got its turn: never produced.
+            run.status = RunStatus.STOPPED
+            run.reason = run._cancel_reason
+            run.finished_at = trio.current_time()
+            await self._finish(run, session)
+            return run
+        assert self._nursery is not None
+        run.started_at = trio.current_time()
+        session.latest = run
+        lifecycle("stream_start", run=run.id, session=session_id)
+        self._nursery.start_soon(self._drive, run, session, produce, name=f"tokenrelay {run.id}")
+        return run
+
+    async def _drive(self, run: Run, session: _Session, produce: Produce) -> None:
+        """The run's task: call the producer inside the run's cancel scope, record how it
+        ended, and finish the run."""
+        try:
+            with run._scope:
+                await produce(run._emit)
+        except trio.Cancelled:
+            # Not our scope's cancellation: the relay's nursery is being cancelled around us.
+            run.cancel("shutdown")
+            run.status, run.reason = RunStatus.STOPPED, run._cancel_reason
+            raise
+        except BaseException as exc:
+            run.status, run.reason, run.error = RunStatus.ERROR, _failure_reason(exc), exc
+            if run.reason == "exception":
+                logger.error(
+                    "stream_exception run=%s session=%s", run.id, run.session_id, exc_info=exc
+                )
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if run._scope.cancelled_caught:
+                run.status, run.reason = RunStatus.STOPPED, run._cancel_reason
+            else:
+                run.status = RunStatus.DONE
+        finally:
+            run.finished_at = trio.current_time()
+            await self._finish(run, session)
+
+    async def _finish(self, run: Run, session: _Session) -> None:
+        """Close the run's log (subscribers then end), call ``on_finish``, and hand the turn
+        to the next run of the session. The caller has set status, reason and finished_at."""
+        run._log.close()
+        if run._on_finish is not None:
+            with trio.move_on_after(self.finish_timeout, shield=True) as scope:
+                try:
+                    await run._on_finish(run, run._log.held())
+                except Exception:
+                    logger.exception("on_finish_failed run=%s session=%s", run.id, run.session_id)
+            if scope.cancelled_caught:
+                lifecycle(
+                    "on_finish_timeout",
+                    logging.WARNING,
+                    run=run.id,
+                    session=run.session_id,
+                    seconds=self.finish_timeout,
+                )
+        if run.started_at is not None:
+            lifecycle(
+                "stream_end",
+                run=run.id,
+                session=run.session_id,
+                status=run.status.value,
+                reason=run.reason,
+                duration_ms=_ms(run.finished_at - run.started_at) if run.finished_at else None,
+                events=run.event_count,
+                **({"error": _one_line(run.error)} if run.error is not None else {}),
+            )
+        run._finished.set()
+        session.queue.remove(run)
+        self._give_turn(session)
+        if session.latest is run:
+            self._arm_eviction(run)
+        self._forget_if_idle(session)
+
+    @staticmethod
+    def _give_turn(session: _Session) -> None:
+        if session.queue:
+            session.queue[0]._turn.set()
+
+    def _forget_if_idle(self, session: _Session) -> None:
+        if not session.queue and session.latest is None:
+            del self._sessions[session.id]
+
+    # -- eviction -----------------------------------------------------------------------------
+
+    def _arm_eviction(self, run: Run) -> None:
+        """Start the grace period of a finished run that nobody follows."""
+        if run._subscribers or not run._finished.is_set():
+            return
+        run._evict_at = trio.current_time() + self.grace
+        self._reaper.arm(run._evict_at, (run.session_id, run.id))
+
+    def _evict(self, key: tuple[str, str]) -> None:
+        session_id, run_id = key
+        session = self._sessions.get(session_id)
+        run = session.latest if session is not None else None
+        if (
+            session is None
+            or run is None
+            or run.id != run_id
+            or run._evict_at is None
+            or run._evict_at > trio.current_time()
+        ):
+            return  # re-armed, subscribed to, or replaced since: a stale entry
+        session.latest = None
+        self._forget_if_idle(session)
+        lifecycle("run_evicted", logging.DEBUG, run=run.id, session=session_id)
+
+    # -- looking -----------------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Run | None:
+        """The session's running run, else its latest retained one, else ``None``."""
+        session = self._sessions.get(session_id)
+        return session.latest if session is not None else None
+
+    def subscribe(self, session_id: str, *, after: int = -1) -> Subscription:
+        """Follow the session's running (or latest retained) run: replay its events with
+        ``seq > after``, then follow live; iteration ends when the run is over.
+
+        Use it as an async context manager::
+
+            async with relay.subscribe(session_id) as sub:
+                async for event in sub:
+                    print(event.seq, event.data)
+            print(sub.run.status, sub.run.reason)
+
+        Raises:
+            UnknownSession: no run is held for the session.
+            ReplayGap: some of the events asked for are no longer held.
+        """
+        run = self.get(session_id)
+        if run is None:
+            raise UnknownSession(session_id)
+        return run.subscribe(after=after)
+
+    async def stop(self, session_id: str) -> bool:
+        """Stop the session's run (reason ``"stopped"``), and any waiting their turn, and wait
+        until they have fully finished, ``on_finish`` included. Returns ``False`` when nothing
+        was running."""
+        session = self._sessions.get(session_id)
+        runs = list(session.queue) if session is not None else []
+        for run in runs:
+            run.cancel("stopped")
+        for run in runs:
+            await run.wait_finished()
+        if not runs:
+            await trio.lowlevel.checkpoint()
+        return bool(runs)
+
+    def statistics(self) -> RelayStatistics:
+        """Counts of what the relay holds now (walks every session: for metrics scrapes,
+        not for hot paths)."""
+        running = waiting = retained = subscribers = nbytes = 0
+        for session in self._sessions.values():
+            for run in session.queue:
+                if run.started_at is None:
+                    waiting += 1
+                else:
+                    running += 1
+            latest = session.latest
+            if latest is not None:
+                retained += latest.finished_at is not None
+                subscribers += latest._subscribers
+                nbytes += latest.bytes_held
+        return RelayStatistics(
+            sessions=len(self._sessions),
+            runs_running=running,
+            runs_waiting=waiting,
+            runs_retained=retained,
+            subscribers=subscribers,
+            bytes_held=nbytes,
+        )
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+async def start_relay(
+    nursery: trio.Nursery,
+    *,
+    grace: float = 180.0,
+    max_events: int | None = None,
+    max_bytes: int | None = None,
+    on_busy: OnBusy = "supersede",
+    finish_timeout: float = 5.0,
+) -> Relay:
+    """Start a relay whose tasks run in ``nursery``, and return it. The caller closes it with
+    ``await relay.aclose()``; cancelling ``nursery`` instead stops its runs with reason
+    ``"shutdown"``. Parameters as for :func:`open_relay`."""
+    relay = Relay(
+        grace=grace,
+        max_events=max_events,
+        max_bytes=max_bytes,
+        on_busy=on_busy,
+        finish_timeout=finish_timeout,
+    )
+    await nursery.start(relay.serve)
+    return relay
+
+
+@asynccontextmanager
+async def open_relay(
+    *,
+    grace: float = 180.0,
+    max_events: int | None = None,
+    max_bytes: int | None = None,
+    on_busy: OnBusy = "supersede",
+    finish_timeout: float = 5.0,
+) -> AsyncIterator[Relay]:
+    """Open a relay that owns the nursery its runs live in::
+
+        async with tokenrelay.open_relay() as relay:
+            run = await relay.start("session-1", produce)
+
+    On exit, every run still going is stopped with reason ``"shutdown"`` and fully finished
+    (``on_finish`` done) before the ``async with`` returns.
+
+    Args:
+        grace: seconds a finished run stays available for replay after its last subscriber
+            left (or after it finished, if nobody was following it).
+        max_events: per run, the most events held for replay; the oldest are dropped beyond
+            it. ``None``: no limit.
+        max_bytes: per run, the most bytes of event data held (UTF-8); the oldest are dropped
+            beyond it. ``None``: no limit.
+        on_busy: what :meth:`Relay.start` does when the session already has a run:
+            ``"supersede"``, ``"reject"`` or ``"enqueue"``.
+        finish_timeout: the longest an ``on_finish`` callback may take.
+    """
+    async with trio.open_nursery() as nursery:
+        relay = await start_relay(
+            nursery,
+            grace=grace,
+            max_events=max_events,
+            max_bytes=max_bytes,
+            on_busy=on_busy,
+            finish_timeout=finish_timeout,
+        )
+        try:
+            yield relay
+        finally:
+            await relay.aclose()

@@ -1,0 +1,47 @@
+"""Producers and recorders shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+import tokenrelay
+from tokenrelay import Emit, Event, Run
+from tokenrelay.testing import ScriptedUpstream
+
+
+def piped(
+    upstream: ScriptedUpstream,
+    *,
+    first_token_timeout: float | None = None,
+    token_timeout: float | None = None,
+) -> Callable[[Emit], Awaitable[None]]:
+    """A producer that emits every token of ``upstream`` through the guard."""
+
+    async def produce(emit: Emit) -> None:
+        async with tokenrelay.guard(
+            upstream, first_token_timeout=first_token_timeout, token_timeout=token_timeout
+        ) as tokens:
+            async for token in tokens:
+                await emit(token)
+
+    return produce
+
+
+@dataclass
+class Finishes:
+    """An on_finish callback that records every call, with the trio time it was made."""
+
+    calls: list[tuple[float, Run, list[str]]] = field(default_factory=list)
+
+    async def __call__(self, run: Run, events: list[Event]) -> None:
+        self.calls.append((trio.current_time(), run, [event.data for event in events]))
+
+    def of(self, run: Run) -> list[tuple[float, Run, list[str]]]:
+        return [call for call in self.calls if call[1] is run]
+
+
+async def read_all(sub: tokenrelay.Subscription) -> list[Event]:
+    return [event async for event in sub]

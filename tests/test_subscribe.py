@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+import tokenrelay
+from _helpers import piped, read_all
+from tokenrelay import Emit, Event, ReplayGap, RunStatus, UnknownSession
+from tokenrelay._log import READER_BUFFER
+from tokenrelay.testing import ScriptedUpstream
+
+TOKENS = [f"t{i}" for i in range(10)]
+
+
+def data(events: list[Event]) -> list[str]:
+    return [event.data for event in events]
+
+
+def assert_contiguous(events: list[Event], first: int = 0) -> None:
+    assert [event.seq for event in events] == list(range(first, first + len(events)))
+
+
+async def test_joining_before_the_first_token(autojump_clock: MockClock) -> None:
+    async with tokenrelay.open_relay() as relay:
+        run = await relay.start("s", piped(ScriptedUpstream(TOKENS, prefill=1.0, interval=0.125)))
+        async with relay.subscribe("s") as sub:
+            assert sub.run is run
+            events = await read_all(sub)
+        assert data(events) == TOKENS
+        assert_contiguous(events)
+        assert {event.run_id for event in events} == {run.id}
+        assert trio.current_time() == 2.125
+        assert sub.run.status is RunStatus.DONE
+
+
+async def test_joining_mid_run_replays_then_follows(autojump_clock: MockClock) -> None:
+    upstream = ScriptedUpstream(TOKENS, prefill=1.0, interval=0.1)
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(upstream))
+        await trio.sleep(1.45)  # five tokens out
+        received: list[tuple[float, int]] = []
+        async with relay.subscribe("s") as sub:
+            async for event in sub:
+                received.append((trio.current_time(), event.seq))
+        # The first five are replayed at once, the rest arrive as they are produced.
+        assert received[:5] == [(1.45, seq) for seq in range(5)]
+        assert received[5:] == list(zip(upstream.token_times[5:], range(5, 10), strict=True))
+
+
+async def test_joining_after_a_given_seq(autojump_clock: MockClock) -> None:
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(ScriptedUpstream(TOKENS, prefill=1.0, interval=0.1)))
+        await trio.sleep(1.45)
+        async with relay.subscribe("s", after=2) as sub:
+            assert sub.last_seq == 2
+            events = await read_all(sub)
+            assert sub.last_seq == 9
+        assert_contiguous(events, first=3)
+        # After a seq not produced yet: wait for it.
+        async with relay.subscribe("s", after=8) as sub:
+            assert data(await read_all(sub)) == ["t9"]
+
+
+async def test_joining_after_the_end(autojump_clock: MockClock) -> None:
+    async with tokenrelay.open_relay() as relay:
+        run = await relay.start("s", piped(ScriptedUpstream(TOKENS, then=UpstreamFault())))
+        await run.wait_finished()
+        now = trio.current_time()
+        async with relay.subscribe("s") as sub:
+            events = await read_all(sub)
+        assert trio.current_time() == now
+        assert data(events) == TOKENS
+        assert (sub.run.status, sub.run.reason) == (RunStatus.ERROR, "upstream_error")
+
+
+class UpstreamFault(tokenrelay.UpstreamError):
+    pass
+
+
+async def test_many_subscribers_see_the_same_sequence(autojump_clock: MockClock) -> None:
+    seen: list[list[Event]] = []
+
+    async def follow(delay: float) -> None:
+        await trio.sleep(delay)
+        async with relay.subscribe("s") as sub:
+            seen.append(await read_all(sub))
+
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(ScriptedUpstream(TOKENS * 30, prefill=0.5, interval=0.01)))
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(follow, i * 0.03)
+    assert len(seen) == 100
+    assert all(events == seen[0] for events in seen)
+    assert data(seen[0]) == TOKENS * 30
+    assert_contiguous(seen[0])
+
+
+async def test_a_stalled_subscriber_slows_nobody_and_loses_nothing(
+    autojump_clock: MockClock,
+) -> None:
+    count = READER_BUFFER * 4
+    upstream = ScriptedUpstream([str(i) for i in range(count)], prefill=1.0, interval=0.001)
+    live_times: list[float] = []
+    async with tokenrelay.open_relay() as relay:
+        run = await relay.start("s", piped(upstream))
+        async with relay.subscribe("s") as stalled, relay.subscribe("s") as live:
+            async for _ in live:
+                live_times.append(trio.current_time())
+            # The run ran on its script, and the live subscriber got every token the instant
+            # it was produced, while the stalled one read nothing.
+            assert run.finished_at == upstream.token_times[-1]
+            assert live_times == upstream.token_times
+            # The stalled one holds at most its buffer; the rest waits in the log.
+            assert stalled._reader._recv.statistics().current_buffer_used == READER_BUFFER  # type: ignore[attr-defined]
+            events = await read_all(stalled)
+    assert data(events) == [str(i) for i in range(count)]
+    assert_contiguous(events)
+
+
+async def test_a_slow_subscriber_keeps_falling_behind_and_catching_up(
+    autojump_clock: MockClock,
+) -> None:
+    count = READER_BUFFER * 5
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(ScriptedUpstream(["x"] * count, interval=0.001)))
+        events = []
+        async with relay.subscribe("s") as sub:
+            async for event in sub:
+                events.append(event)
+                await trio.sleep(0.0015 if event.seq % 100 else 0.4)
+    assert_contiguous(events)
+    assert len(events) == count
+
+
+async def test_receive_batch_hands_out_everything_ready(autojump_clock: MockClock) -> None:
+    async def burst(emit: Emit) -> None:
+        for i in range(5):
+            await emit(f"a{i}")
+        await trio.sleep(1.0)
+        for i in range(3):
+            await emit(f"b{i}")
+
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", burst)
+        await trio.sleep(0.5)
+        async with relay.subscribe("s") as sub:
+            # Replayed from the log: everything held, in one batch.
+            assert data(await sub.receive_batch()) == [f"a{i}" for i in range(5)]
+            # Queued in its channel while it was not reading: one batch, up to max_events.
+            await trio.sleep(1.0)
+            assert data(await sub.receive_batch(max_events=2)) == ["b0", "b1"]
+            assert data(await sub.receive_batch()) == ["b2"]
+            with pytest.raises(trio.EndOfChannel):
+                await sub.receive_batch()
+        with pytest.raises(trio.ClosedResourceError):
+            await sub.receive()
+
+
+async def test_replay_gap_when_asking_for_dropped_events(autojump_clock: MockClock) -> None:
+    async with tokenrelay.open_relay(max_events=10) as relay:
+        run = await relay.start("s", piped(ScriptedUpstream([str(i) for i in range(25)])))
+        await run.wait_finished()
+        assert [e.seq for e in run.events()] == list(range(15, 25))
+        with pytest.raises(ReplayGap) as info:
+            relay.subscribe("s")
+        assert (info.value.requested, info.value.first_held) == (0, 15)
+        assert str(info.value) == (
+            f"run {run.id}: events from seq 0 were asked for but only seq 15 onwards are still "
+            "held (raise max_events / max_bytes to keep more)"
+        )
+        async with relay.subscribe("s", after=14) as sub:
+            assert_contiguous(await read_all(sub), first=15)
+
+
+async def test_replay_gap_for_a_subscriber_that_fell_too_far_behind(
+    autojump_clock: MockClock,
+) -> None:
+    count = READER_BUFFER * 3
+    async with tokenrelay.open_relay(max_events=READER_BUFFER) as relay:
+        await relay.start("s", piped(ScriptedUpstream(["x"] * count, interval=0.001)))
+        async with relay.subscribe("s") as sub:
+            await trio.sleep(10)
+            got = [await sub.receive() for _ in range(READER_BUFFER)]  # what its channel held
+            assert_contiguous(got)
+            with pytest.raises(ReplayGap) as info:
+                await sub.receive()
+            assert info.value.requested == READER_BUFFER
+            assert info.value.first_held == count - READER_BUFFER
+
+
+async def test_max_bytes_bounds_what_a_run_holds(autojump_clock: MockClock) -> None:
+    tokens = ["é" * 10] * 100  # 20 bytes each in UTF-8
+    async with tokenrelay.open_relay(max_bytes=200) as relay:
+        run = await relay.start("s", piped(ScriptedUpstream(tokens)))
+        await run.wait_finished()
+        assert run.bytes_held == 200
+        assert [e.seq for e in run.events()] == list(range(90, 100))
+        assert run.event_count == 100
+
+
+async def test_unknown_session(autojump_clock: MockClock) -> None:
+    async with tokenrelay.open_relay() as relay:
+        with pytest.raises(UnknownSession) as info:
+            relay.subscribe("nope")
+        assert isinstance(info.value, LookupError)
+        assert str(info.value) == "no run is held for session 'nope' (never started, or evicted)"
+        assert info.value.session_id == "nope"
+        assert relay.get("nope") is None
+
+
+async def test_a_subscription_follows_its_run_only(autojump_clock: MockClock) -> None:
+    async with tokenrelay.open_relay() as relay:
+        first = await relay.start("s", piped(ScriptedUpstream(["a1", "a2"], interval=1.0)))
+        async with relay.subscribe("s") as sub:
+            assert (await sub.receive()).data == "a1"
+            second = await relay.start("s", piped(ScriptedUpstream(["b1"], prefill=1.0)))
+            with pytest.raises(trio.EndOfChannel):
+                await sub.receive()
+            assert (sub.run, sub.run.reason) == (first, "superseded")
+        async with relay.subscribe("s") as sub:
+            assert sub.run is second
+            assert data(await read_all(sub)) == ["b1"]
+
+
+async def test_after_must_be_a_seq(autojump_clock: MockClock) -> None:
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(ScriptedUpstream(["a"])))
+        with pytest.raises(ValueError, match="after must be -1"):
+            relay.subscribe("s", after=-2)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import trio
 
 import tokenrelay
 from tokenrelay import Emit, Event, Run
 from tokenrelay.testing import ScriptedUpstream
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def bounded(seconds: float) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Fail an async test that takes longer than ``seconds``: socket tests run in real time
+    and must never hang."""
+
+    def decorate(test: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(test)
+        async def bounded_test(*args: P.args, **kwargs: P.kwargs) -> R:
+            with trio.fail_after(seconds):
+                return await test(*args, **kwargs)
+
+        return bounded_test
+
+    return decorate
 
 
 def piped(

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import httpx2
 import pytest
+import trio
 
-from tokenrelay.testing import LifecycleCapture, capture_lifecycle
+import tokenrelay
+from tokenrelay.testing import FakeModelServer, FakeScript, LifecycleCapture, capture_lifecycle
 
 
 @pytest.fixture
@@ -12,3 +15,19 @@ def lifecycle() -> Iterator[LifecycleCapture]:
     """The relay's lifecycle lines logged during the test, with their trio times."""
     with capture_lifecycle() as records:
         yield records
+
+
+@pytest.fixture
+async def fake_server(nursery: trio.Nursery) -> FakeModelServer:
+    """A fake model server on 127.0.0.1, five tokens 5 ms apart by default."""
+    server = FakeModelServer(FakeScript(interval=0.005))
+    await nursery.start(server.serve)
+    return server
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx2.AsyncClient]:
+    """The shared HTTP client a relay would use."""
+    client = tokenrelay.http_client(max_connections=10)
+    yield client
+    await client.aclose()

@@ -40,7 +40,8 @@ def test_the_embedding_example_runs_as_pasted() -> None:
 
 def test_the_testing_example_passes() -> None:
     namespace: dict[str, object] = {}
-    exec(python_blocks()[1], namespace)
+    [example] = [block for block in python_blocks() if "async def test_" in block]
+    exec(example, namespace)
     test = namespace["test_stop_during_prefill_closes_the_upstream_at_once"]
     clock = MockClock(autojump_threshold=0)
     trio.run(test, clock, clock=clock)  # type: ignore[arg-type]

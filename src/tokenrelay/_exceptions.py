@@ -2,12 +2,19 @@
 
     RelayError
     ├── UpstreamError ............ the model server failed us (it, not we, broke the stream)
-    │   └── UpstreamTimeout ...... it went quiet for longer than allowed
-    │       ├── FirstTokenTimeout
-    │       └── TokenTimeout
+    │   ├── UpstreamTimeout ...... it went quiet for longer than allowed
+    │   │   ├── FirstTokenTimeout
+    │   │   └── TokenTimeout
+    │   ├── UpstreamConnectError . could not reach it (DNS failure, connection refused)
+    │   ├── UpstreamStatusError .. it answered 4xx/5xx before streaming
+    │   │   └── UpstreamRateLimited  429, with Retry-After
+    │   ├── UpstreamReportedError  it reported an error inside the stream
+    │   ├── UpstreamProtocolError  it sent something we cannot read (bad JSON, huge line)
+    │   └── UpstreamDisconnected . the connection broke, or the stream ended unfinished
     ├── SessionBusy .............. on_busy="reject" and the session already has a run
     ├── UnknownSession ........... never started, or evicted (also a LookupError)
     ├── ReplayGap ................ the events asked for are no longer held
+    ├── InvalidRequest ........... a chat request we cannot relay (also a ValueError)
     └── RelayClosed .............. the relay has shut down
 
 Whatever ends a run, a run never raises into the relay: its ending is recorded as
@@ -21,13 +28,20 @@ from typing import ClassVar
 
 __all__ = [
     "FirstTokenTimeout",
+    "InvalidRequest",
     "RelayClosed",
     "RelayError",
     "ReplayGap",
     "SessionBusy",
     "TokenTimeout",
     "UnknownSession",
+    "UpstreamConnectError",
+    "UpstreamDisconnected",
     "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamRateLimited",
+    "UpstreamReportedError",
+    "UpstreamStatusError",
     "UpstreamTimeout",
 ]
 
@@ -45,6 +59,9 @@ class UpstreamError(RelayError):
 
     #: The ``Run.reason`` recorded when this error ends a run.
     run_reason: ClassVar[str] = "upstream_error"
+
+    #: The upstream's HTTP status, where it gave one.
+    status_code: int | None = None
 
 
 class UpstreamTimeout(UpstreamError):
@@ -74,6 +91,62 @@ class TokenTimeout(UpstreamTimeout):
     """A gap between two tokens was longer than ``token_timeout``."""
 
     run_reason: ClassVar[str] = "token_timeout"
+
+
+class UpstreamConnectError(UpstreamError):
+    """The upstream could not be reached: its host name did not resolve, or nothing accepted
+    the connection."""
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an HTTP error status before streaming anything.
+
+    Attributes:
+        status_code: its status, e.g. 404 or 503.
+        upstream_message: the message it gave (from its JSON error body, or its text).
+    """
+
+    def __init__(self, message: str, *, status_code: int, upstream_message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.upstream_message = upstream_message
+
+
+class UpstreamRateLimited(UpstreamStatusError):
+    """The upstream answered 429 Too Many Requests.
+
+    Attributes:
+        retry_after: seconds it asked us to wait (its ``Retry-After`` header), if it said.
+    """
+
+    def __init__(
+        self, message: str, *, status_code: int, upstream_message: str, retry_after: float | None
+    ) -> None:
+        super().__init__(message, status_code=status_code, upstream_message=upstream_message)
+        self.retry_after = retry_after
+
+
+class UpstreamReportedError(UpstreamError):
+    """The upstream reported an error inside its stream (e.g. Ollama's ``{"error": ...}`` line,
+    or an OpenAI-style ``{"error": {...}}`` event).
+
+    Attributes:
+        upstream_message: what it said.
+    """
+
+    def __init__(self, message: str, *, upstream_message: str) -> None:
+        super().__init__(message)
+        self.upstream_message = upstream_message
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream sent something that is not its protocol: a line that is not JSON, an
+    event of the wrong shape, a line longer than the cap."""
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The connection to the upstream broke mid-stream, or the stream ended without the
+    upstream saying it was done. (It broke it; we did not close it.)"""
 
 
 class SessionBusy(RelayError):
@@ -124,6 +197,11 @@ class ReplayGap(RelayError):
         self.run_id = run_id
         self.requested = requested
         self.first_held = first_held
+
+
+class InvalidRequest(RelayError, ValueError):
+    """A chat request that cannot be relayed: not JSON, no messages, a field of the wrong
+    type. The message says which field and why."""
 
 
 class RelayClosed(RelayError):

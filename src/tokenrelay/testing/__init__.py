@@ -23,6 +23,19 @@
 from ._capture import LifecycleCapture as LifecycleCapture
 from ._capture import LifecycleRecord as LifecycleRecord
 from ._capture import capture_lifecycle as capture_lifecycle
+from ._fake_server import FakeModelServer as FakeModelServer
+from ._fake_server import FakeRequest as FakeRequest
+from ._fake_server import FakeScript as FakeScript
+from ._fake_server import Fault as Fault
 from ._scripted import ScriptedUpstream as ScriptedUpstream
 
-__all__ = ["LifecycleCapture", "LifecycleRecord", "ScriptedUpstream", "capture_lifecycle"]
+__all__ = [
+    "FakeModelServer",
+    "FakeRequest",
+    "FakeScript",
+    "Fault",
+    "LifecycleCapture",
+    "LifecycleRecord",
+    "ScriptedUpstream",
+    "capture_lifecycle",
+]

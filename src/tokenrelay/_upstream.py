@@ -1,0 +1,260 @@
+"""The upstream interface, and the HTTP stream the Ollama and OpenAI adapters share.
+
+An upstream turns a :class:`ChatRequest` into an async iterator of :class:`Delta` with an
+``aclose()`` (a :class:`ClosableAsyncIterator`), ready for :func:`tokenrelay.guard`. HTTP
+streams open their request on the first ``__anext__``, so that connecting, waiting in the
+connection pool and waiting for response headers all count against the guard's first-token
+timeout; ``aclose()`` closes the response, which closes the connection under it if the
+stream was not finished, so the model server stops generating.
+
+The dialects are sans-IO decoders (bytes in, deltas out); this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import socket
+from collections import deque
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import httpx2
+
+from ._chat import ChatRequest, Delta
+from ._exceptions import (
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamStatusError,
+)
+from ._guard import ClosableAsyncIterator
+from ._lines import LineSplitter
+
+__all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "Upstream", "http_client"]
+
+#: The longest line an upstream may send (1 MiB), newline or not.
+MAX_LINE = 1 << 20
+
+#: How much of an error response's body is read for its message.
+MAX_ERROR_BODY = 64 << 10
+
+
+class Upstream(Protocol):
+    """A model server the relay can stream answers from."""
+
+    #: The adapter's name: ``"demo"``, ``"ollama"`` or ``"openai"``.
+    name: str
+
+    def stream(self, request: ChatRequest) -> ClosableAsyncIterator[Delta]:
+        """The answer to ``request``, delta by delta. Nothing happens until the first
+        ``__anext__``; ``aclose()`` stops generation."""
+        ...
+
+
+class Decoder(Protocol):
+    """A dialect: stream lines in, deltas out."""
+
+    #: Set once the upstream has said its answer is complete.
+    finished: bool
+
+    def feed(self, line: bytes) -> list[Delta]:
+        """One line of the stream, without its ending."""
+        ...
+
+    def close(self) -> list[Delta]:
+        """The stream ended: the last deltas, or :exc:`UpstreamDisconnected` if the upstream
+        never said it was done."""
+        ...
+
+
+def http_client(*, max_connections: int = 100, connect_timeout: float = 10.0) -> httpx2.AsyncClient:
+    """The shared HTTP client for one relay's upstream calls, with explicit limits.
+
+    There is deliberately no read timeout (a model may prefill for minutes): the guard's
+    first-token and token timeouts bound every wait, and they count real tokens only, where a
+    read timeout would be reset by every keep-alive.
+    """
+    return httpx2.AsyncClient(
+        limits=httpx2.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        ),
+        timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
+        follow_redirects=False,
+    )
+
+
+class HTTPDeltaStream:
+    """One streaming ``POST`` to a model server, decoded into deltas."""
+
+    def __init__(
+        self,
+        client: httpx2.AsyncClient,
+        url: str,
+        payload: Mapping[str, Any],
+        decoder: Decoder,
+        *,
+        upstream: str,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        max_line: int = MAX_LINE,
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._payload = payload
+        self._headers = dict(headers or {})
+        self._decoder = decoder
+        self._upstream = upstream
+        self._content_type = content_type
+        self._splitter = LineSplitter(max_line)
+        self._stack = AsyncExitStack()
+        self._chunks: AsyncGenerator[bytes, None] | None = None
+        self._pending: deque[Delta] = deque()
+        self._done = False
+        self._closed = False
+        self._deltas = 0
+
+    def __aiter__(self) -> HTTPDeltaStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        while not self._pending:
+            if self._done or self._closed:
+                raise StopAsyncIteration
+            if self._chunks is None:
+                self._chunks = await self._open()
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                lines = self._splitter.close()
+                ended = True
+            except httpx2.TransportError as exc:
+                raise UpstreamDisconnected(
+                    f"the connection to {self._upstream} broke mid-stream after "
+                    f"{self._deltas} token(s): {_describe(exc)}"
+                ) from exc
+            else:
+                lines = self._splitter.feed(chunk)
+                ended = False
+            decoder = self._decoder
+            for line in lines:
+                self._pending.extend(decoder.feed(line))
+                if decoder.finished:
+                    break
+            if ended and not decoder.finished:
+                self._pending.extend(decoder.close())
+            self._done = ended or decoder.finished
+        self._deltas += 1
+        return self._pending.popleft()
+
+    async def _open(self) -> AsyncGenerator[bytes, None]:
+        try:
+            response = await self._stack.enter_async_context(
+                self._client.stream("POST", self._url, json=self._payload, headers=self._headers)
+            )
+        except httpx2.ConnectError as exc:
+            raise UpstreamConnectError(_connect_message(self._upstream, self._url, exc)) from exc
+        except httpx2.TimeoutException as exc:
+            raise UpstreamConnectError(
+                f"could not connect to {self._upstream} at {self._url}: {_describe(exc)}"
+            ) from exc
+        except httpx2.TransportError as exc:
+            raise UpstreamDisconnected(
+                f"{self._upstream} closed the connection before answering: {_describe(exc)}"
+            ) from exc
+        if response.status_code >= 400:
+            await _raise_for_status(self._upstream, response)
+        if self._content_type is not None:
+            content_type = response.headers.get("content-type", "")
+            if not content_type.startswith(self._content_type):
+                raise UpstreamProtocolError(
+                    f"{self._upstream} answered with content-type {content_type!r}, not a "
+                    f"{self._content_type} stream"
+                )
+        chunks = response.aiter_bytes()
+        self._stack.push_async_callback(chunks.aclose)
+        return chunks
+
+    async def aclose(self) -> None:
+        """Close the response (and, if the answer was not finished, its connection)."""
+        self._closed = True
+        await self._stack.aclose()
+
+
+async def _raise_for_status(upstream: str, response: httpx2.Response) -> None:
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= MAX_ERROR_BODY:
+            break
+    message = _error_message(bytes(body[:MAX_ERROR_BODY])) or response.reason_phrase
+    status = response.status_code
+    text = f"{upstream} answered {status} {response.reason_phrase}: {message}"
+    if status == 429:
+        retry_after = _retry_after(response.headers.get("retry-after"))
+        if retry_after is not None:
+            text += f" (retry after {retry_after:g} s)"
+        raise UpstreamRateLimited(
+            text, status_code=status, upstream_message=message, retry_after=retry_after
+        )
+    raise UpstreamStatusError(text, status_code=status, upstream_message=message)
+
+
+def _error_message(body: bytes) -> str:
+    """The message in an error body: Ollama's ``{"error": "..."}``, OpenAI's
+    ``{"error": {"message": "..."}}``, FastAPI's ``{"detail": ...}``, or the text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", errors="replace").strip()[:500]
+    return error_text(data) or body.decode("utf-8", errors="replace").strip()[:500]
+
+
+def error_text(data: object) -> str | None:
+    """The human message in a decoded JSON error, in any of the common shapes."""
+    if isinstance(data, dict):
+        for key in ("error", "message", "detail"):
+            value = data.get(key)
+            if isinstance(value, str) and value:
+                return value
+            if isinstance(value, dict):
+                inner = error_text(value)
+                if inner:
+                    return inner
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: a number of seconds, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _connect_message(upstream: str, url: str, exc: BaseException) -> str:
+    host = httpx2.URL(url).host
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"could not resolve {upstream}'s host name {host!r}: {cause.strerror or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return f"could not connect to {upstream} at {url}: {_describe(exc)}"
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

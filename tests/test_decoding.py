@@ -1,0 +1,136 @@
+"""The sans-IO parts of the upstreams: line splitting, SSE, and the two dialects."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenrelay import (
+    Delta,
+    UpstreamDisconnected,
+    UpstreamProtocolError,
+    UpstreamReportedError,
+    Usage,
+)
+from tokenrelay._lines import LineSplitter, SSEParser
+from tokenrelay._ollama import OllamaDecoder
+from tokenrelay._openai import OpenAIDecoder
+
+
+def test_lines_end_in_lf_crlf_or_cr_even_when_split_across_chunks() -> None:
+    splitter = LineSplitter(100)
+    assert splitter.feed(b"a\nb\r") == [b"a"]  # the \r may be the start of \r\n
+    assert splitter.feed(b"\nc\rd") == [b"b", b"c"]
+    assert splitter.feed(b"\r") == []
+    assert splitter.feed(b"e") == [b"d"]
+    assert splitter.close() == [b"e"]
+    assert splitter.close() == []
+
+
+def test_empty_lines_are_lines() -> None:
+    assert LineSplitter(10).feed(b"\n\r\n\r\n") == [b"", b"", b""]
+
+
+def test_a_line_over_the_cap_fails_without_waiting_for_its_newline() -> None:
+    splitter = LineSplitter(8)
+    assert splitter.feed(b"12345678\n") == [b"12345678"]
+    splitter.feed(b"1234")
+    with pytest.raises(UpstreamProtocolError, match="a line longer than 8 bytes"):
+        splitter.feed(b"56789")
+    with pytest.raises(UpstreamProtocolError):
+        LineSplitter(8).feed(b"123456789\n")
+
+
+def test_sse_events_comments_and_multiline_data() -> None:
+    parser = SSEParser()
+    lines = [b": keep-alive", b"", b"event: note", b"data: a", b"data:b", b"id: 3", b""]
+    events = [e for e in map(parser.feed_line, lines) if e is not None]
+    assert [(e.event, e.data) for e in events] == [("note", "a\nb")]
+    assert parser.feed_line(b"data: tail") is None
+    tail = parser.close()
+    assert tail is not None
+    assert (tail.event, tail.data) == ("message", "tail")
+
+
+def ollama_lines(*objects: str) -> list[Delta]:
+    decoder = OllamaDecoder()
+    deltas: list[Delta] = []
+    for line in objects:
+        deltas += decoder.feed(line.encode())
+    return deltas
+
+
+def test_ollama_stream() -> None:
+    assert ollama_lines(
+        '{"message": {"role": "assistant", "content": "Hel"}, "done": false}',
+        "",
+        '{"message": {"role": "assistant", "content": "lo"}, "done": false}',
+        '{"message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "length",'
+        ' "prompt_eval_count": 12, "eval_count": 2}',
+    ) == [Delta("Hel"), Delta("lo"), Delta("", "length", Usage(12, 2))]
+
+
+@pytest.mark.parametrize(
+    ("line", "error", "message"),
+    [
+        ("not json", UpstreamProtocolError, "ollama sent a line that is not JSON: b'not json'"),
+        ("[1, 2]", UpstreamProtocolError, "ollama sent a line that is not an object"),
+        ('{"error": "model \\"x\\" not found"}', UpstreamReportedError, 'model "x" not found'),
+        ('{"message": {"content": 5}}', UpstreamProtocolError, "non-text content"),
+    ],
+)
+def test_ollama_bad_lines(line: str, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message.replace("[", r"\[")):
+        ollama_lines(line)
+
+
+def test_ollama_stream_ending_without_done() -> None:
+    decoder = OllamaDecoder()
+    decoder.feed(b'{"message": {"content": "a"}, "done": false}')
+    with pytest.raises(UpstreamDisconnected, match="without a final 'done' line"):
+        decoder.close()
+
+
+def sse(decoder: OpenAIDecoder, text: str) -> list[Delta]:
+    return [d for line in text.split("\n") for d in decoder.feed(line.encode())]
+
+
+def test_openai_stream_with_usage_after_the_finish_reason() -> None:
+    decoder = OpenAIDecoder()
+    deltas = sse(
+        decoder,
+        ': keep-alive\n\ndata: {"choices": [{"delta": {"role": "assistant"}}]}\n\n'
+        'data: {"choices": [{"delta": {"content": "Hi"}, "finish_reason": null}]}\n\n'
+        'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}\n\n'
+        'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
+        "data: [DONE]\n\n",
+    )
+    assert deltas == [Delta("Hi"), Delta("", "length", Usage(3, 1))]
+    assert decoder.finished
+
+
+def test_openai_stream_ending_after_a_finish_reason_without_done() -> None:
+    decoder = OpenAIDecoder()
+    line = b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]}'
+    assert decoder.feed(line) == []  # no blank line yet: the event is not complete
+    assert decoder.close() == [Delta("x"), Delta("", "stop", None)]
+
+
+def test_openai_stream_ending_unfinished() -> None:
+    decoder = OpenAIDecoder()
+    sse(decoder, 'data: {"choices": [{"delta": {"content": "x"}}]}\n\n')
+    with pytest.raises(UpstreamDisconnected, match="before finishing the answer"):
+        decoder.close()
+
+
+@pytest.mark.parametrize(
+    ("event", "error", "message"),
+    [
+        ("data: {oops", UpstreamProtocolError, "an event that is not JSON"),
+        ('data: {"error": {"message": "overloaded"}}', UpstreamReportedError, "overloaded"),
+        ('event: error\ndata: {"message": "boom"}', UpstreamReportedError, "boom"),
+        ('data: {"choices": ["x"]}', UpstreamProtocolError, "malformed choice"),
+    ],
+)
+def test_openai_bad_events(event: str, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        sse(OpenAIDecoder(), event + "\n\n")

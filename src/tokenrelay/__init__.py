@@ -42,6 +42,10 @@ from ._relay import Run as Run
 from ._relay import Subscription as Subscription
 from ._relay import open_relay as open_relay
 from ._relay import start_relay as start_relay
+from ._server import RelayService as RelayService
+from ._server import ServerConfig as ServerConfig
+from ._server import create_app as create_app
+from ._server import relay_blueprint as relay_blueprint
 from ._spec import UpstreamSpec as UpstreamSpec
 from ._spec import open_upstream as open_upstream
 from ._spec import parse_upstream as parse_upstream
@@ -68,10 +72,12 @@ __all__ = [
     "Relay",
     "RelayClosed",
     "RelayError",
+    "RelayService",
     "RelayStatistics",
     "ReplayGap",
     "Run",
     "RunStatus",
+    "ServerConfig",
     "SessionBusy",
     "Subscription",
     "TokenTimeout",
@@ -87,10 +93,12 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeout",
     "Usage",
+    "create_app",
     "guard",
     "http_client",
     "open_relay",
     "open_upstream",
     "parse_upstream",
+    "relay_blueprint",
     "start_relay",
 ]

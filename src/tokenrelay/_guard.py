@@ -9,7 +9,8 @@ exits.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
 
@@ -43,8 +44,9 @@ class ClosableAsyncIterator(Protocol[T_co]):
 
 
 class GuardedStream(AsyncIterator[T]):
-    """The async iterator :func:`guard` gives. Each ``__anext__`` waits at most
-    ``first_token_timeout`` (for the first item) or ``token_timeout`` (for every later one).
+    """The async iterator :func:`guard` gives. The first item must arrive within
+    ``first_token_timeout`` of entering the guard; each later one within ``token_timeout`` of
+    asking for it.
 
     Attributes:
         tokens: how many items have been delivered so far.
@@ -59,26 +61,43 @@ class GuardedStream(AsyncIterator[T]):
         self._upstream = upstream
         self._first_token_timeout = first_token_timeout
         self._token_timeout = token_timeout
+        self._first_deadline = (
+            math.inf if first_token_timeout is None else trio.current_time() + first_token_timeout
+        )
         self.tokens = 0
 
+    async def open(self) -> None:
+        """Start the upstream without waiting for its first item, if it has such a step (HTTP
+        upstreams send their request and wait for response headers): returns once the
+        upstream has accepted the request, so a caller can tell "failed before streaming"
+        from "streaming". Counts against ``first_token_timeout``. Optional: the first
+        ``__anext__`` opens the upstream anyway."""
+        opener: Callable[[], Awaitable[object]] | None = getattr(self._upstream, "open", None)
+        if opener is None:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            with trio.fail_at(self._first_deadline):
+                await opener()
+        except trio.TooSlowError as exc:
+            raise self._first_token_timeout_error() from exc
+
     async def __anext__(self) -> T:
-        first = self.tokens == 0
-        timeout = self._first_token_timeout if first else self._token_timeout
-        if timeout is None:
+        if self.tokens == 0:
+            try:
+                with trio.fail_at(self._first_deadline):
+                    item = await self._upstream.__anext__()
+            except trio.TooSlowError as exc:
+                raise self._first_token_timeout_error() from exc
+        elif self._token_timeout is None:
             item = await self._upstream.__anext__()
         else:
+            timeout = self._token_timeout
             try:
-                # The deadline counts from entering the block, i.e. from this wait's start.
+                # A relative deadline counts from entering the block: from this wait's start.
                 with trio.fail_after(timeout):
                     item = await self._upstream.__anext__()
             except trio.TooSlowError as exc:
-                if first:
-                    raise FirstTokenTimeout(
-                        f"no first token after {timeout:g} s (first_token_timeout); the "
-                        "upstream may still be prefilling a long prompt",
-                        timeout=timeout,
-                        tokens=0,
-                    ) from exc
                 raise TokenTimeout(
                     f"no next token after {timeout:g} s (token_timeout); "
                     f"{self.tokens} token(s) had arrived",
@@ -87,6 +106,16 @@ class GuardedStream(AsyncIterator[T]):
                 ) from exc
         self.tokens += 1
         return item
+
+    def _first_token_timeout_error(self) -> FirstTokenTimeout:
+        timeout = self._first_token_timeout
+        assert timeout is not None
+        return FirstTokenTimeout(
+            f"no first token after {timeout:g} s (first_token_timeout); the "
+            "upstream may still be prefilling a long prompt",
+            timeout=timeout,
+            tokens=0,
+        )
 
 
 @asynccontextmanager
@@ -107,8 +136,8 @@ async def guard(
     Args:
         upstream: any async iterator with an ``aclose()`` method, e.g. an async generator
             reading a model server's HTTP stream.
-        first_token_timeout: seconds to wait for the first item (prompt processing, or
-            "prefill", happens here). ``None`` waits forever.
+        first_token_timeout: seconds from entering the block to the first item (connecting and
+            prompt processing, or "prefill", happen here). ``None`` waits forever.
         token_timeout: the longest gap allowed between two items; the timer restarts at
             every item. ``None`` waits forever.
 

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import trio
 
@@ -88,6 +88,8 @@ class Run:
         started_at: when the producer started, on trio's clock (``None`` for a run that was
             superseded while waiting for its turn and so never started).
         finished_at: when the producer was over, on trio's clock.
+        info: free-form data the application attaches to the run (the server keeps the
+            model name and creation time here).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Run:
         self.error: BaseException | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
+        self.info: dict[str, Any] = {}
         self._relay = relay
         self._log = log
         self._on_finish = on_finish

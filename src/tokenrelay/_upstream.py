@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx2
+import trio
 
 from ._chat import ChatRequest, Delta
 from ._exceptions import (
@@ -151,6 +152,15 @@ class HTTPDeltaStream:
             self._done = ended or decoder.finished
         self._deltas += 1
         return self._pending.popleft()
+
+    async def open(self) -> None:
+        """Send the request and wait for the response headers (what the first ``__anext__``
+        would do anyway): returns once the upstream accepted the request, raises
+        :class:`UpstreamError` if it could not be reached or refused it."""
+        if self._chunks is None and not self._closed:
+            self._chunks = await self._open()
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _open(self) -> AsyncGenerator[bytes, None]:
         try:

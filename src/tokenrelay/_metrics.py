@@ -1,0 +1,73 @@
+"""Prometheus metrics for the server, all named ``tokenrelay_*``, in a registry of their own
+(so that two apps in one process, or two tests, never share counters)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ._relay import RelayStatistics, Run
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """The server's metrics. ``statistics`` is called at scrape time for the gauges that
+    describe what the relay holds."""
+
+    def __init__(self, statistics: Callable[[], RelayStatistics | None]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.runs_started = Counter("tokenrelay_runs_started", "Runs started.", registry=r)
+        self.runs_ended = Counter(
+            "tokenrelay_runs_ended",
+            "Runs ended, by status (done, stopped, error) and reason.",
+            ["status", "reason"],
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "tokenrelay_client_disconnects",
+            "Streaming clients that went away before their stream ended.",
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "tokenrelay_time_to_first_token_seconds",
+            "From the start of a run to its upstream's first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "tokenrelay_inter_token_seconds",
+            "Gaps between consecutive upstream tokens.",
+            buckets=_GAP_BUCKETS,
+            registry=r,
+        )
+
+        def stat(name: str) -> Callable[[], float]:
+            def read() -> float:
+                stats = statistics()
+                return float(getattr(stats, name)) if stats is not None else 0.0
+
+            return read
+
+        for name, field, text in (
+            ("tokenrelay_runs_in_flight", "runs_running", "Runs whose producer is running."),
+            ("tokenrelay_runs_waiting", "runs_waiting", "Runs waiting for their turn."),
+            ("tokenrelay_runs_retained", "runs_retained", "Finished runs held for replay."),
+            ("tokenrelay_sessions", "sessions", "Sessions with a run held or in progress."),
+            ("tokenrelay_subscribers", "subscribers", "Open subscriptions on held runs."),
+            ("tokenrelay_replay_bytes_held", "bytes_held", "Bytes of event data held."),
+        ):
+            Gauge(name, text, registry=r).set_function(stat(field))
+
+    def run_ended(self, run: Run) -> None:
+        """Count a run's ending."""
+        self.runs_ended.labels(run.status.value, run.reason or "done").inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

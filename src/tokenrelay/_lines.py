@@ -59,16 +59,18 @@ class LineSplitter:
 
 
 class SSEEvent:
-    """One server-sent event: its type (``"message"`` unless named) and data."""
+    """One server-sent event: its type (``"message"`` unless named), data, and the ``id`` it
+    carried, if any."""
 
-    __slots__ = ("data", "event")
+    __slots__ = ("data", "event", "id")
 
-    def __init__(self, event: str, data: str) -> None:
+    def __init__(self, event: str, data: str, id: str | None = None) -> None:
         self.event = event
         self.data = data
+        self.id = id
 
     def __repr__(self) -> str:
-        return f"SSEEvent(event={self.event!r}, data={self.data!r})"
+        return f"SSEEvent(event={self.event!r}, data={self.data!r}, id={self.id!r})"
 
 
 class SSEParser:
@@ -77,6 +79,7 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._event = ""
+        self._id: str | None = None
         self._data: list[str] = []
 
     def feed_line(self, line: bytes) -> SSEEvent | None:
@@ -84,9 +87,11 @@ class SSEParser:
         if not line:
             if not self._data:
                 self._event = ""
+                self._id = None
                 return None
-            event = SSEEvent(self._event or "message", "\n".join(self._data))
+            event = SSEEvent(self._event or "message", "\n".join(self._data), self._id)
             self._event = ""
+            self._id = None
             self._data = []
             return event
         if line.startswith(b":"):
@@ -99,6 +104,8 @@ class SSEParser:
             self._data.append(value)
         elif name == "event":
             self._event = value
+        elif name == "id":
+            self._id = value
         return None
 
     def close(self) -> SSEEvent | None:

@@ -254,16 +254,19 @@ class RelayService:
 
     async def _sse(self, run: Run, after: int) -> AsyncIterator[bytes]:
         renderer = ChunkRenderer(run.id, run.info.get("model", ""), run.info.get("created", 0))
-        yield sse_comment(f"tokenrelay run {run.id}") + sse_retry()
+        # Flushed at once, before any token: the client (and any proxy) sees the stream is up.
+        yield sse_comment(f"tokenrelay run {run.id}")
+        retry = sse_retry()  # rides on the first event that has data
         try:
             sub = run.subscribe(after=after)
         except ReplayGap as gap:
-            yield _gap_event(gap) + DONE
+            yield retry + _gap_event(gap) + DONE
             return
         ended = finished = False
         try:
             if after == -1:
-                yield renderer.role()
+                yield retry + renderer.role()
+                retry = b""
             while True:
                 batch: list[Event] | None = None
                 try:
@@ -273,16 +276,17 @@ class RelayService:
                     break
                 except ReplayGap as gap:
                     ended = True
-                    yield _gap_event(gap) + DONE
+                    yield retry + _gap_event(gap) + DONE
                     return
                 if batch is None:
                     yield b": keep-alive\n\n"
                     continue
                 # Coalesced: everything that was ready goes out in one write.
                 finished = finished or not batch[-1].data.startswith('"')
-                yield renderer.events(batch)
+                yield retry + renderer.events(batch)
+                retry = b""
             ended = True
-            yield renderer.ending(run, finished=finished)
+            yield retry + renderer.ending(run, finished=finished)
         finally:
             with trio.move_on_after(1.0, shield=True):
                 await sub.aclose()

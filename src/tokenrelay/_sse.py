@@ -61,9 +61,10 @@ def sse_comment(text: str) -> bytes:
 
 
 def sse_retry(base_ms: int = 3000, jitter_ms: int = 2000) -> bytes:
-    """A ``retry:`` hint, jittered so that clients dropped together do not all come back at
-    the same instant."""
-    return f"retry: {base_ms + random.randrange(jitter_ms)}\n\n".encode()
+    """A ``retry:`` field, jittered so that clients dropped together do not all come back at
+    the same instant. It has no blank line of its own: put it in front of an event that has
+    data (some clients, the openai SDK among them, choke on a block with no data)."""
+    return f"retry: {base_ms + random.randrange(jitter_ms)}\n".encode()
 
 
 class ChunkRenderer:

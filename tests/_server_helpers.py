@@ -1,0 +1,125 @@
+"""Running the relay server under hypercorn on 127.0.0.1, and reading its streams."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import httpx2
+import hypercorn.trio
+import trio
+from hypercorn.config import Config
+from quart_trio import QuartTrio
+
+import tokenrelay
+from tokenrelay._lines import LineSplitter, SSEEvent, SSEParser
+from tokenrelay.testing import FakeModelServer
+
+
+@dataclass
+class Served:
+    url: str
+    app: QuartTrio
+    service: tokenrelay.RelayService
+    fake: FakeModelServer
+
+    @property
+    def relay(self) -> tokenrelay.Relay:
+        assert self.service.relay is not None
+        return self.service.relay
+
+    def run(self, session: str, namespace: str = "-") -> tokenrelay.Run:
+        run = self.relay.get(f"{namespace}/{session}")
+        assert run is not None
+        return run
+
+
+async def serve_app(nursery: trio.Nursery, app: QuartTrio) -> str:
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("tokenrelay.server")
+    config.graceful_timeout = 0.5
+    binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
+    return str(binds[0])
+
+
+async def start_served(nursery: trio.Nursery, fake: FakeModelServer, **overrides: Any) -> Served:
+    settings: dict[str, Any] = {"upstream": f"openai={fake.openai_url}", "model": "fake"}
+    settings.update(overrides)
+    app = tokenrelay.create_app(tokenrelay.ServerConfig(**settings))
+    url = await serve_app(nursery, app)
+    return Served(url, app, app.extensions["tokenrelay"], fake)
+
+
+def chat(content: str = "hi", *, stream: bool = True, **fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], "stream": stream, **fields}
+
+
+class SSEReader:
+    """Reads SSE events off an httpx2 streaming response."""
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self._chunks: AsyncGenerator[bytes, None] = response.aiter_bytes()  # type: ignore[assignment]
+        self._splitter = LineSplitter(1 << 22)
+        self._parser = SSEParser()
+        self._ready: list[SSEEvent] = []
+        self.raw = bytearray()
+
+    async def __aenter__(self) -> SSEReader:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the byte iterator (a reader that stops part-way must, under trio)."""
+        await self._chunks.aclose()
+
+    async def next(self) -> SSEEvent | None:
+        while not self._ready:
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                return None
+            self.raw += chunk
+            for line in self._splitter.feed(chunk):
+                event = self._parser.feed_line(line)
+                if event is not None:
+                    self._ready.append(event)
+        return self._ready.pop(0)
+
+    async def all(self) -> list[SSEEvent]:
+        events = []
+        while (event := await self.next()) is not None:
+            events.append(event)
+        return events
+
+    async def content_events(self, count: int) -> list[SSEEvent]:
+        """The next ``count`` events that carry content."""
+        got = []
+        while len(got) < count:
+            event = await self.next()
+            assert event is not None, "the stream ended early"
+            if event.id is not None:
+                got.append(event)
+        return got
+
+
+def text_of(events: list[SSEEvent]) -> str:
+    return "".join(
+        json.loads(e.data)["choices"][0]["delta"].get("content") or ""
+        for e in events
+        if e.event == "message" and e.data != "[DONE]"
+    )
+
+
+def seqs(events: list[SSEEvent]) -> list[int]:
+    return [int(e.id) for e in events if e.id is not None]
+
+
+def last_chunk(events: list[SSEEvent]) -> dict[str, Any]:
+    """The last chunk before [DONE]."""
+    assert events[-1].data == "[DONE]", events[-1]
+    return dict(json.loads(events[-2].data))

@@ -1,0 +1,111 @@
+"""``tokenrelay serve`` as a user runs it: a real process."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import httpx2
+import pytest
+import trio
+
+from _helpers import bounded
+from _server_helpers import SSEReader, chat, last_chunk
+from tokenrelay._cli import main
+from tokenrelay.testing import FakeModelServer, FakeScript
+
+
+class Server:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.log = b""
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        assert self.process.stderr is not None
+        while (found := re.search(pattern, self.log.decode())) is None:
+            chunk = await self.process.stderr.receive_some()
+            assert chunk, f"tokenrelay exited; it said:\n{self.log.decode()}"
+            self.log += chunk
+        return found
+
+    async def drain(self) -> None:
+        assert self.process.stderr is not None
+        while chunk := await self.process.stderr.receive_some():
+            self.log += chunk
+
+
+async def start(*args: str) -> tuple[Server, str]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+    )
+    server = Server(process)
+    found = await server.wait_for(
+        r"tokenrelay listening on (http://127\.0\.0\.1:\d+), relaying (.*)\n"
+    )
+    return server, found.group(1)
+
+
+@bounded(30)
+async def test_serve_with_the_embedded_defaults_then_sigint() -> None:
+    server, url = await start("--demo-prefill", "0.01", "--demo-token-delay", "0.001")
+    try:
+        assert "relaying the embedded demo model" in server.log.decode()
+        async with httpx2.AsyncClient(base_url=url) as client:
+            response = await client.post("/v1/chat/completions", json=chat(stream=False))
+        assert response.json()["choices"][0]["message"]["content"].startswith('You said: "hi".')
+        server.process.send_signal(signal.SIGINT)
+        await server.drain()
+        assert await server.process.wait() == 0
+    finally:
+        server.process.kill()
+    assert "shutting_down signal=SIGINT" in server.log.decode()
+
+
+@bounded(30)
+async def test_sigterm_stops_runs_in_flight_and_exits_zero(
+    fake_server: FakeModelServer,
+) -> None:
+    fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(5000)], interval=0.01)
+    server, url = await start("--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake")
+    try:
+        async with (
+            httpx2.AsyncClient(base_url=url) as client,
+            client.stream(
+                "POST", "/v1/chat/completions", json=chat(), headers={"X-Session-Id": "s"}
+            ) as response,
+        ):
+            reader = SSEReader(response)
+            await reader.content_events(3)
+            server.process.send_signal(signal.SIGTERM)
+            events = await reader.all()
+        assert last_chunk(events)["relay"] == {"status": "stopped", "reason": "shutdown"}
+        await server.drain()
+        assert await server.process.wait() == 0
+    finally:
+        server.process.kill()
+    log = server.log.decode()
+    assert "shutting_down signal=SIGTERM" in log
+    assert re.search(r"stream_end run=\S+ session=-/s status=stopped reason=shutdown", log)
+    assert log.count("stream_start") == log.count("stream_end") == 1
+    await fake_server.requests[0].wait_closed()
+
+
+def test_refuses_a_public_address_without_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve 0.0.0.0 without API keys" in capsys.readouterr().err
+
+
+def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenrelay._cli import _config, _parser
+
+    monkeypatch.setenv("TOKENRELAY_PORT", "9999")
+    monkeypatch.setenv("TOKENRELAY_TOKEN_TIMEOUT", "none")
+    monkeypatch.setenv("TOKENRELAY_API_KEY", "a, b")
+    config = _config(_parser().parse_args(["serve", "--grace", "5"]))
+    assert (config.port, config.token_timeout, config.grace) == (9999, None, 5.0)
+    assert config.api_keys == ("a", "b")
+    assert json.dumps(config.upstream) == '"demo"'

@@ -193,3 +193,52 @@ def test_exception_tree() -> None:
     assert issubclass(tokenrelay.UnknownSession, LookupError)
     for cls in (tokenrelay.SessionBusy, tokenrelay.ReplayGap, tokenrelay.RelayClosed):
         assert issubclass(cls, tokenrelay.RelayError)
+
+
+class _Opening(ScriptedUpstream):
+    """An upstream with an open() step that takes ``connect`` seconds (like an HTTP request
+    waiting for its response headers)."""
+
+    def __init__(self, connect: float, **kwargs: float) -> None:
+        super().__init__(["a", "b"], **kwargs)  # type: ignore[arg-type]
+        self.connect = connect
+        self.opened_at_time: float | None = None
+
+    async def open(self) -> None:
+        await trio.sleep(self.connect)
+        self.opened_at_time = trio.current_time()
+
+
+async def test_open_returns_once_the_upstream_accepted(autojump_clock: MockClock) -> None:
+    upstream = _Opening(connect=1.0, prefill=2.0)
+    async with guard(upstream, first_token_timeout=5, token_timeout=1) as tokens:
+        await tokens.open()
+        assert trio.current_time() == upstream.opened_at_time == 1.0
+        assert [t async for t in tokens] == ["a", "b"]
+
+
+async def test_opening_and_the_first_token_share_one_deadline(autojump_clock: MockClock) -> None:
+    # 3 s to open, then 3 s of prefill: 6 s to the first token, over a 5 s limit.
+    upstream = _Opening(connect=3.0, prefill=3.0)
+    with pytest.raises(FirstTokenTimeout):
+        async with guard(upstream, first_token_timeout=5, token_timeout=1) as tokens:
+            await tokens.open()
+            await tokens.__anext__()
+    assert trio.current_time() == 5.0
+    assert upstream.closed_at == 5.0
+
+
+async def test_a_slow_open_is_a_first_token_timeout(autojump_clock: MockClock) -> None:
+    upstream = _Opening(connect=100.0)
+    with pytest.raises(FirstTokenTimeout, match="no first token after 2 s"):
+        async with guard(upstream, first_token_timeout=2, token_timeout=1) as tokens:
+            await tokens.open()
+    assert upstream.closed_at == 2.0
+
+
+async def test_open_is_optional(autojump_clock: MockClock) -> None:
+    upstream = ScriptedUpstream(["a"], prefill=1.0)
+    async with guard(upstream, first_token_timeout=5, token_timeout=1) as tokens:
+        await tokens.open()  # no open() on this upstream: nothing to wait for
+        assert trio.current_time() == 0.0
+        assert [t async for t in tokens] == ["a"]

@@ -62,6 +62,34 @@ def _flag(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+#: The options that map onto ServerConfig fields of the same name:
+#: (flag, how to read a value, metavar, help).
+_OPTIONS: tuple[tuple[str, Callable[[str], Any], str | None, str], ...] = (
+    ("--host", str, None, "address to listen on"),
+    ("--port", int, None, "port (0: any free one)"),
+    ("--upstream", str, "SPEC", "demo | ollama=URL | openai=URL"),
+    ("--model", str, None, "model for requests that name none"),
+    ("--upstream-api-key", str, "KEY", "API key sent to an openai= upstream"),
+    (
+        "--first-token-timeout",
+        _seconds_or_none,
+        "S",
+        "seconds to the first token; 'none': no limit",
+    ),
+    ("--token-timeout", _seconds_or_none, "S", "longest gap between tokens; 'none': no limit"),
+    ("--grace", _seconds, "S", "seconds a finished run stays resumable after its last reader left"),
+    ("--demo-prefill", _seconds, "S", "the demo model's delay before its first token"),
+    ("--demo-token-delay", _seconds, "S", "the demo model's delay between tokens"),
+    ("--max-body", int, "BYTES", "largest request body"),
+    ("--max-runs", int, "N", "runs at once before answering 429"),
+    ("--keepalive", _seconds, "S", "seconds between keep-alive comments on a quiet stream"),
+)
+
+
+def _env(flag: str) -> str:
+    return "TOKENRELAY_" + flag.removeprefix("--").replace("-", "_").upper()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenrelay",
@@ -77,130 +105,41 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = ServerConfig()
-
-    def option(
-        *flags: str, env: str, default: Any, convert: Callable[[str], Any] = str, **kwargs: Any
-    ) -> None:
-        variable = f"TOKENRELAY_{env}"
-        raw = os.environ.get(variable)
-        if raw is not None and kwargs.get("action") != "append":
+    for flag, convert, metavar, help_text in _OPTIONS:
+        variable = _env(flag)
+        default = getattr(defaults, flag.removeprefix("--").replace("-", "_"))
+        if (raw := os.environ.get(variable)) is not None:
             try:
                 default = convert(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{variable}={raw!r}: {exc}")
         shown = "none" if default is None else default
-        help_text = kwargs.pop("help")
-        if kwargs.get("action") not in ("store_true", "append"):
-            kwargs["type"] = convert
         serve.add_argument(
-            *flags, default=default, help=f"{help_text} [{variable}; default: {shown}]", **kwargs
+            flag,
+            type=convert,
+            default=default,
+            metavar=metavar,
+            help=f"{help_text} [{variable}; default: {shown}]",
         )
-
-    option("--host", env="HOST", default=defaults.host, help="address to listen on")
-    option("--port", env="PORT", default=defaults.port, convert=int, help="port (0: any free)")
-    option(
-        "--upstream",
-        env="UPSTREAM",
-        default=defaults.upstream,
-        metavar="SPEC",
-        help="demo | ollama=URL | openai=URL",
-    )
-    option("--model", env="MODEL", default=None, help="model for requests that name none")
-    option(
-        "--upstream-api-key",
-        env="UPSTREAM_API_KEY",
-        default=None,
-        metavar="KEY",
-        help="API key sent to an openai= upstream",
-    )
-    option(
+    serve.add_argument(
         "--api-key",
-        env="API_KEY",
-        default=None,
         action="append",
         dest="api_keys",
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' (repeatable; the variable takes a "
-        "comma-separated list)",
+        help="require 'Authorization: Bearer KEY'; repeatable "
+        "[TOKENRELAY_API_KEY: a comma-separated list]",
     )
-    option(
+    serve.add_argument(
         "--api-keys-file",
-        env="API_KEYS_FILE",
-        default=None,
+        default=os.environ.get("TOKENRELAY_API_KEYS_FILE"),
         metavar="PATH",
-        help="file of API keys, one a line ('#' comments)",
+        help="file of API keys, one a line, '#' for comments [TOKENRELAY_API_KEYS_FILE]",
     )
-    option(
+    serve.add_argument(
         "--insecure-open",
-        env="INSECURE_OPEN",
-        default=False,
-        convert=_flag,
         action="store_true",
-        help="allow a non-loopback --host without API keys",
-    )
-    option(
-        "--first-token-timeout",
-        env="FIRST_TOKEN_TIMEOUT",
-        default=defaults.first_token_timeout,
-        convert=_seconds_or_none,
-        metavar="S",
-        help="seconds to the first token (prefill); 'none' waits forever",
-    )
-    option(
-        "--token-timeout",
-        env="TOKEN_TIMEOUT",
-        default=defaults.token_timeout,
-        convert=_seconds_or_none,
-        metavar="S",
-        help="longest gap between tokens; 'none' waits forever",
-    )
-    option(
-        "--grace",
-        env="GRACE",
-        default=defaults.grace,
-        convert=_seconds,
-        metavar="S",
-        help="seconds a finished run stays resumable after its last reader left",
-    )
-    option(
-        "--demo-prefill",
-        env="DEMO_PREFILL",
-        default=defaults.demo_prefill,
-        convert=_seconds,
-        metavar="S",
-        help="the demo model's delay before its first token",
-    )
-    option(
-        "--demo-token-delay",
-        env="DEMO_TOKEN_DELAY",
-        default=defaults.demo_token_delay,
-        convert=_seconds,
-        metavar="S",
-        help="the demo model's delay between tokens",
-    )
-    option(
-        "--max-body",
-        env="MAX_BODY",
-        default=defaults.max_body,
-        convert=int,
-        metavar="BYTES",
-        help="largest request body",
-    )
-    option(
-        "--max-runs",
-        env="MAX_RUNS",
-        default=defaults.max_runs,
-        convert=int,
-        metavar="N",
-        help="runs at once before answering 429",
-    )
-    option(
-        "--keepalive",
-        env="KEEPALIVE",
-        default=defaults.keepalive,
-        convert=_seconds,
-        metavar="S",
-        help="seconds between keep-alive comments on a quiet stream",
+        default=_flag(os.environ.get("TOKENRELAY_INSECURE_OPEN", "")),
+        help="allow a non-loopback --host without API keys [TOKENRELAY_INSECURE_OPEN=1]",
     )
     return parser
 

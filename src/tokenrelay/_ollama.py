@@ -14,13 +14,13 @@ from ._exceptions import (
     UpstreamProtocolError,
     UpstreamReportedError,
 )
-from ._upstream import MAX_LINE, HTTPDeltaStream
+from ._upstream import MAX_LINE, HTTPUpstream
 
 __all__ = ["OllamaDecoder", "OllamaUpstream"]
 
 
-class OllamaUpstream:
-    """Relays to an Ollama server.
+class OllamaUpstream(HTTPUpstream):
+    """Relays to an Ollama server: ``POST {base_url}/api/chat``.
 
     Maps the OpenAI request fields: ``model``, ``messages``, ``temperature``, ``top_p``,
     ``max_tokens`` (as ``options.num_predict``), ``stop`` and ``seed``; maps Ollama's
@@ -34,6 +34,7 @@ class OllamaUpstream:
     """
 
     name = "ollama"
+    path = "/api/chat"
 
     def __init__(
         self,
@@ -43,13 +44,13 @@ class OllamaUpstream:
         model: str | None = None,
         max_line: int = MAX_LINE,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self._client = client
-        self._max_line = max_line
-
-    def __str__(self) -> str:
-        return f"ollama at {self.base_url}"
+        super().__init__(
+            base_url,
+            client,
+            model=model,
+            headers={"accept": "application/x-ndjson"},
+            max_line=max_line,
+        )
 
     def payload(self, request: ChatRequest) -> dict[str, Any]:
         """The ``/api/chat`` body for ``request``."""
@@ -79,18 +80,9 @@ class OllamaUpstream:
             payload["options"] = options
         return payload
 
-    def stream(self, request: ChatRequest) -> HTTPDeltaStream:
-        """Stream the answer to ``request`` from ``/api/chat``; the request is sent on the
-        first ``__anext__``."""
-        return HTTPDeltaStream(
-            self._client,
-            f"{self.base_url}/api/chat",
-            self.payload(request),
-            OllamaDecoder(),
-            upstream=str(self),
-            headers={"accept": "application/x-ndjson"},
-            max_line=self._max_line,
-        )
+    def decoder(self) -> OllamaDecoder:
+        """Ollama's NDJSON decoder."""
+        return OllamaDecoder()
 
 
 class OllamaDecoder:

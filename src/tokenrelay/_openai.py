@@ -11,13 +11,13 @@ import httpx2
 from ._chat import ChatRequest, Delta, Usage
 from ._exceptions import UpstreamDisconnected, UpstreamProtocolError, UpstreamReportedError
 from ._lines import SSEParser
-from ._upstream import MAX_LINE, HTTPDeltaStream, error_text
+from ._upstream import MAX_LINE, HTTPUpstream, error_text
 
 __all__ = ["OpenAIDecoder", "OpenAIUpstream"]
 
 
-class OpenAIUpstream:
-    """Relays to an OpenAI-compatible server.
+class OpenAIUpstream(HTTPUpstream):
+    """Relays to an OpenAI-compatible server: ``POST {base_url}/chat/completions``.
 
     The request goes through as the client sent it (fields this library does not know
     included), with ``stream`` set and ``model`` filled in from the default if missing.
@@ -31,6 +31,8 @@ class OpenAIUpstream:
     """
 
     name = "openai"
+    path = "/chat/completions"
+    content_type = "text/event-stream"
 
     def __init__(
         self,
@@ -41,16 +43,10 @@ class OpenAIUpstream:
         model: str | None = None,
         max_line: int = MAX_LINE,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self._client = client
-        self._headers = {"accept": "text/event-stream"}
+        headers = {"accept": "text/event-stream"}
         if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
-        self._max_line = max_line
-
-    def __str__(self) -> str:
-        return f"openai at {self.base_url}"
+            headers["authorization"] = f"Bearer {api_key}"
+        super().__init__(base_url, client, model=model, headers=headers, max_line=max_line)
 
     def payload(self, request: ChatRequest) -> dict[str, Any]:
         """The ``/chat/completions`` body for ``request``."""
@@ -61,19 +57,9 @@ class OpenAIUpstream:
             payload["model"] = model
         return payload
 
-    def stream(self, request: ChatRequest) -> HTTPDeltaStream:
-        """Stream the answer to ``request`` from ``/chat/completions``; the request is sent on
-        the first ``__anext__``."""
-        return HTTPDeltaStream(
-            self._client,
-            f"{self.base_url}/chat/completions",
-            self.payload(request),
-            OpenAIDecoder(),
-            upstream=str(self),
-            headers=self._headers,
-            content_type="text/event-stream",
-            max_line=self._max_line,
-        )
+    def decoder(self) -> OpenAIDecoder:
+        """The OpenAI SSE decoder."""
+        return OpenAIDecoder()
 
 
 class OpenAIDecoder:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx2
 import trio
@@ -35,7 +35,7 @@ from ._exceptions import (
 from ._guard import ClosableAsyncIterator
 from ._lines import LineSplitter
 
-__all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "Upstream", "http_client"]
+__all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "HTTPUpstream", "Upstream", "http_client"]
 
 #: The longest line an upstream may send (1 MiB), newline or not.
 MAX_LINE = 1 << 20
@@ -47,8 +47,10 @@ MAX_ERROR_BODY = 64 << 10
 class Upstream(Protocol):
     """A model server the relay can stream answers from."""
 
-    #: The adapter's name: ``"demo"``, ``"ollama"`` or ``"openai"``.
-    name: str
+    @property
+    def name(self) -> str:
+        """The adapter's name: ``"demo"``, ``"ollama"`` or ``"openai"``."""
+        ...
 
     def stream(self, request: ChatRequest) -> ClosableAsyncIterator[Delta]:
         """The answer to ``request``, delta by delta. Nothing happens until the first
@@ -88,6 +90,58 @@ def http_client(*, max_connections: int = 100, connect_timeout: float = 10.0) ->
         timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
         follow_redirects=False,
     )
+
+
+class HTTPUpstream:
+    """What the HTTP adapters share: where the server is, the relay's client, the default
+    model. Subclasses name their ``path``, build the ``payload`` and pick a decoder."""
+
+    name: ClassVar[str]
+    #: The chat route, under ``base_url``.
+    path: ClassVar[str]
+    #: The stream's content type, if the dialect has a reliable one to check.
+    content_type: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        base_url: str,
+        client: httpx2.AsyncClient,
+        *,
+        model: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_line: int = MAX_LINE,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self._client = client
+        self._headers = dict(headers or {})
+        self._max_line = max_line
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.base_url}"
+
+    def payload(self, request: ChatRequest) -> dict[str, Any]:
+        """The request body for ``request``, in the upstream's dialect."""
+        raise NotImplementedError
+
+    def decoder(self) -> Decoder:
+        """A fresh decoder for one response."""
+        raise NotImplementedError
+
+    def stream(self, request: ChatRequest) -> HTTPDeltaStream:
+        """Stream the answer to ``request``: nothing is sent until ``open()`` or the first
+        ``__anext__``. Raises :class:`InvalidRequest` at once for a request the upstream
+        cannot take (no model, say)."""
+        return HTTPDeltaStream(
+            self._client,
+            f"{self.base_url}{self.path}",
+            self.payload(request),
+            self.decoder(),
+            upstream=str(self),
+            headers=self._headers,
+            content_type=self.content_type,
+            max_line=self._max_line,
+        )
 
 
 class HTTPDeltaStream:

@@ -4,6 +4,7 @@ raw-socket clients. Real time; every test bounded by trio.fail_after."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx2
 import pytest
@@ -46,7 +47,11 @@ async def test_normal_stream(nursery: trio.Nursery, fake_server: FakeModelServer
         reader = SSEReader(response)
         events = await reader.all()
     assert reader.raw.startswith(f": tokenrelay run {run_id}\n\n".encode())
-    assert b"\nretry: " in reader.raw or reader.raw.count(b"retry: ") == 1
+    # One jittered retry hint (3-5 s), riding on the first event that has data.
+    assert re.fullmatch(
+        rb": tokenrelay run \S+\n\nretry: [345]\d\d\d\ndata: \{.*", reader.raw, re.S
+    )
+    assert reader.raw.count(b"retry: ") == 1
     assert text_of(events) == "".join(TOKENS)
     assert seqs(events) == list(range(6))  # five tokens and the finish
     chunks = [json.loads(e.data) for e in events if e.data != "[DONE]"]
@@ -491,8 +496,13 @@ async def test_unknown_session_and_route(
             response = await client.request(method, path)
             assert response.status_code == 404
             assert response.json()["error"]["type"] == "not_found_error"
-        bad = await client.get("/v1/sessions/s/stream", headers={"Last-Event-ID": "x"})
-        assert bad.status_code in (400, 404)
+        await client.post(
+            "/v1/chat/completions", json=chat(stream=False), headers={"X-Session-Id": "s"}
+        )
+        for bad in ("x", "-2", "1.5"):
+            response = await client.get("/v1/sessions/s/stream", headers={"Last-Event-ID": bad})
+            assert response.status_code == 400
+            assert response.json()["error"]["code"] == "invalid_resume_point"
 
 
 @bounded(20)

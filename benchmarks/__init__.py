@@ -1,0 +1,1 @@
+"""tokenrelay's benchmarks: ``python -m benchmarks [--quick] [--json PATH]``."""

@@ -1,0 +1,1 @@
+"""What tokenrelay is measured against. Never shipped in the package."""

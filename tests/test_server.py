@@ -3,6 +3,7 @@ raw-socket clients. Real time; every test bounded by trio.fail_after."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 
@@ -705,3 +706,30 @@ def test_refuses_to_bind_a_public_address_without_keys() -> None:
     ServerConfig(host="0.0.0.0", insecure_open=True).check()
     ServerConfig(host="0.0.0.0", api_keys=("k",)).check()
     ServerConfig(host="::1").check()
+
+
+@bounded(10)
+async def test_a_stream_dropped_before_its_body_started_still_applies_the_cancel_policy(
+    nursery: trio.Nursery,
+) -> None:
+    """The race where a client hangs up after the handler returned but before quart-trio
+    started the body: the body never runs, and dropping it must still stop the run."""
+    service = tokenrelay.RelayService(ServerConfig(demo_prefill=60))
+    await service.start(nursery)
+    assert service.relay is not None
+    run = await service.relay.start(
+        "s",
+        service.producer(
+            service.upstream.stream(  # type: ignore[union-attr]
+                tokenrelay.ChatRequest.from_openai(chat())
+            ),
+            trio.Event(),
+        ),
+    )
+    service.cancel_when_unwatched(run)
+    response = service.sse_response(run, -1, {})
+    del response
+    gc.collect()
+    await run.wait_finished()
+    assert (run.status, run.reason) == (RunStatus.STOPPED, "client_disconnect")
+    await service.stop()

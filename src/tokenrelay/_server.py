@@ -14,6 +14,7 @@ import math
 import re
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -247,12 +248,25 @@ class RelayService:
 
     def sse_response(self, run: Run, after: int, headers: Mapping[str, str]) -> Response:
         """A ``text/event-stream`` response following ``run`` from ``after`` on."""
-        response = Response(self._sse(run, after), status=200, mimetype="text/event-stream")
+        started: list[bool] = []
+        body = self._sse(run, after, started)
+        # If the client hangs up between this handler returning and the body starting,
+        # quart-trio cancels the request and the body never runs, so its cleanup (which
+        # applies the "cancel" disconnect policy) never does either. This does it instead,
+        # when the unstarted body is dropped.
+        weakref.finalize(body, self._body_dropped, run, started)
+        response = Response(body, status=200, mimetype="text/event-stream")
         response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         response.timeout = None  # Quart's RESPONSE_TIMEOUT must not cut a long stream
         return response
 
-    async def _sse(self, run: Run, after: int) -> AsyncIterator[bytes]:
+    def _body_dropped(self, run: Run, started: list[bool]) -> None:
+        if not started:
+            self.metrics.client_disconnects.inc()
+            self.left(run)
+
+    async def _sse(self, run: Run, after: int, started: list[bool]) -> AsyncIterator[bytes]:
+        started.append(True)
         renderer = ChunkRenderer(run.id, run.info.get("model", ""), run.info.get("created", 0))
         # Flushed at once, before any token: the client (and any proxy) sees the stream is up.
         yield sse_comment(f"tokenrelay run {run.id}")

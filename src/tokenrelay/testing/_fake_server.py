@@ -3,6 +3,7 @@ SSE), scripted pace and faults, and a record of every request."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
@@ -20,6 +21,10 @@ from quart_trio import QuartTrio
 __all__ = ["FakeModelServer", "FakeRequest", "FakeScript", "Fault"]
 
 Dialect = Literal["ollama", "openai"]
+
+_REQUEST_RECORDS: contextvars.ContextVar[list[FakeRequest]] = contextvars.ContextVar(
+    "tokenrelay_fake_request_records"
+)
 
 #: What a script can make the server do wrong, after ``fault_after`` tokens:
 #:
@@ -164,6 +169,22 @@ class FakeModelServer:
 
     def _make_app(self) -> QuartTrio:
         app = QuartTrio("tokenrelay-fake-model")
+        asgi_app = app.asgi_app
+
+        async def recording_asgi_app(scope: Any, receive: Any, send: Any) -> None:
+            # A backstop for the records of this request: if its client hangs up after the
+            # handler returned but before the response body started, quart-trio cancels the
+            # request and the body's own cleanup never runs.
+            records: list[FakeRequest] = []
+            token = _REQUEST_RECORDS.set(records)
+            try:
+                await asgi_app(scope, receive, send)
+            finally:
+                _REQUEST_RECORDS.reset(token)
+                for record in records:
+                    self._close(record, generating=not record.completed)
+
+        app.asgi_app = recording_asgi_app  # type: ignore[method-assign]
         app.config["RESPONSE_TIMEOUT"] = None
         app.config["BODY_TIMEOUT"] = None
         logging.getLogger("quart.app").setLevel(logging.CRITICAL)
@@ -200,6 +221,7 @@ class FakeModelServer:
         script = self.scripts.get(model, self.default) if isinstance(model, str) else self.default
         record = FakeRequest(dialect, body, script, trio.current_time())
         self.requests.append(record)
+        _REQUEST_RECORDS.get().append(record)
         self._arrivals.unpark_all()
         if script.fault == "status":
             self._close(record, generating=False)

@@ -16,7 +16,8 @@ from tokenrelay.testing import FakeModelServer, FakeScript
 # not the relay's (whose own streams are checked with warnings as errors everywhere else).
 pytestmark = [
     pytest.mark.filterwarnings(r"ignore:Async generator 'openai\._streaming:ResourceWarning"),
-    pytest.mark.filterwarnings(r"ignore:Async generator 'httpx2\._models:ResourceWarning"),
+    pytest.mark.filterwarnings(r"ignore:Async generator 'httpx2\.:ResourceWarning"),
+    pytest.mark.filterwarnings(r"ignore:Async generator 'httpcore2\.:ResourceWarning"),
 ]
 
 TOKENS = [f"tok{i} " for i in range(5)]

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from . import fanout, latency, memory
+from . import fanout, latency, memory, throughput
 from ._stats import Result, table
 
 
@@ -112,6 +112,8 @@ async def run(quick: bool) -> list[Result]:
         results.append(Result(bench, "tokenrelay, receive_batch", "/s", batched, ">= 0.7x raw"))
         results.append(Result(bench, "tokenrelay, async for", "/s", single, ">= 0.7x raw"))
         results.append(Result(bench, "asyncio.Queue per subscriber", "/s", ref))
+
+    results += await throughput.run(quick)
 
     print("memory ...", file=sys.stderr)
     per_run = await memory.bytes_per_retained_run()

@@ -24,8 +24,10 @@ SCRIPTS = {
     "stream": FakeScript(tokens=[f" t{i}" for i in range(100_000)], interval=0.02),
     # Answer at once: latency overheads.
     "quick": FakeScript(tokens=[f" t{i}" for i in range(5)]),
-    # 50 tokens at 50 tokens/s: throughput.
-    "paced": FakeScript(tokens=[f" t{i}" for i in range(50)], interval=0.02),
+    # 50 tokens at 50 tokens/s, each stamped with when it was sent: throughput, added delay.
+    "paced": FakeScript(tokens=[f" t{i}" for i in range(50)], interval=0.02, stamp=True),
+    # One stamped token at once: time to first token.
+    "first": FakeScript(tokens=[" t0"], stamp=True),
 }
 
 

@@ -82,6 +82,7 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str | None, str], ...] = (
     ("--demo-token-delay", _seconds, "S", "the demo model's delay between tokens"),
     ("--max-body", int, "BYTES", "largest request body"),
     ("--max-runs", int, "N", "runs at once before answering 429"),
+    ("--upstream-connections", int, "N", "connections to the upstream at once"),
     ("--keepalive", _seconds, "S", "seconds between keep-alive comments on a quiet stream"),
 )
 
@@ -169,6 +170,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         demo_token_delay=args.demo_token_delay,
         max_body=args.max_body,
         max_runs=args.max_runs,
+        upstream_connections=args.upstream_connections,
         keepalive=args.keepalive,
     )
 
@@ -190,6 +192,8 @@ async def serve(
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logging.getLogger("tokenrelay.server")
     hypercorn_config.graceful_timeout = 5.0
+    # hypercorn's default of 100 drops connections when many clients arrive at once.
+    hypercorn_config.backlog = 2048
 
     async def until_signal() -> None:
         with trio.open_signal_receiver(*shutdown_signals) as signals:

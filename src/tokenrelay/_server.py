@@ -75,8 +75,8 @@ class ServerConfig:
     max_events: int | None = None
     max_bytes: int | None = 8 << 20
     finish_timeout: float = 5.0
-    #: Connections to the upstream at once.
-    upstream_connections: int = 100
+    #: Connections to the upstream at once (requests beyond it wait for one to free up).
+    upstream_connections: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:

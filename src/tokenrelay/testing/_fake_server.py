@@ -53,7 +53,11 @@ Fault = Literal[
 @dataclass(frozen=True)
 class FakeScript:
     """How the fake model answers: ``prefill`` seconds before the first token, ``interval``
-    between tokens, then a final "done" (or the ``fault``, after ``fault_after`` tokens)."""
+    between tokens, then a final "done" (or the ``fault``, after ``fault_after`` tokens).
+
+    With ``stamp``, each token's text ends in ``@`` and the ``time.monotonic()`` at which it
+    was sent, so that a client in another process can measure how late it arrived.
+    """
 
     tokens: Sequence[str] = tuple(f"tok{i} " for i in range(5))
     prefill: float = 0.0
@@ -66,6 +70,7 @@ class FakeScript:
     drip_interval: float = 0.05
     long_line_bytes: int = (1 << 20) + 1024
     finish_reason: str = "stop"
+    stamp: bool = False
 
 
 @dataclass
@@ -162,6 +167,7 @@ class FakeModelServer:
         config.errorlog = logging.getLogger("tokenrelay.testing.fake_model_server")
         config.graceful_timeout = 0.1
         config.keep_alive_timeout = 30.0
+        config.backlog = 2048
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(hypercorn.trio.serve, self.app, config))
             self.url = binds[0]
@@ -250,6 +256,8 @@ class FakeModelServer:
         try:
             for i, token in enumerate(tokens):
                 await trio.sleep(script.prefill if i == 0 else script.interval)
+                if script.stamp:
+                    token = f"{token}@{time.monotonic():.6f}"
                 yield encode.token(token)
                 record.token_times.append(trio.current_time())
             if script.fault is None:

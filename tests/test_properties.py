@@ -187,6 +187,9 @@ async def play(
                 nursery.start_soon(subscribe, op)
             else:
                 await trio.sleep(op.seconds)
+            # The count kept for every request agrees with the walk over the sessions.
+            stats = relay.statistics()
+            assert relay.runs_in_progress == stats.runs_running + stats.runs_waiting
         # Let things run their course for a while (hanging runs stay up), then shut down.
         await trio.sleep(10.0)
         nursery.cancel_scope.cancel()

@@ -344,3 +344,31 @@ async def test_the_pool_stays_clean_after_many_cancellations(
             await record.wait_closed()
     finally:
         await client.aclose()
+
+
+@bounded(20)
+async def test_a_finished_answer_leaves_its_connection_for_the_next(
+    fake_server: FakeModelServer, client: httpx2.AsyncClient, dialect: str
+) -> None:
+    upstream = make_upstream(dialect, fake_server, client)
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    await collect(upstream, ask())
+    [connection] = pool.connections
+    assert connection.is_idle()
+    await collect(upstream, ask())
+    assert pool.connections == [connection]  # reused, not a new TCP connection
+    for record in fake_server.requests:
+        assert not record.generating_at_close
+
+
+@bounded(20)
+async def test_a_stopped_answer_closes_its_connection(
+    fake_server: FakeModelServer, client: httpx2.AsyncClient, dialect: str
+) -> None:
+    fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(1000)], interval=0.01)
+    upstream = make_upstream(dialect, fake_server, client)
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    with trio.move_on_after(0.2):
+        await collect(upstream, ask())
+    assert pool.connections == []
+    await fake_server.requests[0].wait_closed()

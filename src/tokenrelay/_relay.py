@@ -296,6 +296,7 @@ class Relay:
         self._reaper: Reaper[tuple[str, str]] = Reaper(self._evict)
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        self._in_progress = 0
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -335,6 +336,12 @@ class Relay:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel(reason="relay closed")
         await trio.lowlevel.checkpoint()
+
+    @property
+    def runs_in_progress(self) -> int:
+        """Runs running or waiting for their turn, in every session (kept as a count: cheap
+        enough for every request, unlike :meth:`statistics`)."""
+        return self._in_progress
 
     @property
     def closed(self) -> bool:
@@ -408,11 +415,13 @@ class Relay:
         log = MemoryRunLog(run_id, max_events=self.max_events, max_bytes=self.max_bytes)
         run = Run(self, session_id, log, run_id, on_finish)
         session.queue.append(run)
+        self._in_progress += 1
         self._give_turn(session)
         try:
             await run._turn.wait()
         except BaseException:
             session.queue.remove(run)
+            self._in_progress -= 1
             self._give_turn(session)
             self._forget_if_idle(session)
             raise
@@ -498,6 +507,7 @@ class Relay:
             )
         run._finished.set()
         session.queue.remove(run)
+        self._in_progress -= 1
         self._give_turn(session)
         if session.latest is run:
             self._arm_eviction(run)

@@ -499,8 +499,7 @@ def relay_blueprint(config: ServerConfig | None = None) -> Blueprint:
         the_relay = relay()
         assert service.upstream is not None
         stream = service.upstream.stream(chat)  # no I/O yet; may raise InvalidRequest
-        stats = the_relay.statistics()
-        if stats.runs_running + stats.runs_waiting >= cfg.max_runs:
+        if the_relay.runs_in_progress >= cfg.max_runs:
             _fail(
                 429,
                 f"the relay is at its limit of {cfg.max_runs} runs at once; retry shortly",

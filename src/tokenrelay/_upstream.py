@@ -43,6 +43,11 @@ MAX_LINE = 1 << 20
 #: How much of an error response's body is read for its message.
 MAX_ERROR_BODY = 64 << 10
 
+#: After a complete answer, how long and how much to read of what is left of the response
+#: (normally only its end, already received) so its connection can be reused.
+DRAIN_SECONDS = 0.05
+DRAIN_BYTES = 64 << 10
+
 
 class Upstream(Protocol):
     """A model server the relay can stream answers from."""
@@ -171,6 +176,7 @@ class HTTPDeltaStream:
         self._chunks: AsyncGenerator[bytes, None] | None = None
         self._pending: deque[Delta] = deque()
         self._done = False
+        self._ended = False
         self._closed = False
         self._deltas = 0
 
@@ -203,6 +209,7 @@ class HTTPDeltaStream:
                     break
             if ended and not decoder.finished:
                 self._pending.extend(decoder.close())
+            self._ended = ended
             self._done = ended or decoder.finished
         self._deltas += 1
         return self._pending.popleft()
@@ -245,9 +252,26 @@ class HTTPDeltaStream:
         return chunks
 
     async def aclose(self) -> None:
-        """Close the response (and, if the answer was not finished, its connection)."""
+        """Close the response. If the upstream had said the answer was complete, what is left
+        of the response (normally just its end) is read first, so that the connection goes
+        back to the pool; otherwise the connection is closed at once, which is what makes a
+        model server stop generating."""
+        if self._decoder.finished and not self._ended and not self._closed:
+            await self._drain()
         self._closed = True
         await self._stack.aclose()
+
+    async def _drain(self) -> None:
+        assert self._chunks is not None
+        drained = 0
+        with trio.move_on_after(DRAIN_SECONDS):
+            try:
+                async for chunk in self._chunks:
+                    drained += len(chunk)
+                    if drained > DRAIN_BYTES:
+                        break
+            except httpx2.TransportError:
+                pass  # it only costs the connection
 
 
 async def _raise_for_status(upstream: str, response: httpx2.Response) -> None:

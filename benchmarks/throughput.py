@@ -109,23 +109,18 @@ async def run(quick: bool) -> list[Result]:
             )
         for streams in levels:
             print(f"{streams} streams ...", file=sys.stderr)
+            rates, delays = [], []
             for name, url in targets:
                 rounds = await _load(url, streams, "paced", repeats)
-                results.append(
+                bench = f"{streams} streams x 50 tok/s"
+                rates.append(
+                    Result(f"{bench}: tokens/s", name, "/s", [r["tokens_per_s"] for r in rounds])
+                )
+                delays.append(
                     Result(
-                        f"{streams} streams x 50 tok/s, tokens/s",
-                        name,
-                        "/s",
-                        [r["tokens_per_s"] for r in rounds],
+                        f"{bench}: token delay", name, "s", [d for r in rounds for d in r["delays"]]
                     )
                 )
-                results.append(
-                    Result(
-                        f"{streams} streams, token delay",
-                        name,
-                        "s",
-                        [d for r in rounds for d in r["delays"]],
-                    )
-                )
+            results += rates + delays
         nursery.cancel_scope.cancel()
     return results

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from . import fanout, latency, memory, throughput
+from . import fanout, latency, memory, soak, throughput
 from ._stats import Result, table
 
 
@@ -92,6 +92,23 @@ async def run(quick: bool) -> list[Result]:
         ref = await worker("supersede", "--url", url, "--trials", str(supersede_trials))
         results.append(Result(bench, "tokenrelay (trio)", "s", ours, "p99 <= 10 ms"))
         results.append(Result(bench, "reference-style asyncio", "s", ref))
+
+        runs = 500 if quick else 10_000
+        print(f"soak, {runs:,} runs ...", file=sys.stderr)
+        report = await soak.run(url, runs)
+        print(f"soak: {json.dumps(report)}", file=sys.stderr)
+        bench = f"soak, {runs:,} runs"
+        results.append(Result(bench, "runs/s", "/s", [report["runs"] / report["elapsed"]]))
+        for key, goal in (
+            ("leaked_tasks", "0"),
+            ("sessions_left", "0"),
+            ("active_upstream_connections", "0"),
+            ("requests_still_open_upstream", "0"),
+        ):
+            results.append(Result(bench, key.replace("_", " "), "", [report[key]], goal))
+        results.append(
+            Result(bench, "RSS growth after warm-up", "%", [100 * report["rss_growth"]], "<= 5%")
+        )
     finally:
         fake.kill()
         await fake.wait()

@@ -64,6 +64,11 @@ async def main() -> None:
             "tokens": record.tokens_sent,
         }
 
+    @server.app.get("/_fake/open")
+    async def still_open() -> dict[str, object]:
+        """How many requests are still being answered (a soak must end with none)."""
+        return {"open": len(server.open_requests()), "total": len(server.requests)}
+
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         print(server.url, flush=True)

@@ -48,7 +48,8 @@ def table(results: list[Result]) -> str:
     first: dict[str, Result] = {}
     for result in results:
         base = first.setdefault(result.bench, result)
-        ratio = "" if base is result or base.median == 0 else f"{result.median / base.median:8.2f}x"
+        comparable = base is not result and base.unit == result.unit and base.median != 0
+        ratio = f"{result.median / base.median:8.2f}x" if comparable else ""
         lines.append(
             f"{result.bench:<34} {result.impl:<28} {len(result.samples):>5} "
             f"{_fmt(result.median, result.unit):>12} {_fmt(result.p99, result.unit):>12}  {ratio}"

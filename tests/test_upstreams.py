@@ -372,3 +372,16 @@ async def test_a_stopped_answer_closes_its_connection(
         await collect(upstream, ask())
     assert pool.connections == []
     await fake_server.requests[0].wait_closed()
+
+
+def test_a_connect_timeout_is_a_504_and_a_refusal_a_502() -> None:
+    from tokenrelay._http_errors import run_error
+
+    run = tokenrelay.Run.__new__(tokenrelay.Run)
+    run.reason = "upstream_error"
+    for error, status in (
+        (UpstreamConnectError("slow", timed_out=True), 504),
+        (UpstreamConnectError("refused"), 502),
+    ):
+        run.error = error
+        assert run_error(run)[0] == status

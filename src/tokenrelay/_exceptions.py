@@ -94,8 +94,16 @@ class TokenTimeout(UpstreamTimeout):
 
 
 class UpstreamConnectError(UpstreamError):
-    """The upstream could not be reached: its host name did not resolve, or nothing accepted
-    the connection."""
+    """The upstream could not be reached: its host name did not resolve, nothing accepted the
+    connection, or connecting took too long.
+
+    Attributes:
+        timed_out: connecting took too long (rather than being refused or unresolvable).
+    """
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class UpstreamStatusError(UpstreamError):

@@ -28,7 +28,7 @@ def run_error(run: Run) -> tuple[int, dict[str, Any]]:
     code = run.reason
     if isinstance(error, UpstreamTimeout):
         return 504, error_body(message, "upstream_timeout", code)
-    if isinstance(error, UpstreamConnectError) and "timed out" in message.lower():
+    if isinstance(error, UpstreamConnectError) and error.timed_out:
         return 504, error_body(message, "upstream_timeout", code)
     if isinstance(error, UpstreamRateLimited):
         return 429, error_body(message, "upstream_rate_limited", code)

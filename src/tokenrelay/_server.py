@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import trio
@@ -77,7 +77,6 @@ class ServerConfig:
     finish_timeout: float = 5.0
     #: Connections to the upstream at once (requests beyond it wait for one to free up).
     upstream_connections: int = 256
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise ``ValueError`` for a configuration that must not be served."""

@@ -232,7 +232,8 @@ class HTTPDeltaStream:
             raise UpstreamConnectError(_connect_message(self._upstream, self._url, exc)) from exc
         except httpx2.TimeoutException as exc:
             raise UpstreamConnectError(
-                f"could not connect to {self._upstream} at {self._url}: {_describe(exc)}"
+                f"could not connect to {self._upstream} at {self._url}: {_describe(exc)}",
+                timed_out=True,
             ) from exc
         except httpx2.TransportError as exc:
             raise UpstreamDisconnected(

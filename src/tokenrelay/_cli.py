@@ -37,15 +37,8 @@ examples:
 
 
 def _seconds_or_none(text: str) -> float | None:
-    if text.strip().lower() in ("none", "off", "0"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds or 'none', not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+    """Seconds, or ``none`` (also ``off`` or ``0``) for no limit."""
+    return None if text.strip().lower() in ("none", "off", "0") else _seconds(text)
 
 
 def _seconds(text: str) -> float:

@@ -4,6 +4,7 @@ SSE), scripted pace and faults, and a record of every request."""
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import time
@@ -289,9 +290,12 @@ async def _fault(dialect: Dialect, script: FakeScript) -> AsyncIterator[bytes]:
     elif fault == "reset":
         raise ConnectionResetError("the fake model broke the connection on purpose")
     elif fault == "drip":
+        # A keep-alive every drip_interval, on a fixed schedule, and never another token.
         keepalive = b"\n" if dialect == "ollama" else b": keep-alive\n\n"
-        while True:
-            await trio.sleep(script.drip_interval)
+        next_at = trio.current_time()
+        for _ in itertools.count():
+            next_at += script.drip_interval
+            await trio.sleep_until(next_at)
             yield keepalive
     await trio.sleep_forever()
 

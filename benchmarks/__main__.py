@@ -41,13 +41,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def worker(*args: str) -> list[float]:
-    """Run a baseline worker process; it prints one JSON list."""
+async def worker(*args: str) -> Any:
+    """Run a baseline worker process; it prints one JSON value."""
     result = await trio.run_process(
         [sys.executable, "-m", "benchmarks.baselines.reference", *args],
         capture_stdout=True,
     )
-    return list(json.loads(result.stdout))
+    return json.loads(result.stdout)
 
 
 async def run(quick: bool) -> list[Result]:
@@ -88,10 +88,13 @@ async def run(quick: bool) -> list[Result]:
 
         bench = "supersede -> new request sent"
         print(f"{bench} ...", file=sys.stderr)
-        ours = await latency.measure_supersede(url, supersede_trials)
+        ours, our_overlaps = await latency.measure_supersede(url, supersede_trials)
         ref = await worker("supersede", "--url", url, "--trials", str(supersede_trials))
         results.append(Result(bench, "tokenrelay (trio)", "s", ours, "p99 <= 10 ms"))
-        results.append(Result(bench, "reference-style asyncio", "s", ref))
+        results.append(Result(bench, "reference-style asyncio", "s", ref["latencies"]))
+        bench = "supersede: old one still open"
+        results.append(Result(bench, "tokenrelay (trio)", "times", [our_overlaps], "0"))
+        results.append(Result(bench, "reference-style asyncio", "times", [ref["overlaps"]]))
 
         runs = 500 if quick else 10_000
         print(f"soak, {runs:,} runs ...", file=sys.stderr)

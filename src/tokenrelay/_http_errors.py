@@ -7,7 +7,6 @@ from typing import Any
 from ._exceptions import (
     UpstreamConnectError,
     UpstreamRateLimited,
-    UpstreamStatusError,
     UpstreamTimeout,
 )
 from ._relay import Run
@@ -32,6 +31,6 @@ def run_error(run: Run) -> tuple[int, dict[str, Any]]:
         return 504, error_body(message, "upstream_timeout", code)
     if isinstance(error, UpstreamRateLimited):
         return 429, error_body(message, "upstream_rate_limited", code)
-    if isinstance(error, UpstreamStatusError | UpstreamConnectError) or run.reason != "exception":
+    if run.reason != "exception":  # an upstream failure, whatever its kind
         return 502, error_body(message, "upstream_error", code)
     return 500, error_body("the relay failed while producing the answer", "server_error", code)

@@ -150,7 +150,7 @@ class Run:
 
         Returns ``True`` if the run had not finished yet. The first reason given wins.
         """
-        if self._finished.is_set() or self.finished_at is not None:
+        if self.finished_at is not None:
             return False
         if self._cancel_reason is None:
             self._cancel_reason = reason
@@ -438,7 +438,6 @@ class Relay:
             # Superseded, stopped or shut down before it got its turn: never produced.
             run.status = RunStatus.STOPPED
             run.reason = run._cancel_reason
-            run.finished_at = trio.current_time()
             await self._finish(run, session)
             return run
         assert self._nursery is not None
@@ -473,12 +472,12 @@ class Relay:
             else:
                 run.status = RunStatus.DONE
         finally:
-            run.finished_at = trio.current_time()
             await self._finish(run, session)
 
     async def _finish(self, run: Run, session: _Session) -> None:
-        """Close the run's log (subscribers then end), call ``on_finish``, and hand the turn
-        to the next run of the session. The caller has set status, reason and finished_at."""
+        """Mark the run over, close its log (subscribers then end), call ``on_finish``, and
+        hand the turn to the next run of the session. The caller has set status and reason."""
+        run.finished_at = finished_at = trio.current_time()
         run._log.close()
         if run._on_finish is not None:
             with trio.move_on_after(self.finish_timeout, shield=True) as scope:
@@ -501,7 +500,7 @@ class Relay:
                 session=run.session_id,
                 status=run.status.value,
                 reason=run.reason,
-                duration_ms=_ms(run.finished_at - run.started_at) if run.finished_at else None,
+                duration_ms=_ms(finished_at - run.started_at),
                 events=run.event_count,
                 **({"error": _one_line(run.error)} if run.error is not None else {}),
             )

@@ -26,15 +26,31 @@ from quart import Blueprint, Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ._chat import ChatRequest
+from ._chat import ChatRequest, Delta
 from ._events import Event, RunStatus
-from ._exceptions import InvalidRequest, RelayClosed, ReplayGap, SessionBusy
-from ._guard import guard
+from ._exceptions import (
+    InvalidRequest,
+    RelayClosed,
+    ReplayGap,
+    SessionBusy,
+    UpstreamRateLimited,
+)
+from ._guard import ClosableAsyncIterator, guard
 from ._http_errors import error_body, run_error
 from ._metrics import Metrics
 from ._relay import Emit, OnBusy, Produce, Relay, RelayStatistics, Run, start_relay
 from ._spec import open_upstream, parse_upstream
-from ._sse import DONE, ChunkRenderer, encode_finish, encode_text, sse_comment, sse_retry
+from ._sse import (
+    DONE,
+    ChunkRenderer,
+    decode_event,
+    encode_finish,
+    encode_text,
+    is_finish,
+    sse_comment,
+    sse_error,
+    sse_retry,
+)
 from ._upstream import Upstream
 
 __all__ = ["RelayService", "ServerConfig", "create_app", "relay_blueprint"]
@@ -201,7 +217,7 @@ class RelayService:
             WWW_Authenticate="Bearer",
         )
 
-    def producer(self, stream: Any, accepted: trio.Event) -> Produce:
+    def producer(self, stream: ClosableAsyncIterator[Delta], accepted: trio.Event) -> Produce:
         """The run's work: relay ``stream``'s deltas into events through the guard."""
         cfg = self.config
         metrics = self.metrics
@@ -295,7 +311,7 @@ class RelayService:
                     yield b": keep-alive\n\n"
                     continue
                 # Coalesced: everything that was ready goes out in one write.
-                finished = finished or not batch[-1].data.startswith('"')
+                finished = finished or is_finish(batch[-1].data)
                 yield retry + renderer.events(batch)
                 retry = b""
             ended = True
@@ -315,19 +331,17 @@ class RelayService:
         try:
             async with run.subscribe() as sub:
                 async for event in sub:
-                    if event.data.startswith('"'):
-                        text.append(json.loads(event.data))
+                    content = decode_event(event.data)
+                    if isinstance(content, str):
+                        text.append(content)
                     else:
-                        final = json.loads(event.data)
+                        final = content
         except trio.Cancelled:
             self.metrics.client_disconnects.inc()
             run.cancel("client_disconnect")
             raise
         if run.status is RunStatus.ERROR:
-            status, body = run_error(run)
-            response = Response(json.dumps(body), status=status, mimetype="application/json")
-            response.headers.update(headers)
-            return response
+            return _run_error_response(run, headers)
         completion: dict[str, Any] = {
             "id": run.id,
             "object": "chat.completion",
@@ -377,8 +391,18 @@ class RelayService:
 
 
 def _gap_event(gap: ReplayGap) -> bytes:
-    body = error_body(str(gap), "replay_gap", "events_no_longer_held")
-    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    return sse_error(error_body(str(gap), "replay_gap", "events_no_longer_held"))
+
+
+def _run_error_response(run: Run, headers: Mapping[str, str]) -> Response:
+    """The JSON error answering a request whose run failed (with the upstream's Retry-After
+    when it rate-limited us)."""
+    status, body = run_error(run)
+    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    response.headers.update(headers)
+    if isinstance(run.error, UpstreamRateLimited) and run.error.retry_after is not None:
+        response.headers["Retry-After"] = str(math.ceil(run.error.retry_after))
+    return response
 
 
 async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
@@ -537,12 +561,7 @@ def relay_blueprint(config: ServerConfig | None = None) -> Blueprint:
             service.left(run)
             raise
         if run.status is RunStatus.ERROR and run.event_count == 0:
-            status, error = run_error(run)
-            response = Response(json.dumps(error), status=status, mimetype="application/json")
-            response.headers.update(headers)
-            if status == 429 and getattr(run.error, "retry_after", None) is not None:
-                response.headers["Retry-After"] = str(math.ceil(run.error.retry_after))  # type: ignore[union-attr]
-            return response
+            return _run_error_response(run, headers)
         if chat.stream:
             return service.sse_response(run, -1, headers)
         return await service.complete(run, headers)

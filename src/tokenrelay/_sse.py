@@ -22,10 +22,13 @@ from ._relay import Run
 __all__ = [
     "DONE",
     "ChunkRenderer",
+    "decode_event",
     "encode_finish",
     "encode_text",
     "error_event",
+    "is_finish",
     "sse_comment",
+    "sse_error",
     "sse_retry",
 ]
 
@@ -45,6 +48,17 @@ def encode_finish(finish_reason: str, usage: Usage | None) -> str:
     if usage is not None:
         final["usage"] = _usage(usage)
     return _compact(final)
+
+
+def is_finish(data: str) -> bool:
+    """Whether an event is a run's last one (finish reason and usage) rather than a token."""
+    return not data.startswith('"')
+
+
+def decode_event(data: str) -> str | dict[str, Any]:
+    """An event's content: a token's text, or the last event's finish reason and usage."""
+    value: str | dict[str, Any] = json.loads(data)
+    return value
 
 
 def _usage(usage: Usage) -> dict[str, int]:
@@ -96,7 +110,7 @@ class ChunkRenderer:
         parts = []
         for event in events:
             data = event.data
-            if data.startswith('"'):
+            if not is_finish(data):
                 payload = self._content_head + data + self._content_tail
             else:
                 final = json.loads(data)
@@ -117,7 +131,11 @@ class ChunkRenderer:
         return DONE
 
 
+def sse_error(body: dict[str, Any]) -> bytes:
+    """An ``event: error`` SSE event carrying an error body."""
+    return b"event: error\ndata: " + _compact(body).encode() + b"\n\n"
+
+
 def error_event(run: Run) -> bytes:
     """An ``event: error`` SSE event describing how ``run`` failed."""
-    _, body = run_error(run)
-    return b"event: error\ndata: " + _compact(body).encode() + b"\n\n"
+    return sse_error(run_error(run)[1])

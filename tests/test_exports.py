@@ -17,8 +17,6 @@ def test_all_is_complete_and_importable(module: types.ModuleType) -> None:
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     } - {"annotations"}
     assert set(module.__all__) == public
-    for name in module.__all__:
-        assert getattr(module, name) is not None
 
 
 @pytest.mark.parametrize("module", [tokenrelay, tokenrelay.testing])

@@ -160,22 +160,22 @@ async def guard(
     try:
         yield stream
     except BaseException:
-        await _close_quietly(upstream)
+        await _close(upstream, quiet=True)
         raise
     else:
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
-            await upstream.aclose()
-        if scope.cancelled_caught:
-            logger.warning("upstream_close_timeout seconds=%g", CLOSE_TIMEOUT)
+        await _close(upstream, quiet=False)
 
 
-async def _close_quietly(upstream: ClosableAsyncIterator[object]) -> None:
-    """Close ``upstream`` while another exception is on its way out: an error from closing is
-    logged, never allowed to replace the exception that ended the block."""
+async def _close(upstream: ClosableAsyncIterator[object], *, quiet: bool) -> None:
+    """Close ``upstream``, shielded from cancellation and bounded in time. ``quiet`` when
+    another exception is on its way out: an error from closing is then logged, never allowed
+    to replace the exception that ended the block."""
     with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
         try:
             await upstream.aclose()
         except Exception:
+            if not quiet:
+                raise
             logger.warning("upstream_close_failed", exc_info=True)
     if scope.cancelled_caught:
         logger.warning("upstream_close_timeout seconds=%g", CLOSE_TIMEOUT)

@@ -285,7 +285,7 @@ class _MemoryReader(LogReader):
             if event.seq < self._next:
                 continue
             self._next = event.seq + 1
-            return [event, *self._take_ready(max_events - 1)]
+            return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
 
     async def receive(self) -> Event:
         return (await self.receive_batch(1))[0]

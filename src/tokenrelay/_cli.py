@@ -218,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tokenrelay: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    # One "HTTP Request: POST ..." line per run is noise beside the lifecycle lines.
+    for name in ("httpx2", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     trio.run(serve, config)
     return 0
 

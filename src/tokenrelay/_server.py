@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -284,18 +284,20 @@ class RelayService:
         started.append(True)
         renderer = ChunkRenderer(run.id, run.info.get("model", ""), run.info.get("created", 0))
         # Flushed at once, before any token: the client (and any proxy) sees the stream is up.
-        yield sse_comment(f"tokenrelay run {run.id}")
+        comment = sse_comment(f"tokenrelay run {run.id}")
         retry = sse_retry()  # rides on the first event that has data
         try:
             sub = run.subscribe(after=after)
         except ReplayGap as gap:
-            yield retry + _gap_event(gap) + DONE
+            yield comment + retry + _gap_event(gap) + DONE
             return
         ended = finished = False
         try:
-            if after == -1:
-                yield retry + renderer.role()
+            if after == -1:  # what is ready at once goes out in one write
+                yield comment + retry + renderer.role()
                 retry = b""
+            else:
+                yield comment
             while True:
                 batch: list[Event] | None = None
                 try:
@@ -403,18 +405,6 @@ def _run_error_response(run: Run, headers: Mapping[str, str]) -> Response:
     if isinstance(run.error, UpstreamRateLimited) and run.error.retry_after is not None:
         response.headers["Retry-After"] = str(math.ceil(run.error.retry_after))
     return response
-
-
-async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
-    """Return as soon as one of ``waits`` returns; cancel the others."""
-    async with trio.open_nursery() as nursery:
-        for wait in waits:
-
-            async def one(wait: Callable[[], Awaitable[object]] = wait) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(one)
 
 
 def _session_id(value: str | None, *, fresh: bool) -> str:
@@ -531,11 +521,16 @@ def relay_blueprint(config: ServerConfig | None = None) -> Blueprint:
                 Retry_After="1",
             )
         accepted = trio.Event()
+
+        async def on_finish(run: Run, events: list[Event]) -> None:
+            accepted.set()  # it ended before the upstream accepted it: stop waiting too
+            await service.on_finish(run, events)
+
         try:
             run = await the_relay.start(
                 session_key(session_id),
                 service.producer(stream, accepted),
-                on_finish=service.on_finish,
+                on_finish=on_finish,
                 on_busy=on_busy,
             )
         except SessionBusy:
@@ -556,7 +551,7 @@ def relay_blueprint(config: ServerConfig | None = None) -> Blueprint:
         try:
             # Answer with an HTTP error only for failures before the upstream accepted the
             # request; after that, the stream itself reports how the run ended.
-            await _first_of(accepted.wait, run.wait_finished)
+            await accepted.wait()
         except trio.Cancelled:
             service.left(run)
             raise

@@ -34,6 +34,7 @@ from ._exceptions import (
 )
 from ._guard import ClosableAsyncIterator
 from ._lines import LineSplitter
+from ._transport import relay_transport
 
 __all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "HTTPUpstream", "Upstream", "http_client"]
 
@@ -86,12 +87,13 @@ def http_client(*, max_connections: int = 100, connect_timeout: float = 10.0) ->
     first-token and token timeouts bound every wait, and they count real tokens only, where a
     read timeout would be reset by every keep-alive.
     """
+    limits = httpx2.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
+    )
     return httpx2.AsyncClient(
-        limits=httpx2.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-        ),
+        transport=relay_transport(limits),
         timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
         follow_redirects=False,
     )

@@ -123,6 +123,8 @@ class HTTPUpstream:
         self._client = client
         self._headers = dict(headers or {})
         self._max_line = max_line
+        # Parsed once: httpx2 would parse a string URL again on every request.
+        self._url = httpx2.URL(f"{self.base_url}{self.path}")
 
     def __str__(self) -> str:
         return f"{self.name} at {self.base_url}"
@@ -141,7 +143,7 @@ class HTTPUpstream:
         cannot take (no model, say)."""
         return HTTPDeltaStream(
             self._client,
-            f"{self.base_url}{self.path}",
+            self._url,
             self.payload(request),
             self.decoder(),
             upstream=str(self),
@@ -157,7 +159,7 @@ class HTTPDeltaStream:
     def __init__(
         self,
         client: httpx2.AsyncClient,
-        url: str,
+        url: httpx2.URL | str,
         payload: Mapping[str, Any],
         decoder: Decoder,
         *,
@@ -167,7 +169,7 @@ class HTTPDeltaStream:
         max_line: int = MAX_LINE,
     ) -> None:
         self._client = client
-        self._url = url
+        self._url = httpx2.URL(url)
         self._payload = payload
         self._headers = dict(headers or {})
         self._decoder = decoder
@@ -337,8 +339,8 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _connect_message(upstream: str, url: str, exc: BaseException) -> str:
-    host = httpx2.URL(url).host
+def _connect_message(upstream: str, url: httpx2.URL, exc: BaseException) -> str:
+    host = url.host
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, socket.gaierror):

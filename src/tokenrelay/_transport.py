@@ -44,7 +44,7 @@ class _LeanStream(AsyncNetworkStream):
         self._socket: trio.socket.SocketType | None = (
             inner.get_extra_info("socket") if plain else None
         )
-        self._poll: Any = None
+        self._poll: select.poll | None = None
         if self._socket is not None:
             self._poll = select.poll()
             self._poll.register(self._socket.fileno(), select.POLLIN)
@@ -61,8 +61,9 @@ class _LeanStream(AsyncNetworkStream):
         await self._inner.write(buffer, timeout)
 
     async def aclose(self) -> None:
-        if self._poll is not None:
-            self._poll = None  # unregistered with it; its descriptor is about to go
+        # The poll object goes first: the descriptor it watches is about to be closed, and
+        # its number may be reused.
+        self._poll = None
         await self._inner.aclose()
 
     async def start_tls(

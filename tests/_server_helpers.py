@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -58,6 +59,18 @@ async def start_served(nursery: trio.Nursery, fake: FakeModelServer, **overrides
 
 def chat(content: str = "hi", *, stream: bool = True, **fields: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": content}], "stream": stream, **fields}
+
+
+@asynccontextmanager
+async def streaming_chat(
+    url: str, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[httpx2.Response]:
+    """POST a streaming chat completion to the server at ``url``; yield the open response."""
+    async with (
+        httpx2.AsyncClient(base_url=url) as client,
+        client.stream("POST", "/v1/chat/completions", json=chat(), headers=headers) as response,
+    ):
+        yield response
 
 
 class SSEReader:

@@ -21,6 +21,7 @@ from _server_helpers import (
     seqs,
     serve_app,
     start_served,
+    streaming_chat,
     text_of,
 )
 from tokenrelay import RunStatus, ServerConfig
@@ -33,12 +34,7 @@ LONG = FakeScript(tokens=[f"t{i} " for i in range(2000)], interval=0.01)
 @bounded(20)
 async def test_normal_stream(nursery: trio.Nursery, fake_server: FakeModelServer) -> None:
     served = await start_served(nursery, fake_server)
-    async with (
-        httpx2.AsyncClient(base_url=served.url) as client,
-        client.stream(
-            "POST", "/v1/chat/completions", json=chat(), headers={"X-Session-Id": "s1"}
-        ) as response,
-    ):
+    async with streaming_chat(served.url, {"X-Session-Id": "s1"}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache"
@@ -88,12 +84,7 @@ async def test_stop_from_a_second_client(
 ) -> None:
     fake_server.default = LONG
     served = await start_served(nursery, fake_server)
-    async with (
-        httpx2.AsyncClient(base_url=served.url) as client,
-        client.stream(
-            "POST", "/v1/chat/completions", json=chat(), headers={"X-Session-Id": "s"}
-        ) as response,
-    ):
+    async with streaming_chat(served.url, {"X-Session-Id": "s"}) as response:
         reader = SSEReader(response)
         await reader.content_events(3)
         async with httpx2.AsyncClient(base_url=served.url) as other:
@@ -213,10 +204,7 @@ async def test_disconnect_before_the_first_token_closes_the_upstream(
     fake_server.default = FakeScript(tokens=TOKENS, prefill=30.0)
     served = await start_served(nursery, fake_server)
     headers = {"X-Session-Id": "s", "X-Relay-On-Disconnect": "cancel"}
-    async with (
-        httpx2.AsyncClient(base_url=served.url) as client,
-        client.stream("POST", "/v1/chat/completions", json=chat(), headers=headers) as response,
-    ):
+    async with streaming_chat(served.url, headers) as response:
         assert response.status_code == 200
         async with SSEReader(response) as reader:
             await reader.next()  # the role chunk: the stream is up, no token yet
@@ -572,12 +560,7 @@ async def test_an_error_after_streaming_began_is_an_error_event(
 ) -> None:
     fake_server.default = FakeScript(tokens=TOKENS, fault="malformed", fault_after=2)
     served = await start_served(nursery, fake_server)
-    async with (
-        httpx2.AsyncClient(base_url=served.url) as client,
-        client.stream(
-            "POST", "/v1/chat/completions", json=chat(), headers={"X-Session-Id": "s"}
-        ) as response,
-    ):
+    async with streaming_chat(served.url, {"X-Session-Id": "s"}) as response:
         assert response.status_code == 200
         events = await SSEReader(response).all()
     assert text_of(events) == "tok0 tok1 "
@@ -603,10 +586,7 @@ async def test_content_can_never_forge_an_sse_event(
     ]
     fake_server.default = FakeScript(tokens=hostile)
     served = await start_served(nursery, fake_server)
-    async with (
-        httpx2.AsyncClient(base_url=served.url) as client,
-        client.stream("POST", "/v1/chat/completions", json=chat()) as response,
-    ):
+    async with streaming_chat(served.url) as response:
         events = await SSEReader(response).all()
     assert [e.event for e in events] == ["message"] * len(events)
     assert seqs(events) == list(range(len(hostile) + 1))
@@ -621,10 +601,7 @@ async def test_a_stream_longer_than_the_response_timeout(
     fake_server.default = FakeScript(tokens=[f"t{i}" for i in range(30)], interval=0.05)
     served = await start_served(nursery, fake_server)
     served.app.config["RESPONSE_TIMEOUT"] = 0.5  # Quart's default is 60 s
-    async with (
-        httpx2.AsyncClient(base_url=served.url) as client,
-        client.stream("POST", "/v1/chat/completions", json=chat()) as response,
-    ):
+    async with streaming_chat(served.url) as response:
         started = trio.current_time()
         events = await SSEReader(response).all()
     assert trio.current_time() - started > 1.0
@@ -638,10 +615,7 @@ async def test_keepalive_comments_on_a_quiet_stream(
 ) -> None:
     fake_server.default = FakeScript(tokens=["late"], prefill=0.5)
     served = await start_served(nursery, fake_server, keepalive=0.1)
-    async with (
-        httpx2.AsyncClient(base_url=served.url) as client,
-        client.stream("POST", "/v1/chat/completions", json=chat()) as response,
-    ):
+    async with streaming_chat(served.url) as response:
         reader = SSEReader(response)
         events = await reader.all()
     assert reader.raw.count(b": keep-alive\n\n") >= 2

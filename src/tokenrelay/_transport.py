@@ -54,7 +54,7 @@ class _LeanStream(AsyncNetworkStream):
             return await self._inner.read(max_bytes, timeout)
         try:
             return await self._socket.recv(max_bytes)
-        except (OSError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+        except (OSError, trio.ClosedResourceError) as exc:  # what a trio socket raises
             raise httpcore2.ReadError(str(exc) or type(exc).__name__) from exc
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:

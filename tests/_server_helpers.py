@@ -39,22 +39,84 @@ class Served:
         return run
 
 
-async def serve_app(nursery: trio.Nursery, app: QuartTrio) -> str:
+async def serve_app(
+    nursery: trio.Nursery, app: QuartTrio, *, keep_alive_timeout: float = 5.0
+) -> str:
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = logging.getLogger("tokenrelay.server")
     config.graceful_timeout = 0.5
+    config.keep_alive_timeout = keep_alive_timeout
     binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
     return str(binds[0])
 
 
-async def start_served(nursery: trio.Nursery, fake: FakeModelServer, **overrides: Any) -> Served:
+async def start_served(
+    nursery: trio.Nursery,
+    fake: FakeModelServer,
+    *,
+    keep_alive_timeout: float = 5.0,
+    **overrides: Any,
+) -> Served:
     settings: dict[str, Any] = {"upstream": f"openai={fake.openai_url}", "model": "fake"}
     settings.update(overrides)
     app = tokenrelay.create_app(tokenrelay.ServerConfig(**settings))
-    url = await serve_app(nursery, app)
+    url = await serve_app(nursery, app, keep_alive_timeout=keep_alive_timeout)
     return Served(url, app, app.extensions["tokenrelay"], fake)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+class RawHTTP:
+    """One client connection as a raw socket: what is sent is exactly what was written."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    @classmethod
+    async def connect(cls, url: str) -> RawHTTP:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port_of(url)))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next response (one with a Content-Length body): status, headers, body."""
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(self.buffer) < length:
+            await self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(status_line.split()[1]), headers, body
+
+    async def closed_by_server(self) -> bool:
+        """Read until the server closes the connection: ``True`` at EOF (or a reset)."""
+        try:
+            while await self.stream.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+
+    async def _fill(self) -> None:
+        chunk = await self.stream.receive_some()
+        if not chunk:
+            raise EOFError(f"the server closed the connection; it had sent {self.buffer!r}")
+        self.buffer += chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 def chat(content: str = "hi", *, stream: bool = True, **fields: Any) -> dict[str, Any]:

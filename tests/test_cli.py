@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx2
 import pytest
 import trio
 
 from _helpers import bounded
-from _server_helpers import SSEReader, chat, last_chunk
+from _server_helpers import RawHTTP, SSEReader, chat, last_chunk
 from tokenrelay._cli import main
+from tokenrelay._server import is_loopback
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 
@@ -108,3 +111,91 @@ def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert (config.port, config.token_timeout, config.grace) == (9999, None, 5.0)
     assert config.api_keys == ("a", "b")
     assert config.upstream == "demo"
+
+
+@bounded(30)
+async def test_sigterm_with_idle_connections_exits_at_once() -> None:
+    server, url = await start()
+    idle = []
+    try:
+        for _ in range(5):  # keep-alive connections, each idle after one request
+            conn = await RawHTTP.connect(url)
+            await conn.send(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+            assert (await conn.response())[0] == 200
+            idle.append(conn)
+        signalled = trio.current_time()
+        server.process.send_signal(signal.SIGTERM)
+        await server.drain()
+        assert await server.process.wait() == 0
+        assert trio.current_time() - signalled < 1.0
+        for conn in idle:
+            assert await conn.closed_by_server()
+    finally:
+        server.process.kill()
+        for conn in idle:
+            await conn.aclose()
+
+
+async def refused(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``tokenrelay serve ARGS``, which must refuse to start: its stderr."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "tokenrelay", "serve", *args],
+        capture_stderr=True,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2
+    return result.stderr.decode()
+
+
+@bounded(30)
+async def test_startup_errors_are_one_clear_line(tmp_path: Path) -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        said = await refused("--port", str(port))
+    assert said == f"tokenrelay: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    said = await refused("--api-keys-file", str(tmp_path / "missing"))
+    assert said.startswith("tokenrelay: cannot read the API keys file ")
+    assert said.count("\n") == 1
+    said = await refused(
+        "--host", "no-such-host.invalid", env={**os.environ, "TOKENRELAY_API_KEY": "k"}
+    )
+    assert said.startswith("tokenrelay: cannot listen on no-such-host.invalid:8000: ")
+    assert said.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("::10", False),
+        ("10.0.0.1", False),
+        ("127.0.0.1.example.com", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_loopback_is_an_address_check_not_a_prefix(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+@bounded(30)
+async def test_an_api_key_on_the_command_line_is_warned_about() -> None:
+    server, _ = await start("--api-key", "s3cret-on-the-command-line")
+    try:
+        server.process.send_signal(signal.SIGINT)
+        await server.drain()
+        assert await server.process.wait() == 0
+    finally:
+        server.process.kill()
+    log = server.log.decode()
+    assert "api_key_on_command_line" in log
+    assert "--api-keys-file or TOKENRELAY_API_KEY" in log
+    assert "s3cret-on-the-command-line" not in log

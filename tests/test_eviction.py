@@ -29,7 +29,7 @@ async def test_evicted_exactly_grace_after_finishing(
             relay.subscribe("s")
     [evicted] = lifecycle.select("run_evicted")
     assert evicted.time == 182.0
-    assert evicted.fields == {"run": run.id, "session": "s"}
+    assert evicted.fields == {"run": run.id, "session": "s", "reason": "grace"}
 
 
 async def test_subscribing_holds_eviction_off_and_leaving_rearms_it(

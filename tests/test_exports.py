@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import types
 
 import pytest
@@ -11,6 +13,8 @@ import tokenrelay.testing
 
 @pytest.mark.parametrize("module", [tokenrelay, tokenrelay.testing])
 def test_all_is_complete_and_importable(module: types.ModuleType) -> None:
+    for name in module.__all__:
+        getattr(module, name)  # the server's names are imported on first use
     public = {
         name
         for name, value in vars(module).items()
@@ -44,3 +48,17 @@ def test_public_names_live_in_the_package() -> None:
         value = getattr(tokenrelay, name)
         if hasattr(value, "__module__") and inspect.isclass(value):
             assert value.__module__.startswith("tokenrelay")
+
+
+def test_the_library_alone_loads_no_server_code() -> None:
+    """``import tokenrelay`` in a program that uses only the library loads no web framework:
+    the server's names are imported on first use."""
+    code = (
+        "import sys, tokenrelay\n"
+        "loaded = sorted({m.partition('.')[0] for m in sys.modules}"
+        " & {'quart', 'quart_trio', 'hypercorn', 'werkzeug', 'prometheus_client'})\n"
+        "assert not loaded, loaded\n"
+        "tokenrelay.ServerConfig\n"
+        "assert 'quart' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

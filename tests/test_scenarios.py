@@ -107,6 +107,7 @@ async def test_rapid_a_then_b(autojump_clock: MockClock, lifecycle: LifecycleCap
         ("stream_cancelled", run_a.id),
         ("stream_end", run_a.id),
         ("prev_stream_finished_cleanly", run_a.id),
+        ("run_evicted", run_a.id),  # at once: B replaces it, and nobody follows it
         ("stream_start", run_b.id),
         ("stream_end", run_b.id),
     ]

@@ -130,7 +130,7 @@ async def test_rapid_a_then_b_closes_a_upstream_before_b_is_sent(
     assert first.closed_at <= second.received_at
     assert first.generating_at_close
     a_id, b_id = a.headers["x-run-id"], b.headers["x-run-id"]
-    assert [(r.event, r.fields["run"]) for r in lifecycle] == [
+    assert [(r.event, r.fields["run"]) for r in lifecycle if r.event != "run_evicted"] == [
         ("stream_start", a_id),
         ("stream_cancelled", a_id),
         ("stream_end", a_id),
@@ -549,8 +549,8 @@ async def test_unreachable_upstream_is_a_502(
     async with httpx2.AsyncClient(base_url=served.url) as client:
         response = await client.post("/v1/chat/completions", json=chat())
     assert response.status_code == 502
-    assert (
-        "could not connect to ollama at http://127.0.0.1:9" in response.json()["error"]["message"]
+    assert response.json()["error"]["message"].startswith(
+        "could not connect to ollama at 127.0.0.1:9: "
     )
 
 

@@ -1,11 +1,13 @@
-"""The upstream client's transport (httpx2 over the lean trio backend), against small raw
-servers on 127.0.0.1 whose every byte the test controls. Real time, bounded."""
+"""The upstream client's direct connections (httpx2 over the lean trio backend), against small
+raw servers on 127.0.0.1 whose every byte the test controls. Real time, bounded. Proxies:
+test_proxy.py."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 import struct
+import types
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -15,8 +17,9 @@ import trio
 import trustme
 
 import tokenrelay
+import tokenrelay._transport
 from _helpers import bounded
-from tokenrelay._transport import _LeanStream, relay_transport
+from tokenrelay._transport import LeanTrioBackend, _LeanStream, use_lean_backend
 
 HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -59,11 +62,18 @@ async def test_reads_plain_tcp_directly_and_reuses_the_connection(nursery: trio.
     assert connections == 1
 
 
+@pytest.mark.parametrize("poll", ["select.poll", "no select.poll (Windows)"])
 @bounded(10)
-async def test_an_idle_connection_the_server_closed_is_not_reused(nursery: trio.Nursery) -> None:
+async def test_an_idle_connection_the_server_closed_is_not_reused(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, poll: str
+) -> None:
     # The pool asks each idle connection whether its socket is readable (the server hung
-    # up); the lean stream answers from its own poll object. A wrong answer would send the
-    # second request down the dead connection and fail it.
+    # up); the lean stream answers from its own poll object, or where there is no
+    # select.poll, httpcore2's own check does. A wrong answer would send the second request
+    # down the dead connection and fail it.
+    if poll != "select.poll":
+        # The transport's view of the select module, as on Windows (trio's stays as it is).
+        monkeypatch.setattr(tokenrelay._transport, "select", types.ModuleType("select"))
     connections = 0
     hang_up = trio.Event()
 
@@ -79,6 +89,8 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(nursery: trio.
     async with tokenrelay.http_client() as client:
         first = await client.get(f"http://127.0.0.1:{port}/")
         stream = first.extensions["network_stream"]
+        assert isinstance(stream, _LeanStream)
+        assert (stream._poll is not None) == (poll == "select.poll")
         assert stream.get_extra_info("is_readable") is False
         hang_up.set()
         await trio.lowlevel.wait_readable(stream.get_extra_info("socket"))  # the hang-up is here
@@ -122,9 +134,52 @@ async def test_tls_upstreams_work_through_the_same_transport(nursery: trio.Nurse
         await tls.aclose()
 
     port = await _serve(nursery, handler)
-    limits = httpx2.Limits(max_connections=2)
-    transport = relay_transport(limits, ssl_context=client_context)
-    async with httpx2.AsyncClient(transport=transport) as client:
+    async with httpx2.AsyncClient(verify=client_context) as client:
+        use_lean_backend(client)
         response = await client.get(f"https://localhost:{port}/")
     assert response.text == "hello"
-    assert response.extensions["network_stream"].get_extra_info("ssl_object") is not None
+    stream = response.extensions["network_stream"]
+    assert isinstance(stream, _LeanStream)
+    assert stream.get_extra_info("ssl_object") is not None
+
+
+@bounded(10)
+async def test_the_transports_own_settings_are_kept(nursery: trio.Nursery) -> None:
+    # Only the network backend changes: whatever the transport was built with still applies.
+    async def handler(stream: trio.abc.Stream) -> None:
+        await _read_request(stream)
+        await stream.send_all(HELLO)
+        await trio.sleep_forever()  # keep the connection open, to look at its socket
+
+    port = await _serve(nursery, handler)
+    transport = httpx2.AsyncHTTPTransport(
+        retries=2,
+        local_address="127.0.0.1",
+        socket_options=[(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)],
+    )
+    async with httpx2.AsyncClient(transport=transport) as client:
+        use_lean_backend(client)
+        response = await client.get(f"http://127.0.0.1:{port}/")
+        stream = response.extensions["network_stream"]
+        assert isinstance(stream, _LeanStream)
+        sock = stream.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockname()[0] == "127.0.0.1"
+    pool = transport._pool
+    assert (pool._retries, pool._local_address) == (2, "127.0.0.1")
+
+
+async def test_connections_through_a_proxy_keep_httpx2s_own_backend() -> None:
+    def backend(transport: httpx2.AsyncBaseTransport | None) -> object:
+        return transport._pool._network_backend  # type: ignore[union-attr]
+
+    # A proxy for every URL: httpx2 mounts a proxy transport, which is left alone.
+    async with httpx2.AsyncClient(proxy="http://127.0.0.1:9") as client:
+        use_lean_backend(client)
+        [mounted] = client._mounts.values()
+        assert not isinstance(backend(mounted), LeanTrioBackend)
+    # A proxy as the default transport itself.
+    transport = httpx2.AsyncHTTPTransport(proxy="http://127.0.0.1:9")
+    async with httpx2.AsyncClient(transport=transport) as client:
+        use_lean_backend(client)
+        assert not isinstance(backend(transport), LeanTrioBackend)

@@ -217,13 +217,16 @@ def closed_port() -> int:
 @pytest.mark.parametrize("kind", ["ollama", "openai"])
 @bounded(20)
 async def test_connection_refused(client: httpx2.AsyncClient, kind: str) -> None:
-    base = f"http://127.0.0.1:{closed_port()}"
+    port = closed_port()
+    base = f"http://127.0.0.1:{port}"
     upstream: tokenrelay.Upstream
     if kind == "ollama":
         upstream = tokenrelay.OllamaUpstream(base, client, model="m")
     else:
         upstream = tokenrelay.OpenAIUpstream(base + "/v1", client, model="m")
-    with pytest.raises(UpstreamConnectError, match=f"could not connect to {kind} at {base}"):
+    with pytest.raises(
+        UpstreamConnectError, match=f"^could not connect to {kind} at 127.0.0.1:{port}: "
+    ):
         await collect(upstream, ask())
 
 
@@ -232,7 +235,7 @@ async def test_dns_failure(client: httpx2.AsyncClient) -> None:
     upstream = tokenrelay.OllamaUpstream("http://no-such-host.invalid:11434", client, model="m")
     with pytest.raises(
         UpstreamConnectError,
-        match=r"could not resolve ollama at .*'s host name 'no-such-host\.invalid'",
+        match=r"^could not resolve the host name of ollama at no-such-host\.invalid:11434: ",
     ):
         await collect(upstream, ask())
 
@@ -304,7 +307,7 @@ async def test_mid_stream_faults_end_the_run_with_the_partial_answer(
 async def test_open_upstream_owns_its_client(fake_server: FakeModelServer) -> None:
     spec = f"ollama={fake_server.ollama_url}"
     async with tokenrelay.open_upstream(spec, model="fake") as upstream:
-        assert str(upstream) == f"ollama at {fake_server.ollama_url}"
+        assert str(upstream) == f"ollama at {fake_server.ollama_url.removeprefix('http://')}"
         deltas = await collect(upstream, ask())
     assert deltas[-1].finish_reason == "stop"
 

@@ -5,6 +5,8 @@ stops the model, a new prompt supersedes the old one without ever running two, a
 survives its client leaving and can be resumed, timeouts fire exactly, nothing leaks.
 """
 
+import typing
+
 from ._chat import ChatRequest as ChatRequest
 from ._chat import Delta as Delta
 from ._chat import Usage as Usage
@@ -15,6 +17,7 @@ from ._exceptions import FirstTokenTimeout as FirstTokenTimeout
 from ._exceptions import InvalidRequest as InvalidRequest
 from ._exceptions import RelayClosed as RelayClosed
 from ._exceptions import RelayError as RelayError
+from ._exceptions import RelayFull as RelayFull
 from ._exceptions import ReplayGap as ReplayGap
 from ._exceptions import SessionBusy as SessionBusy
 from ._exceptions import TokenTimeout as TokenTimeout
@@ -42,10 +45,6 @@ from ._relay import Run as Run
 from ._relay import Subscription as Subscription
 from ._relay import open_relay as open_relay
 from ._relay import start_relay as start_relay
-from ._server import RelayService as RelayService
-from ._server import ServerConfig as ServerConfig
-from ._server import create_app as create_app
-from ._server import relay_blueprint as relay_blueprint
 from ._spec import UpstreamSpec as UpstreamSpec
 from ._spec import open_upstream as open_upstream
 from ._spec import parse_upstream as parse_upstream
@@ -53,6 +52,27 @@ from ._upstream import Upstream as Upstream
 from ._upstream import http_client as http_client
 
 __version__ = "0.1.0.dev0"
+
+if typing.TYPE_CHECKING:
+    from ._server import RelayService as RelayService
+    from ._server import ServerConfig as ServerConfig
+    from ._server import create_app as create_app
+    from ._server import relay_blueprint as relay_blueprint
+
+#: The server's names, imported on first use: a program that only uses the library never
+#: loads quart, hypercorn or prometheus_client.
+_SERVER_NAMES = frozenset({"RelayService", "ServerConfig", "create_app", "relay_blueprint"})
+
+
+def __getattr__(name: str) -> typing.Any:
+    if name in _SERVER_NAMES:
+        from . import _server
+
+        value = getattr(_server, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tokenrelay' has no attribute {name!r}")
+
 
 __all__ = [
     "ChatRequest",
@@ -72,6 +92,7 @@ __all__ = [
     "Relay",
     "RelayClosed",
     "RelayError",
+    "RelayFull",
     "RelayService",
     "RelayStatistics",
     "ReplayGap",

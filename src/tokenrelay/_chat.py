@@ -83,11 +83,14 @@ class ChatRequest:
             stream = False
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be true or false")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (
-            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-        ):
-            raise InvalidRequest("'max_tokens' must be a positive integer")
+        max_tokens = None
+        for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins
+            value = body.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"'{name}' must be a positive integer")
+            max_tokens = value
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
@@ -136,7 +139,7 @@ def _check_message(i: int, message: object) -> None:
     if not isinstance(message, Mapping):
         raise InvalidRequest(f"'messages[{i}]' must be an object with 'role' and 'content'")
     role = message.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise InvalidRequest(
             f"'messages[{i}].role' must be one of {', '.join(sorted(_ROLES))}, not {role!r}"
         )

@@ -51,6 +51,48 @@ def _seconds(text: str) -> float:
     return value
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes_or_none(text: str) -> int | None:
+    """A size in bytes, with an optional K, M, G or T suffix (powers of 1024, an optional
+    trailing B or iB); ``none`` (also ``off`` or ``0``) for no limit."""
+    value = text.strip().lower()
+    if value in ("none", "off", "0"):
+        return None
+    number = value.removesuffix("ib").removesuffix("b")
+    unit = number[-1:] if number[-1:] in _UNITS else ""
+    try:
+        size = float(number.removesuffix(unit)) * _UNITS[unit]
+    except ValueError:
+        message = f"expected a size such as 512M or 2G, not {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not size >= 1:
+        raise argparse.ArgumentTypeError("must be at least 1 byte (or none)")
+    return int(size)
+
+
+def _size(value: int) -> str:
+    """``value`` bytes as the CLI takes it back: ``8M``, ``5.9G``."""
+    for unit in "TGMK":
+        if value >= _UNITS[unit.lower()]:
+            return f"{value / _UNITS[unit.lower()]:.3g}{unit}"
+    return str(value)
+
+
+def _count_or_none(text: str) -> int | None:
+    """A positive count, or ``none`` (also ``off`` or ``0``) for no limit."""
+    if text.strip().lower() in ("none", "off", "0"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be positive (or none)")
+    return value
+
+
 def _flag(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
@@ -75,6 +117,29 @@ _OPTIONS: tuple[tuple[str, Callable[[str], Any], str | None, str], ...] = (
     ("--demo-token-delay", _seconds, "S", "the demo model's delay between tokens"),
     ("--max-body", int, "BYTES", "largest request body"),
     ("--max-runs", int, "N", "runs at once before answering 429"),
+    (
+        "--max-runs-per-key",
+        _count_or_none,
+        "N",
+        "runs at once for one API key before answering 429; 'none': half of --max-runs "
+        "when there are several keys, else no limit of its own",
+    ),
+    (
+        "--max-memory",
+        _bytes_or_none,
+        "SIZE",
+        "bytes of events all runs may hold (e.g. 2G): finished runs nobody follows are "
+        "evicted first, then new runs get 503; 'none': no limit",
+    ),
+    ("--max-events", _count_or_none, "N", "events each run holds for replay; 'none': no limit"),
+    ("--max-bytes", _bytes_or_none, "SIZE", "bytes each run holds for replay; 'none': no limit"),
+    (
+        "--stall-timeout",
+        _seconds_or_none,
+        "S",
+        "seconds a client may leave a stream's write blocked before it stops holding its run",
+    ),
+    ("--finish-timeout", _seconds, "S", "the longest a run's saving may take once it ends"),
     ("--upstream-connections", int, "N", "connections to the upstream at once"),
     ("--keepalive", _seconds, "S", "seconds between keep-alive comments on a quiet stream"),
 )
@@ -108,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{variable}={raw!r}: {exc}")
         shown = "none" if default is None else default
+        if convert is _bytes_or_none and default is not None:
+            shown = _size(default)
         serve.add_argument(
             flag,
             type=convert,
@@ -138,34 +205,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _field(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def _config(args: argparse.Namespace) -> ServerConfig:
+    """The server's configuration from parsed arguments. Raises ``ValueError`` for a keys
+    file that cannot be read."""
     keys = list(args.api_keys or [])
     env_keys = os.environ.get("TOKENRELAY_API_KEY")
     if not keys and env_keys:
         keys = [key.strip() for key in env_keys.split(",") if key.strip()]
     if args.api_keys_file:
-        for line in Path(args.api_keys_file).read_text().splitlines():
+        try:
+            text = Path(args.api_keys_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            path = args.api_keys_file
+            raise ValueError(f"cannot read the API keys file {path!r}: {exc}") from None
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 keys.append(line)
-    return ServerConfig(
-        upstream=args.upstream,
-        model=args.model,
-        upstream_api_key=args.upstream_api_key,
-        host=args.host,
-        port=args.port,
-        api_keys=tuple(keys),
-        insecure_open=args.insecure_open,
-        first_token_timeout=args.first_token_timeout,
-        token_timeout=args.token_timeout,
-        grace=args.grace,
-        demo_prefill=args.demo_prefill,
-        demo_token_delay=args.demo_token_delay,
-        max_body=args.max_body,
-        max_runs=args.max_runs,
-        upstream_connections=args.upstream_connections,
-        keepalive=args.keepalive,
-    )
+    options = {_field(flag): getattr(args, _field(flag)) for flag, *_ in _OPTIONS}
+    return ServerConfig(**options, api_keys=tuple(keys), insecure_open=args.insecure_open)
+
+
+class CannotListen(Exception):
+    """The server could not listen where it was told to (port in use, unknown host...)."""
 
 
 async def serve(
@@ -196,9 +262,14 @@ async def serve(
         await service.drain()
 
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, app, hypercorn_config, shutdown_trigger=until_signal)
-        )
+        try:
+            binds = await nursery.start(
+                partial(hypercorn.trio.serve, app, hypercorn_config, shutdown_trigger=until_signal)
+            )
+        except* OSError as group:  # hypercorn raises it in a group of its nursery's
+            error = _leaves(group)[0]
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise CannotListen(f"cannot listen on {hypercorn_config.bind[0]}: {reason}") from group
         logger.info(
             "tokenrelay listening on %s, relaying %s%s",
             binds[0],
@@ -211,8 +282,8 @@ async def serve(
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``tokenrelay`` command."""
     args = _parser().parse_args(argv)
-    config = _config(args)
     try:
+        config = _config(args)
         config.check()
     except ValueError as exc:
         print(f"tokenrelay: {exc}", file=sys.stderr)
@@ -221,8 +292,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One "HTTP Request: POST ..." line per run is noise beside the lifecycle lines.
     for name in ("httpx2", "httpcore2"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    trio.run(serve, config)
+    if args.api_keys:
+        logger.warning(
+            "api_key_on_command_line: any user of this machine can read it in 'ps'; "
+            "prefer --api-keys-file or TOKENRELAY_API_KEY"
+        )
+    try:
+        trio.run(serve, config)
+    except BaseExceptionGroup as group:
+        cannot, rest = group.split(CannotListen)
+        if cannot is None or rest is not None:
+            raise
+        print(f"tokenrelay: {_leaves(cannot)[0]}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
 
 
 if __name__ == "__main__":  # pragma: no cover

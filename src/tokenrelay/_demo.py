@@ -10,6 +10,7 @@ import zlib
 import trio
 
 from ._chat import ChatRequest, Delta, Usage, message_text
+from ._lines import mend_surrogates
 
 __all__ = ["DemoStream", "DemoUpstream"]
 
@@ -38,6 +39,7 @@ _LENGTH = re.compile(r"\b(\d{1,5})\s*(?:words|tokens)\b", re.IGNORECASE)
 def demo_answer(prompt: str) -> str:
     """The demo model's full answer to ``prompt``: always the same for the same prompt.
     About 40 to 120 words, or as many as the prompt asks for ("write 500 words")."""
+    prompt = mend_surrogates(prompt)
     words = prompt.split()
     quoted = " ".join(words[:12]) + (" ..." if len(words) > 12 else "")
     rng = random.Random(zlib.crc32(prompt.encode("utf-8")))

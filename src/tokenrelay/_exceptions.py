@@ -15,6 +15,7 @@
     ├── UnknownSession ........... never started, or evicted (also a LookupError)
     ├── ReplayGap ................ the events asked for are no longer held
     ├── InvalidRequest ........... a chat request we cannot relay (also a ValueError)
+    ├── RelayFull ................ max_total_bytes is held by runs still running
     └── RelayClosed .............. the relay has shut down
 
 Whatever ends a run, a run never raises into the relay: its ending is recorded as
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidRequest",
     "RelayClosed",
     "RelayError",
+    "RelayFull",
     "ReplayGap",
     "SessionBusy",
     "TokenTimeout",
@@ -210,6 +212,24 @@ class ReplayGap(RelayError):
 class InvalidRequest(RelayError, ValueError):
     """A chat request that cannot be relayed: not JSON, no messages, a field of the wrong
     type. The message says which field and why."""
+
+
+class RelayFull(RelayError):
+    """A new run was refused: the relay's runs hold ``max_total_bytes`` of events, and every
+    finished run nobody follows has already been evicted to make room.
+
+    Attributes:
+        held: bytes held when the run was refused.
+        limit: the relay's ``max_total_bytes``.
+    """
+
+    def __init__(self, held: int, limit: int | None) -> None:
+        super().__init__(
+            f"the relay holds {held} bytes of events, over its max_total_bytes of {limit}, "
+            "all in runs still running or followed; retry when some have finished"
+        )
+        self.held = held
+        self.limit = limit
 
 
 class RelayClosed(RelayError):

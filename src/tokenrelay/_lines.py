@@ -1,12 +1,14 @@
-"""Sans-IO pieces for reading model servers' streams: a line splitter with a length cap, and
-an SSE (server-sent events) parser. They take bytes and return values; the HTTP layer feeds
-them."""
+"""Sans-IO pieces for reading model servers' streams: a line splitter with a length cap, an
+SSE (server-sent events) parser, and a mender of text split inside a surrogate pair. They take
+bytes or text and return values; the HTTP layer feeds them."""
 
 from __future__ import annotations
 
+import re
+
 from ._exceptions import UpstreamProtocolError
 
-__all__ = ["LineSplitter", "SSEEvent", "SSEParser"]
+__all__ = ["LineSplitter", "SSEEvent", "SSEParser", "SurrogateJoiner", "mend_surrogates"]
 
 
 class LineSplitter:
@@ -112,3 +114,48 @@ class SSEParser:
         """The stream ended: an event still being accumulated, if any (servers that omit the
         final blank line)."""
         return self.feed_line(b"")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def mend_surrogates(text: str) -> str:
+    """``text`` with its UTF-16 surrogate pairs joined into the characters they stand for and
+    any lone surrogate replaced by U+FFFD, so that it can be encoded as UTF-8."""
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+class SurrogateJoiner:
+    """Mends text that arrives in pieces cut inside a UTF-16 surrogate pair.
+
+    JSON can escape a character outside the Basic Multilingual Plane (an emoji) as two
+    surrogates, and an upstream that splits its text between them sends ``"\\ud83d"`` in
+    one chunk and ``"\\ude00"`` in the next. Each piece alone decodes to a lone surrogate,
+    which no UTF-8 writer accepts. A high surrogate at the end of a piece is held back and
+    put in front of the next one; anything still lone becomes U+FFFD.
+    """
+
+    __slots__ = ("_high",)
+
+    def __init__(self) -> None:
+        self._high = ""
+
+    def feed(self, text: str) -> str:
+        """The next piece; returns what can be written now."""
+        if self._high:
+            text = self._high + text
+            self._high = ""
+        elif text.isascii():
+            return text
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            self._high = text[-1]
+            text = text[:-1]
+        return mend_surrogates(text)
+
+    def flush(self) -> str:
+        """The end of the text: a high surrogate still held back, as U+FFFD."""
+        held = self._high
+        self._high = ""
+        return "\ufffd" if held else ""

@@ -15,6 +15,7 @@ Everything outside this module talks to a log through :class:`RunLog` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -22,7 +23,7 @@ import trio
 from ._events import Event
 from ._exceptions import ReplayGap
 
-__all__ = ["LogReader", "MemoryRunLog", "RunLog", "event_size"]
+__all__ = ["ByteBudget", "LogReader", "MemoryRunLog", "RunLog", "event_size"]
 
 #: Events queued per reader before it is switched to catching up from the log.
 READER_BUFFER = 256
@@ -35,6 +36,24 @@ def event_size(data: str) -> int:
     """Bytes ``data`` takes as UTF-8: what ``max_bytes`` counts."""
     # str.isascii() is O(1) in CPython: the common case costs no encoding.
     return len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+
+
+class ByteBudget:
+    """The bytes of event data held by every log of one relay, against an optional cap.
+    Logs add and subtract as they append, trim and are released; past ``cap``, each append
+    calls ``over()`` (the relay then evicts finished runs nobody follows)."""
+
+    __slots__ = ("cap", "held", "over")
+
+    def __init__(self, cap: int | None = None, over: Callable[[], object] = lambda: None) -> None:
+        self.cap = cap
+        self.held = 0
+        self.over = over
+
+    @property
+    def exceeded(self) -> bool:
+        """Whether the logs hold ``cap`` bytes or more."""
+        return self.cap is not None and self.held >= self.cap
 
 
 class LogReader(trio.abc.ReceiveChannel[Event]):
@@ -50,6 +69,10 @@ class LogReader(trio.abc.ReceiveChannel[Event]):
         """Wait for at least one event, then return every event that is ready (up to
         ``max_events``), in order. Raises :exc:`trio.EndOfChannel` at the end of the log
         and :exc:`ReplayGap` if events it needs were dropped."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop following the log, without waiting (``aclose`` is this and a checkpoint)."""
         raise NotImplementedError
 
 
@@ -85,6 +108,11 @@ class RunLog(Protocol):
         """No more events: readers end once they have read everything."""
         ...
 
+    def release(self) -> None:
+        """The run was evicted: drop every event held (a later read raises
+        :exc:`ReplayGap`)."""
+        ...
+
     def held(self) -> list[Event]:
         """Every event still held, oldest first."""
         ...
@@ -98,10 +126,12 @@ class RunLog(Protocol):
 class MemoryRunLog:
     """An in-memory :class:`RunLog`, bounded by ``max_events`` and ``max_bytes``: once over
     either cap, the oldest events are dropped (an event larger than ``max_bytes`` on its own
-    is delivered to live readers but not held)."""
+    is delivered to live readers but not held). ``budget``, if given, is the relay-wide count
+    of bytes held that this log adds to."""
 
     __slots__ = (
         "__weakref__",
+        "_budget",
         "_closed",
         "_data",
         "_first",
@@ -116,9 +146,15 @@ class MemoryRunLog:
     )
 
     def __init__(
-        self, run_id: str, *, max_events: int | None = None, max_bytes: int | None = None
+        self,
+        run_id: str,
+        *,
+        max_events: int | None = None,
+        max_bytes: int | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.run_id = run_id
+        self._budget = budget
         self._max_events = max_events
         self._max_bytes = max_bytes
         # _data[_head:] holds the data of seqs _first, _first + 1, ...; dropping from the front
@@ -154,7 +190,11 @@ class MemoryRunLog:
         event = Event(self._next, data, self.run_id)
         self._next += 1
         self._data.append(data)
-        self._nbytes += event_size(data)
+        size = event_size(data)
+        self._nbytes += size
+        budget = self._budget
+        if budget is not None:
+            budget.held += size
         if (self._max_events is not None and self._next - self._first > self._max_events) or (
             self._max_bytes is not None and self._nbytes > self._max_bytes
         ):
@@ -170,23 +210,37 @@ class MemoryRunLog:
             for reader in lagging:
                 self._live.discard(reader)
                 reader._live = False
+        if budget is not None and budget.cap is not None and budget.held > budget.cap:
+            budget.over()
         return event
 
     def _trim(self) -> None:
         max_events = self._max_events
         max_bytes = self._max_bytes
         data = self._data
+        dropped = 0
         while self._first < self._next and (
             (max_events is not None and self._next - self._first > max_events)
-            or (max_bytes is not None and self._nbytes > max_bytes)
+            or (max_bytes is not None and self._nbytes - dropped > max_bytes)
         ):
-            self._nbytes -= event_size(data[self._head])
+            dropped += event_size(data[self._head])
             data[self._head] = ""  # free it now, not at the next compaction
             self._head += 1
             self._first += 1
+        self._nbytes -= dropped
+        if self._budget is not None:
+            self._budget.held -= dropped
         if self._head > 64 and self._head * 2 > len(data):
             del data[: self._head]
             self._head = 0
+
+    def release(self) -> None:
+        if self._budget is not None:
+            self._budget.held -= self._nbytes
+        self._nbytes = 0
+        self._data = []
+        self._head = 0
+        self._first = self._next
 
     def read(self, start: int, limit: int) -> list[Event]:
         """Held events from ``start`` on, at most ``limit`` of them."""
@@ -290,10 +344,13 @@ class _MemoryReader(LogReader):
     async def receive(self) -> Event:
         return (await self.receive_batch(1))[0]
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         log = self._log
         log._live.discard(self)
         log._readers.discard(self)
         self._live = False
         self._recv.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()

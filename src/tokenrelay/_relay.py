@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,9 +30,9 @@ from typing import Any, Literal, get_args
 import trio
 
 from ._events import Event, RunStatus
-from ._exceptions import RelayClosed, SessionBusy, UnknownSession, UpstreamError
+from ._exceptions import RelayClosed, RelayFull, SessionBusy, UnknownSession, UpstreamError
 from ._lifecycle import lifecycle, logger
-from ._log import MAX_BATCH, LogReader, MemoryRunLog, RunLog
+from ._log import MAX_BATCH, ByteBudget, LogReader, MemoryRunLog, RunLog
 from ._reaper import Reaper
 
 __all__ = [
@@ -189,7 +190,8 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
     opened with, then live ones, in order, with no gap and no duplicate. Iteration ends when the
     run is over; read ``sub.run.status`` / ``sub.run.reason`` to tell how it ended.
 
-    While it is open, the run is not evicted. Close it (``async with``) when done.
+    From entering (``async with``) until it is closed, the run is held: it is not evicted.
+    A subscription made but never entered holds nothing.
 
     Attributes:
         run: the run followed.
@@ -198,9 +200,18 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
     def __init__(self, run: Run, reader: LogReader) -> None:
         self.run = run
         self._reader = reader
+        self._holding = False
         self._closed = False
-        run._subscribers += 1
-        run._evict_at = None
+
+    async def __aenter__(self) -> Subscription:
+        if self._closed:
+            raise trio.ClosedResourceError("this subscription was closed")
+        if not self._holding:
+            self._holding = True
+            self.run._subscribers += 1
+            self.run._relay._hold(self.run)
+        await trio.lowlevel.checkpoint()
+        return self
 
     @property
     def last_seq(self) -> int:
@@ -223,16 +234,25 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
             raise trio.ClosedResourceError("this subscription was closed")
         return await self._reader.receive_batch(max_events)
 
-    async def aclose(self) -> None:
-        """Stop following the run. If this was its last subscriber and the run is over, its
-        eviction clock starts."""
-        if not self._closed:
-            self._closed = True
+    def close(self) -> None:
+        """:meth:`aclose` without waiting: stop following the run at once. A task blocked in
+        :meth:`receive` is not woken; its next call raises :exc:`trio.ClosedResourceError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reader.close()
+        if self._holding:
+            self._holding = False
             run = self.run
             run._subscribers -= 1
             if run._subscribers == 0:
                 run._relay._arm_eviction(run)
-        await self._reader.aclose()
+
+    async def aclose(self) -> None:
+        """Stop following the run. If this was its last subscriber and the run is over, its
+        eviction clock starts."""
+        self.close()
+        await trio.lowlevel.checkpoint()
 
 
 class _Session:
@@ -260,7 +280,7 @@ class RelayStatistics:
     runs_retained: int
     #: Open subscriptions on held runs.
     subscribers: int
-    #: Bytes of event data held by held runs.
+    #: Bytes of event data held by every run (what ``max_total_bytes`` caps).
     bytes_held: int
 
 
@@ -277,12 +297,17 @@ class Relay:
         grace: float = 180.0,
         max_events: int | None = None,
         max_bytes: int | None = None,
+        max_total_bytes: int | None = None,
         on_busy: OnBusy = "supersede",
         finish_timeout: float = 5.0,
     ) -> None:
         if not grace >= 0:
             raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
-        for name, cap in (("max_events", max_events), ("max_bytes", max_bytes)):
+        for name, cap in (
+            ("max_events", max_events),
+            ("max_bytes", max_bytes),
+            ("max_total_bytes", max_total_bytes),
+        ):
             if cap is not None and (not isinstance(cap, int) or cap < 1):
                 raise ValueError(f"{name} must be a positive int or None, not {cap!r}")
         if not finish_timeout > 0:
@@ -290,13 +315,18 @@ class Relay:
         self.grace = grace
         self.max_events = max_events
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
         self.on_busy: OnBusy = _check_on_busy(on_busy)
         self.finish_timeout = finish_timeout
         self._sessions: dict[str, _Session] = {}
-        self._reaper: Reaper[tuple[str, str]] = Reaper(self._evict)
+        self._reaper: Reaper[weakref.ref[Run]] = Reaper(self._evict)
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._in_progress = 0
+        self._budget = ByteBudget(max_total_bytes, self._shed)
+        #: Finished runs nobody follows, in the order their grace periods began: what
+        #: :meth:`_shed` evicts first.
+        self._unwatched: dict[Run, None] = {}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -397,6 +427,10 @@ class Relay:
         """
         policy = self.on_busy if on_busy is None else _check_on_busy(on_busy)
         self._check_open()
+        if self._budget.exceeded:
+            self._shed()
+            if self._budget.exceeded:
+                raise RelayFull(self._budget.held, self.max_total_bytes)
         called_at = trio.current_time()
         session = self._sessions.get(session_id)
         if session is None:
@@ -412,7 +446,9 @@ class Relay:
                 for waiting in session.queue:
                     waiting.cancel("superseded")
         run_id = secrets.token_urlsafe(16)
-        log = MemoryRunLog(run_id, max_events=self.max_events, max_bytes=self.max_bytes)
+        log = MemoryRunLog(
+            run_id, max_events=self.max_events, max_bytes=self.max_bytes, budget=self._budget
+        )
         run = Run(self, session_id, log, run_id, on_finish)
         session.queue.append(run)
         self._in_progress += 1
@@ -442,7 +478,9 @@ class Relay:
             return run
         assert self._nursery is not None
         run.started_at = trio.current_time()
-        session.latest = run
+        previous, session.latest = session.latest, run
+        if previous is not None and not previous._subscribers:
+            self._evict_run(previous, "replaced")  # nobody can reach it any more
         lifecycle("stream_start", run=run.id, session=session_id)
         self._nursery.start_soon(self._drive, run, session, produce, name=f"tokenrelay {run.id}")
         return run
@@ -524,27 +562,46 @@ class Relay:
     # -- eviction -----------------------------------------------------------------------------
 
     def _arm_eviction(self, run: Run) -> None:
-        """Start the grace period of a finished run that nobody follows."""
+        """Start the grace period of a finished run that nobody follows (or evict it now, if
+        a later run of its session has replaced it)."""
         if run._subscribers or not run._finished.is_set():
             return
+        session = self._sessions.get(run.session_id)
+        if session is None or session.latest is not run:
+            self._evict_run(run, "replaced")
+            return
         run._evict_at = trio.current_time() + self.grace
-        self._reaper.arm(run._evict_at, (run.session_id, run.id))
+        self._unwatched.pop(run, None)
+        self._unwatched[run] = None
+        # By weak reference: a run evicted sooner (to free memory) is freed at once.
+        self._reaper.arm(run._evict_at, weakref.ref(run))
 
-    def _evict(self, key: tuple[str, str]) -> None:
-        session_id, run_id = key
-        session = self._sessions.get(session_id)
-        run = session.latest if session is not None else None
-        if (
-            session is None
-            or run is None
-            or run.id != run_id
-            or run._evict_at is None
-            or run._evict_at > trio.current_time()
-        ):
-            return  # re-armed, subscribed to, or replaced since: a stale entry
-        session.latest = None
-        self._forget_if_idle(session)
-        lifecycle("run_evicted", logging.DEBUG, run=run.id, session=session_id)
+    def _hold(self, run: Run) -> None:
+        """A subscriber holds ``run``: stop its grace period."""
+        run._evict_at = None
+        self._unwatched.pop(run, None)
+
+    def _evict(self, ref: weakref.ref[Run]) -> None:
+        run = ref()
+        if run is None or run._evict_at is None or run._evict_at > trio.current_time():
+            return  # subscribed to, re-armed or evicted since: a stale entry
+        self._evict_run(run, "grace")
+
+    def _evict_run(self, run: Run, why: str) -> None:
+        self._unwatched.pop(run, None)
+        run._evict_at = None
+        run._log.release()
+        session = self._sessions.get(run.session_id)
+        if session is not None and session.latest is run:
+            session.latest = None
+            self._forget_if_idle(session)
+        lifecycle("run_evicted", logging.DEBUG, run=run.id, session=run.session_id, reason=why)
+
+    def _shed(self) -> None:
+        """Over ``max_total_bytes``: evict finished runs nobody follows, oldest first, until
+        the relay is back under it (or none is left)."""
+        while self._budget.exceeded and self._unwatched:
+            self._evict_run(next(iter(self._unwatched)), "memory")
 
     # -- looking -----------------------------------------------------------------------------
 
@@ -590,7 +647,7 @@ class Relay:
     def statistics(self) -> RelayStatistics:
         """Counts of what the relay holds now (walks every session: for metrics scrapes,
         not for hot paths)."""
-        running = waiting = retained = subscribers = nbytes = 0
+        running = waiting = retained = subscribers = 0
         for session in self._sessions.values():
             for run in session.queue:
                 if run.started_at is None:
@@ -601,14 +658,13 @@ class Relay:
             if latest is not None:
                 retained += latest.finished_at is not None
                 subscribers += latest._subscribers
-                nbytes += latest.bytes_held
         return RelayStatistics(
             sessions=len(self._sessions),
             runs_running=running,
             runs_waiting=waiting,
             runs_retained=retained,
             subscribers=subscribers,
-            bytes_held=nbytes,
+            bytes_held=self._budget.held,
         )
 
 
@@ -626,6 +682,7 @@ async def start_relay(
     grace: float = 180.0,
     max_events: int | None = None,
     max_bytes: int | None = None,
+    max_total_bytes: int | None = None,
     on_busy: OnBusy = "supersede",
     finish_timeout: float = 5.0,
 ) -> Relay:
@@ -636,6 +693,7 @@ async def start_relay(
         grace=grace,
         max_events=max_events,
         max_bytes=max_bytes,
+        max_total_bytes=max_total_bytes,
         on_busy=on_busy,
         finish_timeout=finish_timeout,
     )
@@ -649,6 +707,7 @@ async def open_relay(
     grace: float = 180.0,
     max_events: int | None = None,
     max_bytes: int | None = None,
+    max_total_bytes: int | None = None,
     on_busy: OnBusy = "supersede",
     finish_timeout: float = 5.0,
 ) -> AsyncIterator[Relay]:
@@ -677,6 +736,7 @@ async def open_relay(
             grace=grace,
             max_events=max_events,
             max_bytes=max_bytes,
+            max_total_bytes=max_total_bytes,
             on_busy=on_busy,
             finish_timeout=finish_timeout,
         )

@@ -17,6 +17,7 @@ from typing import Any
 from ._chat import Usage
 from ._events import Event, RunStatus
 from ._http_errors import run_error
+from ._lines import mend_surrogates
 from ._relay import Run
 
 __all__ = [
@@ -117,7 +118,11 @@ class ChunkRenderer:
                 extra = {"usage": final["usage"]} if "usage" in final else {}
                 payload = self._chunk({}, final["finish_reason"], **extra)
             parts.append(f"id: {event.seq}\ndata: {payload}\n\n")
-        return "".join(parts).encode()
+        blob = "".join(parts)
+        try:
+            return blob.encode()
+        except UnicodeEncodeError:  # a producer emitted a lone surrogate: never fail a stream
+            return mend_surrogates(blob).encode()
 
     def ending(self, run: Run, *, finished: bool) -> bytes:
         """What follows the last event: nothing more for a finished answer; for a stopped

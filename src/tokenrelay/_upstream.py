@@ -33,8 +33,8 @@ from ._exceptions import (
     UpstreamStatusError,
 )
 from ._guard import ClosableAsyncIterator
-from ._lines import LineSplitter
-from ._transport import relay_transport
+from ._lines import LineSplitter, SurrogateJoiner
+from ._transport import use_lean_backend
 
 __all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "HTTPUpstream", "Upstream", "http_client"]
 
@@ -85,18 +85,24 @@ def http_client(*, max_connections: int = 100, connect_timeout: float = 10.0) ->
 
     There is deliberately no read timeout (a model may prefill for minutes): the guard's
     first-token and token timeouts bound every wait, and they count real tokens only, where a
-    read timeout would be reset by every keep-alive.
+    read timeout would be reset by every keep-alive. Proxies are honoured as httpx2 honours
+    them: ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``.
     """
     limits = httpx2.Limits(
         max_connections=max_connections,
         max_keepalive_connections=max_connections,
         keepalive_expiry=30.0,
     )
-    return httpx2.AsyncClient(
-        transport=relay_transport(limits),
+    # No ``transport=``: that would make httpx2 ignore the proxy settings in the environment.
+    # httpx2 routes each request as a plain client would, and only its direct connections get
+    # the lean backend.
+    client = httpx2.AsyncClient(
+        limits=limits,
         timeout=httpx2.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
         follow_redirects=False,
     )
+    use_lean_backend(client)
+    return client
 
 
 class HTTPUpstream:
@@ -127,7 +133,9 @@ class HTTPUpstream:
         self._url = httpx2.URL(f"{self.base_url}{self.path}")
 
     def __str__(self) -> str:
-        return f"{self.name} at {self.base_url}"
+        """The adapter and its server's host and port: what logs and error messages show.
+        Never the URL's path, query or credentials."""
+        return f"{self.name} at {_host_and_port(self._url)}"
 
     def payload(self, request: ChatRequest) -> dict[str, Any]:
         """The request body for ``request``, in the upstream's dialect."""
@@ -176,6 +184,7 @@ class HTTPDeltaStream:
         self._upstream = upstream
         self._content_type = content_type
         self._splitter = LineSplitter(max_line)
+        self._text = SurrogateJoiner()
         self._stack = AsyncExitStack()
         self._chunks: AsyncGenerator[bytes, None] | None = None
         self._pending: deque[Delta] = deque()
@@ -216,7 +225,11 @@ class HTTPDeltaStream:
             self._ended = ended
             self._done = ended or decoder.finished
         self._deltas += 1
-        return self._pending.popleft()
+        delta = self._pending.popleft()
+        text = self._text.feed(delta.text)
+        if delta.finish_reason is not None:
+            text += self._text.flush()
+        return delta if text is delta.text else delta._replace(text=text)
 
     async def open(self) -> None:
         """Send the request and wait for the response headers (what the first ``__anext__``
@@ -233,11 +246,10 @@ class HTTPDeltaStream:
                 self._client.stream("POST", self._url, json=self._payload, headers=self._headers)
             )
         except httpx2.ConnectError as exc:
-            raise UpstreamConnectError(_connect_message(self._upstream, self._url, exc)) from exc
+            raise UpstreamConnectError(_connect_message(self._upstream, exc)) from exc
         except httpx2.TimeoutException as exc:
             raise UpstreamConnectError(
-                f"could not connect to {self._upstream} at {self._url}: {_describe(exc)}",
-                timed_out=True,
+                f"could not connect to {self._upstream}: {_describe(exc)}", timed_out=True
             ) from exc
         except httpx2.TransportError as exc:
             raise UpstreamDisconnected(
@@ -339,14 +351,18 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _connect_message(upstream: str, url: httpx2.URL, exc: BaseException) -> str:
-    host = url.host
+def _host_and_port(url: httpx2.URL) -> str:
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return host if url.port is None else f"{host}:{url.port}"
+
+
+def _connect_message(upstream: str, exc: BaseException) -> str:
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, socket.gaierror):
-            return f"could not resolve {upstream}'s host name {host!r}: {cause.strerror or cause}"
+            return f"could not resolve the host name of {upstream}: {cause.strerror or cause}"
         cause = cause.__cause__ or cause.__context__
-    return f"could not connect to {upstream} at {url}: {_describe(exc)}"
+    return f"could not connect to {upstream}: {_describe(exc)}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ from tokenrelay import (
     UpstreamReportedError,
     Usage,
 )
-from tokenrelay._lines import LineSplitter, SSEParser
+from tokenrelay._lines import LineSplitter, SSEParser, SurrogateJoiner
 from tokenrelay._ollama import OllamaDecoder
 from tokenrelay._openai import OpenAIDecoder
 
@@ -134,3 +134,22 @@ def test_openai_stream_ending_unfinished() -> None:
 def test_openai_bad_events(event: str, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         sse(OpenAIDecoder(), event + "\n\n")
+
+
+@pytest.mark.parametrize(
+    ("pieces", "text"),
+    [
+        (["Hi ", "\ud83d", "\ude00", "!"], "Hi \U0001f600!"),  # a pair split across pieces
+        (["\ud83d\ude00"], "\U0001f600"),  # a pair in one piece, as two code points
+        (["a\ud83d", "b"], "a\ufffdb"),  # a high surrogate with no low one after it
+        (["a\ude00b"], "a\ufffdb"),  # a lone low surrogate
+        (["\ud83d"], "\ufffd"),  # the text ends on a high surrogate
+        (["plain ", "ascii"], "plain ascii"),
+        (["é", "\U0001f600"], "é\U0001f600"),
+    ],
+)
+def test_text_split_inside_a_surrogate_pair_is_mended(pieces: list[str], text: str) -> None:
+    joiner = SurrogateJoiner()
+    out = "".join(joiner.feed(piece) for piece in pieces) + joiner.flush()
+    assert out == text
+    out.encode("utf-8")  # always encodable

@@ -17,8 +17,8 @@ from hypercorn.config import Config
 from quart_trio import QuartTrio
 
 import tokenrelay
-from tokenrelay._lines import LineSplitter, SSEEvent, SSEParser
 from tokenrelay.testing import FakeModelServer
+from tokenrelay.upstreams._lines import LineSplitter, SSEEvent, SSEParser
 
 
 @dataclass

@@ -15,8 +15,8 @@ import trio
 
 from _helpers import bounded
 from _server_helpers import RawHTTP, SSEReader, chat, last_chunk
-from tokenrelay._cli import main
-from tokenrelay._server import is_loopback
+from tokenrelay.server._app import is_loopback
+from tokenrelay.server.cli import main
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 
@@ -102,7 +102,7 @@ def test_refuses_a_public_address_without_keys(capsys: pytest.CaptureFixture[str
 
 
 def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tokenrelay._cli import _config, _parser
+    from tokenrelay.server.cli import _config, _parser
 
     monkeypatch.setenv("TOKENRELAY_PORT", "9999")
     monkeypatch.setenv("TOKENRELAY_TOKEN_TIMEOUT", "none")

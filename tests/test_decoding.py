@@ -11,9 +11,9 @@ from tokenrelay import (
     UpstreamReportedError,
     Usage,
 )
-from tokenrelay._lines import LineSplitter, SSEParser, SurrogateJoiner
-from tokenrelay._ollama import OllamaDecoder
-from tokenrelay._openai import OpenAIDecoder
+from tokenrelay.upstreams._lines import LineSplitter, SSEParser, SurrogateJoiner
+from tokenrelay.upstreams._ollama import OllamaDecoder
+from tokenrelay.upstreams._openai import OpenAIDecoder
 
 
 def test_lines_end_in_lf_crlf_or_cr_even_when_split_across_chunks() -> None:

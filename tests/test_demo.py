@@ -5,7 +5,7 @@ from trio.testing import MockClock
 
 import tokenrelay
 from tokenrelay import ChatRequest, DemoUpstream, RunStatus
-from tokenrelay._demo import demo_answer
+from tokenrelay.upstreams._demo import demo_answer
 
 
 def ask(text: str, **fields: object) -> ChatRequest:

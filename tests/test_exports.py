@@ -8,10 +8,14 @@ import types
 import pytest
 
 import tokenrelay
+import tokenrelay.server
 import tokenrelay.testing
+import tokenrelay.upstreams
+
+PACKAGES = [tokenrelay, tokenrelay.testing, tokenrelay.upstreams, tokenrelay.server]
 
 
-@pytest.mark.parametrize("module", [tokenrelay, tokenrelay.testing])
+@pytest.mark.parametrize("module", PACKAGES)
 def test_all_is_complete_and_importable(module: types.ModuleType) -> None:
     for name in module.__all__:
         getattr(module, name)  # the server's names are imported on first use
@@ -23,7 +27,7 @@ def test_all_is_complete_and_importable(module: types.ModuleType) -> None:
     assert set(module.__all__) == public
 
 
-@pytest.mark.parametrize("module", [tokenrelay, tokenrelay.testing])
+@pytest.mark.parametrize("module", PACKAGES)
 def test_public_api_has_docstrings(module: types.ModuleType) -> None:
     missing = []
     for name in module.__all__:
@@ -50,15 +54,21 @@ def test_public_names_live_in_the_package() -> None:
             assert value.__module__.startswith("tokenrelay")
 
 
-def test_the_library_alone_loads_no_server_code() -> None:
-    """``import tokenrelay`` in a program that uses only the library loads no web framework:
-    the server's names are imported on first use."""
+CORE = ["_events", "_exceptions", "_guard", "_lifecycle", "_log", "_reaper", "_relay"]
+
+
+def test_the_core_imports_nothing_from_upstreams_or_the_server() -> None:
+    """The core (runs, guard, logs) stands alone: importing it, in a fresh interpreter, loads
+    neither ``tokenrelay.upstreams`` nor ``tokenrelay.server``, nor what they are built on."""
     code = (
-        "import sys, tokenrelay\n"
-        "loaded = sorted({m.partition('.')[0] for m in sys.modules}"
-        " & {'quart', 'quart_trio', 'hypercorn', 'werkzeug', 'prometheus_client'})\n"
+        "import sys\n"
+        + "".join(f"import tokenrelay.{module}\n" for module in CORE)
+        + "loaded = sorted(m for m in sys.modules if m.partition('.')[0] in {'quart', "
+        "'quart_trio', 'hypercorn', 'werkzeug', 'prometheus_client', 'httpx2', 'httpcore2'} "
+        "or m.startswith(('tokenrelay.upstreams', 'tokenrelay.server')))\n"
         "assert not loaded, loaded\n"
-        "tokenrelay.ServerConfig\n"
-        "assert 'quart' in sys.modules\n"
+        "import tokenrelay\n"
+        "tokenrelay.ChatRequest, tokenrelay.ServerConfig  # loaded on first use\n"
+        "assert 'tokenrelay.upstreams' in sys.modules and 'quart' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

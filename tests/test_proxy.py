@@ -16,8 +16,8 @@ import trio
 import tokenrelay
 from _helpers import bounded
 from tokenrelay import ChatRequest
-from tokenrelay._transport import _LeanStream
 from tokenrelay.testing import FakeModelServer
+from tokenrelay.upstreams._transport import _LeanStream
 
 #: Everything urllib (and so httpx2) reads proxies from, in both cases. REQUEST_METHOD makes
 #: it ignore HTTP_PROXY (a CGI precaution).

@@ -17,9 +17,9 @@ import trio
 import trustme
 
 import tokenrelay
-import tokenrelay._transport
+import tokenrelay.upstreams._transport
 from _helpers import bounded
-from tokenrelay._transport import LeanTrioBackend, _LeanStream, use_lean_backend
+from tokenrelay.upstreams._transport import LeanTrioBackend, _LeanStream, use_lean_backend
 
 HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -73,7 +73,7 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
     # down the dead connection and fail it.
     if poll != "select.poll":
         # The transport's view of the select module, as on Windows (trio's stays as it is).
-        monkeypatch.setattr(tokenrelay._transport, "select", types.ModuleType("select"))
+        monkeypatch.setattr(tokenrelay.upstreams._transport, "select", types.ModuleType("select"))
     connections = 0
     hang_up = trio.Event()
 

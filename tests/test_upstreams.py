@@ -378,7 +378,7 @@ async def test_a_stopped_answer_closes_its_connection(
 
 
 def test_a_connect_timeout_is_a_504_and_a_refusal_a_502() -> None:
-    from tokenrelay._http_errors import run_error
+    from tokenrelay.server._errors import run_error
 
     run = tokenrelay.Run.__new__(tokenrelay.Run)
     run.reason = "upstream_error"

@@ -1,16 +1,13 @@
 """tokenrelay: make LLM token streams behave.
 
-A trio library (and, later, a server) between chat clients and model servers: stop really
+A trio library and server between chat clients and model servers: stop really
 stops the model, a new prompt supersedes the old one without ever running two, a run
 survives its client leaving and can be resumed, timeouts fire exactly, nothing leaks.
 """
 
+import importlib
 import typing
 
-from ._chat import ChatRequest as ChatRequest
-from ._chat import Delta as Delta
-from ._chat import Usage as Usage
-from ._demo import DemoUpstream as DemoUpstream
 from ._events import Event as Event
 from ._events import RunStatus as RunStatus
 from ._exceptions import FirstTokenTimeout as FirstTokenTimeout
@@ -33,8 +30,6 @@ from ._exceptions import UpstreamTimeout as UpstreamTimeout
 from ._guard import ClosableAsyncIterator as ClosableAsyncIterator
 from ._guard import GuardedStream as GuardedStream
 from ._guard import guard as guard
-from ._ollama import OllamaUpstream as OllamaUpstream
-from ._openai import OpenAIUpstream as OpenAIUpstream
 from ._relay import Emit as Emit
 from ._relay import OnBusy as OnBusy
 from ._relay import OnFinish as OnFinish
@@ -45,33 +40,56 @@ from ._relay import Run as Run
 from ._relay import Subscription as Subscription
 from ._relay import open_relay as open_relay
 from ._relay import start_relay as start_relay
-from ._spec import UpstreamSpec as UpstreamSpec
-from ._spec import open_upstream as open_upstream
-from ._spec import parse_upstream as parse_upstream
-from ._upstream import Upstream as Upstream
-from ._upstream import http_client as http_client
 
 __version__ = "0.1.0.dev0"
 
 if typing.TYPE_CHECKING:
-    from ._server import RelayService as RelayService
-    from ._server import ServerConfig as ServerConfig
-    from ._server import create_app as create_app
-    from ._server import relay_blueprint as relay_blueprint
+    from .server import RelayService as RelayService
+    from .server import ServerConfig as ServerConfig
+    from .server import create_app as create_app
+    from .server import relay_blueprint as relay_blueprint
+    from .upstreams import ChatRequest as ChatRequest
+    from .upstreams import Delta as Delta
+    from .upstreams import DemoUpstream as DemoUpstream
+    from .upstreams import OllamaUpstream as OllamaUpstream
+    from .upstreams import OpenAIUpstream as OpenAIUpstream
+    from .upstreams import Upstream as Upstream
+    from .upstreams import UpstreamSpec as UpstreamSpec
+    from .upstreams import Usage as Usage
+    from .upstreams import http_client as http_client
+    from .upstreams import open_upstream as open_upstream
+    from .upstreams import parse_upstream as parse_upstream
 
-#: The server's names, imported on first use: a program that only uses the library never
-#: loads quart, hypercorn or prometheus_client.
-_SERVER_NAMES = frozenset({"RelayService", "ServerConfig", "create_app", "relay_blueprint"})
+#: Names from the packages beside the core, imported on first use: a program that only uses
+#: the core never loads httpx2, quart, hypercorn or prometheus_client.
+_LAZY = {
+    **dict.fromkeys(("RelayService", "ServerConfig", "create_app", "relay_blueprint"), "server"),
+    **dict.fromkeys(
+        (
+            "ChatRequest",
+            "Delta",
+            "DemoUpstream",
+            "OllamaUpstream",
+            "OpenAIUpstream",
+            "Upstream",
+            "UpstreamSpec",
+            "Usage",
+            "http_client",
+            "open_upstream",
+            "parse_upstream",
+        ),
+        "upstreams",
+    ),
+}
 
 
 def __getattr__(name: str) -> typing.Any:
-    if name in _SERVER_NAMES:
-        from . import _server
-
-        value = getattr(_server, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tokenrelay' has no attribute {name!r}")
+    package = _LAZY.get(name)
+    if package is None:
+        raise AttributeError(f"module 'tokenrelay' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{package}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [

@@ -30,10 +30,8 @@ from quart import Blueprint, Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ._asgi import close_connections
-from ._chat import ChatRequest, Delta
-from ._events import Event, RunStatus
-from ._exceptions import (
+from .._events import Event, RunStatus
+from .._exceptions import (
     InvalidRequest,
     RelayClosed,
     RelayFull,
@@ -41,12 +39,10 @@ from ._exceptions import (
     SessionBusy,
     UpstreamRateLimited,
 )
-from ._guard import ClosableAsyncIterator, guard
-from ._http_errors import error_body, run_error
-from ._lifecycle import lifecycle
-from ._metrics import Metrics
-from ._reaper import Reaper
-from ._relay import (
+from .._guard import ClosableAsyncIterator, guard
+from .._lifecycle import lifecycle
+from .._reaper import Reaper
+from .._relay import (
     Emit,
     OnBusy,
     Produce,
@@ -56,7 +52,12 @@ from ._relay import (
     Subscription,
     start_relay,
 )
-from ._spec import open_upstream, parse_upstream
+from ..upstreams._chat import ChatRequest, Delta
+from ..upstreams._http import Upstream
+from ..upstreams._spec import open_upstream, parse_upstream
+from ._asgi import close_connections
+from ._errors import error_body, run_error
+from ._metrics import Metrics
 from ._sse import (
     DONE,
     ChunkRenderer,
@@ -68,7 +69,6 @@ from ._sse import (
     sse_error,
     sse_retry,
 )
-from ._upstream import Upstream
 
 __all__ = ["RelayService", "ServerConfig", "create_app", "relay_blueprint"]
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import httpx2
 
+from .._exceptions import UpstreamDisconnected, UpstreamProtocolError, UpstreamReportedError
 from ._chat import ChatRequest, Delta, Usage
-from ._exceptions import UpstreamDisconnected, UpstreamProtocolError, UpstreamReportedError
+from ._http import MAX_LINE, HTTPUpstream, error_text
 from ._lines import SSEParser
-from ._upstream import MAX_LINE, HTTPUpstream, error_text
 
 __all__ = ["OpenAIDecoder", "OpenAIUpstream"]
 

@@ -24,15 +24,15 @@ from typing import Any, ClassVar, Protocol
 import httpx2
 import trio
 
-from ._chat import ChatRequest, Delta
-from ._exceptions import (
+from .._exceptions import (
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamStatusError,
 )
-from ._guard import ClosableAsyncIterator
+from .._guard import ClosableAsyncIterator
+from ._chat import ChatRequest, Delta
 from ._lines import LineSplitter, SurrogateJoiner
 from ._transport import use_lean_backend
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from ._exceptions import UpstreamProtocolError
+from .._exceptions import UpstreamProtocolError
 
 __all__ = ["LineSplitter", "SSEEvent", "SSEParser", "SurrogateJoiner", "mend_surrogates"]
 

@@ -7,14 +7,14 @@ from typing import Any
 
 import httpx2
 
-from ._chat import ChatRequest, Delta, Usage, message_text
-from ._exceptions import (
+from .._exceptions import (
     InvalidRequest,
     UpstreamDisconnected,
     UpstreamProtocolError,
     UpstreamReportedError,
 )
-from ._upstream import MAX_LINE, HTTPUpstream
+from ._chat import ChatRequest, Delta, Usage, message_text
+from ._http import MAX_LINE, HTTPUpstream
 
 __all__ = ["OllamaDecoder", "OllamaUpstream"]
 

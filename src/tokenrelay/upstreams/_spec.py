@@ -10,9 +10,9 @@ from typing import Literal, NamedTuple
 import httpx2
 
 from ._demo import DemoUpstream
+from ._http import Upstream, http_client
 from ._ollama import OllamaUpstream
 from ._openai import OpenAIUpstream
-from ._upstream import Upstream, http_client
 
 __all__ = ["UpstreamSpec", "open_upstream", "parse_upstream"]
 

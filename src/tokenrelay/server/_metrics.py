@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ._relay import RelayStatistics, Run
+from .._relay import RelayStatistics, Run
 
 __all__ = ["Metrics"]
 

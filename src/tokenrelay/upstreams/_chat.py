@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ._exceptions import InvalidRequest
+from .._exceptions import InvalidRequest
 
 __all__ = ["ChatRequest", "Delta", "Usage"]
 

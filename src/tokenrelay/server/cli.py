@@ -16,7 +16,7 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from ._server import ServerConfig, create_app
+from ._app import ServerConfig, create_app
 
 __all__ = ["main", "serve"]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._exceptions import (
+from .._exceptions import (
     UpstreamConnectError,
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from ._relay import Run
+from .._relay import Run
 
 __all__ = ["error_body", "run_error"]
 

@@ -14,11 +14,11 @@ import json
 import random
 from typing import Any
 
-from ._chat import Usage
-from ._events import Event, RunStatus
-from ._http_errors import run_error
-from ._lines import mend_surrogates
-from ._relay import Run
+from .._events import Event, RunStatus
+from .._relay import Run
+from ..upstreams._chat import Usage
+from ..upstreams._lines import mend_surrogates
+from ._errors import run_error
 
 __all__ = [
     "DONE",

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 import tokenrelay
+import tokenrelay.stores._memory
 from tokenrelay import Emit, Event, ReplayGap, Run, RunStatus, SessionBusy, UnknownSession
 from tokenrelay.testing import ScriptedUpstream, capture_lifecycle
 
@@ -214,7 +215,7 @@ def test_relay_invariants(
 ) -> None:
     # A tiny reader buffer, so that readers fall behind, detach, catch up from the log and
     # (with max_events) hit replay gaps under random interleavings.
-    with capture_lifecycle() as log, patch.object(tokenrelay._log, "READER_BUFFER", 2):
+    with capture_lifecycle() as log, patch.object(tokenrelay.stores._memory, "READER_BUFFER", 2):
         world = trio.run(play, ops, max_events, grace, clock=MockClock(autojump_threshold=0))
 
     for run in world.returned:

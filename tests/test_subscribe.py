@@ -7,7 +7,7 @@ from trio.testing import MockClock
 import tokenrelay
 from _helpers import piped, read_all
 from tokenrelay import Emit, Event, ReplayGap, RunStatus, UnknownSession
-from tokenrelay._log import READER_BUFFER
+from tokenrelay.stores._memory import READER_BUFFER
 from tokenrelay.testing import ScriptedUpstream
 
 TOKENS = [f"t{i}" for i in range(10)]

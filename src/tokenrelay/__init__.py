@@ -30,11 +30,17 @@ from ._exceptions import UpstreamTimeout as UpstreamTimeout
 from ._guard import ClosableAsyncIterator as ClosableAsyncIterator
 from ._guard import GuardedStream as GuardedStream
 from ._guard import guard as guard
+from ._log import ByteBudget as ByteBudget
+from ._log import LogReader as LogReader
+from ._log import RunLog as RunLog
+from ._log import Store as Store
 from ._relay import Emit as Emit
 from ._relay import OnBusy as OnBusy
 from ._relay import OnFinish as OnFinish
 from ._relay import Produce as Produce
 from ._relay import Relay as Relay
+from ._relay import RelayConfig as RelayConfig
+from ._relay import RelaySettings as RelaySettings
 from ._relay import RelayStatistics as RelayStatistics
 from ._relay import Run as Run
 from ._relay import Subscription as Subscription
@@ -93,6 +99,7 @@ def __getattr__(name: str) -> typing.Any:
 
 
 __all__ = [
+    "ByteBudget",
     "ChatRequest",
     "ClosableAsyncIterator",
     "Delta",
@@ -102,6 +109,7 @@ __all__ = [
     "FirstTokenTimeout",
     "GuardedStream",
     "InvalidRequest",
+    "LogReader",
     "OllamaUpstream",
     "OnBusy",
     "OnFinish",
@@ -109,15 +117,19 @@ __all__ = [
     "Produce",
     "Relay",
     "RelayClosed",
+    "RelayConfig",
     "RelayError",
     "RelayFull",
     "RelayService",
+    "RelaySettings",
     "RelayStatistics",
     "ReplayGap",
     "Run",
+    "RunLog",
     "RunStatus",
     "ServerConfig",
     "SessionBusy",
+    "Store",
     "Subscription",
     "TokenTimeout",
     "UnknownSession",

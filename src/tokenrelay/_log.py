@@ -1,16 +1,9 @@
-"""A run's event log and the readers that follow it.
+"""What the relay needs of a run's event log, its readers, and the store that makes logs.
 
-The log is the single source of truth for a run's events. Readers are fed through bounded
-trio memory channels with ``send_nowait``: the producer never waits for a reader. A reader
-whose channel is full is detached from the live feed; once it has drained its channel it
-catches up from the log by sequence number and re-attaches. So a reader that stops reading
-costs the producer nothing, holds at most its channel's worth of extra references, and
-loses nothing (or, if the events it needs were dropped to keep memory bounded, gets
-:class:`ReplayGap`, never a silent skip).
-
-Everything outside this module talks to a log through :class:`RunLog` and
-:class:`LogReader`, so that a durable log (SQLite, Redis Streams) can stand in for
-:class:`MemoryRunLog` without touching the relay.
+The log is the single source of truth for a run's events: the producer appends (never
+waiting), readers replay it from a sequence number and then follow it live. The relay talks
+to logs only through these protocols, so that a durable store (SQLite, Redis Streams) can
+stand in for :class:`tokenrelay.stores.MemoryStore` without touching the relay.
 """
 
 from __future__ import annotations
@@ -18,15 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-import trio
-
 from ._events import Event
-from ._exceptions import ReplayGap
 
-__all__ = ["ByteBudget", "LogReader", "MemoryRunLog", "RunLog", "event_size"]
-
-#: Events queued per reader before it is switched to catching up from the log.
-READER_BUFFER = 256
+__all__ = ["MAX_BATCH", "ByteBudget", "LogReader", "RunLog", "Store", "event_size"]
 
 #: A reader hands out at most this many events per batch.
 MAX_BATCH = 512
@@ -56,24 +43,28 @@ class ByteBudget:
         return self.cap is not None and self.held >= self.cap
 
 
-class LogReader(trio.abc.ReceiveChannel[Event]):
+class LogReader(Protocol):
     """Follows a log from a sequence number on: replays what is held, then follows live,
     then raises :exc:`trio.EndOfChannel` once the log is closed and fully read."""
 
     @property
     def position(self) -> int:
         """The sequence number of the next event this reader will hand out."""
-        raise NotImplementedError
+        ...
+
+    async def receive(self) -> Event:
+        """The next event (see :meth:`receive_batch`)."""
+        ...
 
     async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
         """Wait for at least one event, then return every event that is ready (up to
         ``max_events``), in order. Raises :exc:`trio.EndOfChannel` at the end of the log
         and :exc:`ReplayGap` if events it needs were dropped."""
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
-        """Stop following the log, without waiting (``aclose`` is this and a checkpoint)."""
-        raise NotImplementedError
+        """Stop following the log, without waiting."""
+        ...
 
 
 class RunLog(Protocol):
@@ -108,9 +99,15 @@ class RunLog(Protocol):
         """No more events: readers end once they have read everything."""
         ...
 
+    async def aclose(self) -> None:
+        """After :meth:`close`: wait until every event is where the store keeps it (a
+        write-behind store flushes here). The relay awaits it, shielded and bounded by its
+        ``finish_timeout``, before the run's ``on_finish``."""
+        ...
+
     def release(self) -> None:
-        """The run was evicted: drop every event held (a later read raises
-        :exc:`ReplayGap`)."""
+        """The run was evicted from the relay: drop every event held in memory (a later read
+        raises :exc:`ReplayGap`). A durable store may delete the log, or let it expire."""
         ...
 
     def held(self) -> list[Event]:
@@ -123,234 +120,18 @@ class RunLog(Protocol):
         ...
 
 
-class MemoryRunLog:
-    """An in-memory :class:`RunLog`, bounded by ``max_events`` and ``max_bytes``: once over
-    either cap, the oldest events are dropped (an event larger than ``max_bytes`` on its own
-    is delivered to live readers but not held). ``budget``, if given, is the relay-wide count
-    of bytes held that this log adds to."""
+class Store(Protocol):
+    """Makes the relay's run logs: where runs' events are kept (memory, SQLite, Redis...)."""
 
-    __slots__ = (
-        "__weakref__",
-        "_budget",
-        "_closed",
-        "_data",
-        "_first",
-        "_head",
-        "_live",
-        "_max_bytes",
-        "_max_events",
-        "_nbytes",
-        "_next",
-        "_readers",
-        "run_id",
-    )
-
-    def __init__(
+    def open_log(
         self,
         run_id: str,
+        session_id: str,
         *,
-        max_events: int | None = None,
-        max_bytes: int | None = None,
-        budget: ByteBudget | None = None,
-    ) -> None:
-        self.run_id = run_id
-        self._budget = budget
-        self._max_events = max_events
-        self._max_bytes = max_bytes
-        # _data[_head:] holds the data of seqs _first, _first + 1, ...; dropping from the front
-        # moves _head, and the list is compacted when half of it is dead.
-        self._data: list[str] = []
-        self._head = 0
-        self._first = 0
-        self._next = 0
-        self._nbytes = 0
-        self._closed = False
-        self._live: set[_MemoryReader] = set()
-        self._readers: set[_MemoryReader] = set()
-
-    @property
-    def next_seq(self) -> int:
-        return self._next
-
-    @property
-    def first_seq(self) -> int:
-        return self._first
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def append(self, data: str) -> Event:
-        if self._closed:
-            raise trio.ClosedResourceError(f"run {self.run_id} has finished: its log is closed")
-        event = Event(self._next, data, self.run_id)
-        self._next += 1
-        self._data.append(data)
-        size = event_size(data)
-        self._nbytes += size
-        budget = self._budget
-        if budget is not None:
-            budget.held += size
-        if (self._max_events is not None and self._next - self._first > self._max_events) or (
-            self._max_bytes is not None and self._nbytes > self._max_bytes
-        ):
-            self._trim()
-        lagging: list[_MemoryReader] | None = None
-        for reader in self._live:
-            try:
-                reader._send.send_nowait(event)
-            except trio.WouldBlock:
-                lagging = lagging or []
-                lagging.append(reader)
-        if lagging:
-            for reader in lagging:
-                self._live.discard(reader)
-                reader._live = False
-        if budget is not None and budget.cap is not None and budget.held > budget.cap:
-            budget.over()
-        return event
-
-    def _trim(self) -> None:
-        max_events = self._max_events
-        max_bytes = self._max_bytes
-        data = self._data
-        dropped = 0
-        while self._first < self._next and (
-            (max_events is not None and self._next - self._first > max_events)
-            or (max_bytes is not None and self._nbytes - dropped > max_bytes)
-        ):
-            dropped += event_size(data[self._head])
-            data[self._head] = ""  # free it now, not at the next compaction
-            self._head += 1
-            self._first += 1
-        self._nbytes -= dropped
-        if self._budget is not None:
-            self._budget.held -= dropped
-        if self._head > 64 and self._head * 2 > len(data):
-            del data[: self._head]
-            self._head = 0
-
-    def release(self) -> None:
-        if self._budget is not None:
-            self._budget.held -= self._nbytes
-        self._nbytes = 0
-        self._data = []
-        self._head = 0
-        self._first = self._next
-
-    def read(self, start: int, limit: int) -> list[Event]:
-        """Held events from ``start`` on, at most ``limit`` of them."""
-        if start < self._first:
-            raise ReplayGap(self.run_id, start, self._first)
-        i = self._head + start - self._first
-        run_id = self.run_id
-        return [
-            Event(seq, data, run_id) for seq, data in enumerate(self._data[i : i + limit], start)
-        ]
-
-    def held(self) -> list[Event]:
-        return self.read(self._first, self._next - self._first)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._live.clear()
-        for reader in self._readers:
-            reader._live = False
-            reader._send.close()
-
-    def open_reader(self, after: int = -1) -> LogReader:
-        if after < -1:
-            raise ValueError(f"after must be -1 (from the start) or a seq, not {after}")
-        if after + 1 < self._first:
-            raise ReplayGap(self.run_id, after + 1, self._first)
-        reader = _MemoryReader(self, after + 1)
-        self._readers.add(reader)
-        return reader
-
-
-class _MemoryReader(LogReader):
-    __slots__ = ("_live", "_log", "_next", "_recv", "_send")
-
-    def __init__(self, log: MemoryRunLog, start: int) -> None:
-        self._log = log
-        self._next = start
-        self._send, self._recv = trio.open_memory_channel[Event](READER_BUFFER)
-        # Live: attached to the log's feed. A reader that starts behind the log's end starts
-        # detached, and catches up from the log before it attaches.
-        self._live = False
-        if log.closed:
-            self._send.close()
-        elif start >= log.next_seq:
-            self._live = True
-            log._live.add(self)
-
-    @property
-    def position(self) -> int:
-        return self._next
-
-    def _take_ready(self, limit: int) -> list[Event]:
-        """Events ready now, without waiting: first what is queued in the channel, then (when
-        detached) what the log holds. Re-attaches a detached reader that has caught up."""
-        batch: list[Event] = []
-        recv = self._recv
-        while len(batch) < limit:
-            try:
-                event = recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if event.seq >= self._next:  # only earlier when started past the log's end
-                batch.append(event)
-                self._next = event.seq + 1
-        if batch or self._live:
-            return batch
-        log = self._log
-        if self._next < log.next_seq:
-            batch = log.read(self._next, limit)
-            if batch:
-                self._next = batch[-1].seq + 1
-            return batch
-        if not log.closed:
-            # Caught up: nothing can be appended between this check and attaching.
-            self._live = True
-            log._live.add(self)
-        return batch
-
-    async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            batch = self._take_ready(max_events)
-            if batch:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return batch
-            if not self._live:  # detached, caught up, and the log is closed
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                raise trio.EndOfChannel
-            try:
-                event = await self._recv.receive()
-            except trio.EndOfChannel:
-                self._live = False
-                continue
-            if event.seq < self._next:
-                continue
-            self._next = event.seq + 1
-            return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
-
-    async def receive(self) -> Event:
-        return (await self.receive_batch(1))[0]
-
-    def close(self) -> None:
-        log = self._log
-        log._live.discard(self)
-        log._readers.discard(self)
-        self._live = False
-        self._recv.close()
-
-    async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()
+        max_events: int | None,
+        max_bytes: int | None,
+        budget: ByteBudget,
+    ) -> RunLog:
+        """A new, empty log for one run. ``max_events`` / ``max_bytes`` cap what it holds in
+        memory; it counts the bytes it holds in ``budget``."""
+        ...

@@ -25,15 +25,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, Unpack, get_args
 
 import trio
 
 from ._events import Event, RunStatus
 from ._exceptions import RelayClosed, RelayFull, SessionBusy, UnknownSession, UpstreamError
 from ._lifecycle import lifecycle, logger
-from ._log import MAX_BATCH, ByteBudget, LogReader, MemoryRunLog, RunLog
+from ._log import MAX_BATCH, ByteBudget, LogReader, RunLog, Store
 from ._reaper import Reaper
+from .stores import MemoryStore
 
 __all__ = [
     "Emit",
@@ -41,6 +42,8 @@ __all__ = [
     "OnFinish",
     "Produce",
     "Relay",
+    "RelayConfig",
+    "RelaySettings",
     "RelayStatistics",
     "Run",
     "Subscription",
@@ -284,46 +287,75 @@ class RelayStatistics:
     bytes_held: int
 
 
+@dataclass(frozen=True)
+class RelayConfig:
+    """A relay's settings: what :func:`open_relay`, :func:`start_relay` and :class:`Relay`
+    take as keyword arguments (``grace=...``), checked when it is made.
+
+    Attributes:
+        grace: seconds a finished run stays available for replay after its last subscriber
+            left (or after it finished, if nobody was following it).
+        max_events: per run, the most events held for replay; the oldest are dropped beyond
+            it. ``None``: no limit.
+        max_bytes: per run, the most bytes of event data held (UTF-8); the oldest are dropped
+            beyond it. ``None``: no limit.
+        max_total_bytes: the most bytes of event data all runs together hold. Past it,
+            finished runs nobody follows are evicted, oldest first; when none is left,
+            :meth:`Relay.start` raises :class:`RelayFull`. ``None``: no limit.
+        on_busy: what :meth:`Relay.start` does when the session already has a run:
+            ``"supersede"``, ``"reject"`` or ``"enqueue"``.
+        finish_timeout: the longest a finished run's store flush and ``on_finish`` callback
+            may take, together.
+    """
+
+    grace: float = 180.0
+    max_events: int | None = None
+    max_bytes: int | None = None
+    max_total_bytes: int | None = None
+    on_busy: OnBusy = "supersede"
+    finish_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.grace >= 0:
+            raise ValueError(f"grace must be >= 0 seconds, not {self.grace!r}")
+        for name in ("max_events", "max_bytes", "max_total_bytes"):
+            cap = getattr(self, name)
+            if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+                raise ValueError(f"{name} must be a positive int or None, not {cap!r}")
+        _check_on_busy(self.on_busy)
+        if not self.finish_timeout > 0:
+            raise ValueError(f"finish_timeout must be > 0 seconds, not {self.finish_timeout!r}")
+
+
+class RelaySettings(TypedDict, total=False):
+    """:class:`RelayConfig`'s fields as keyword arguments (for type checkers; a test keeps
+    the two in step)."""
+
+    grace: float
+    max_events: int | None
+    max_bytes: int | None
+    max_total_bytes: int | None
+    on_busy: OnBusy
+    finish_timeout: float
+
+
 class Relay:
     """Runs producers, one per session at a time, and keeps their events for subscribers.
 
     Make one with :func:`open_relay` (which owns its nursery) or :func:`start_relay` (which
-    runs it in yours); the parameters are documented on :func:`open_relay`.
+    runs it in yours); its settings are a :class:`RelayConfig` (``relay.config``), its store
+    ``relay.store``.
     """
 
-    def __init__(
-        self,
-        *,
-        grace: float = 180.0,
-        max_events: int | None = None,
-        max_bytes: int | None = None,
-        max_total_bytes: int | None = None,
-        on_busy: OnBusy = "supersede",
-        finish_timeout: float = 5.0,
-    ) -> None:
-        if not grace >= 0:
-            raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
-        for name, cap in (
-            ("max_events", max_events),
-            ("max_bytes", max_bytes),
-            ("max_total_bytes", max_total_bytes),
-        ):
-            if cap is not None and (not isinstance(cap, int) or cap < 1):
-                raise ValueError(f"{name} must be a positive int or None, not {cap!r}")
-        if not finish_timeout > 0:
-            raise ValueError(f"finish_timeout must be > 0 seconds, not {finish_timeout!r}")
-        self.grace = grace
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self.max_total_bytes = max_total_bytes
-        self.on_busy: OnBusy = _check_on_busy(on_busy)
-        self.finish_timeout = finish_timeout
+    def __init__(self, *, store: Store | None = None, **settings: Unpack[RelaySettings]) -> None:
+        self.config = RelayConfig(**settings)
+        self.store: Store = store if store is not None else MemoryStore()
         self._sessions: dict[str, _Session] = {}
         self._reaper: Reaper[weakref.ref[Run]] = Reaper(self._evict)
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._in_progress = 0
-        self._budget = ByteBudget(max_total_bytes, self._shed)
+        self._budget = ByteBudget(self.config.max_total_bytes, self._shed)
         #: Finished runs nobody follows, in the order their grace periods began: what
         #: :meth:`_shed` evicts first.
         self._unwatched: dict[Run, None] = {}
@@ -425,12 +457,12 @@ class Relay:
             SessionBusy: ``on_busy="reject"`` and the session has a run in progress.
             RelayClosed: the relay is shutting down.
         """
-        policy = self.on_busy if on_busy is None else _check_on_busy(on_busy)
+        policy = self.config.on_busy if on_busy is None else _check_on_busy(on_busy)
         self._check_open()
         if self._budget.exceeded:
             self._shed()
             if self._budget.exceeded:
-                raise RelayFull(self._budget.held, self.max_total_bytes)
+                raise RelayFull(self._budget.held, self.config.max_total_bytes)
         called_at = trio.current_time()
         session = self._sessions.get(session_id)
         if session is None:
@@ -446,8 +478,13 @@ class Relay:
                 for waiting in session.queue:
                     waiting.cancel("superseded")
         run_id = secrets.token_urlsafe(16)
-        log = MemoryRunLog(
-            run_id, max_events=self.max_events, max_bytes=self.max_bytes, budget=self._budget
+        config = self.config
+        log = self.store.open_log(
+            run_id,
+            session_id,
+            max_events=config.max_events,
+            max_bytes=config.max_bytes,
+            budget=self._budget,
         )
         run = Run(self, session_id, log, run_id, on_finish)
         session.queue.append(run)
@@ -516,21 +553,26 @@ class Relay:
         """Mark the run over, close its log (subscribers then end), call ``on_finish``, and
         hand the turn to the next run of the session. The caller has set status and reason."""
         run.finished_at = finished_at = trio.current_time()
-        run._log.close()
-        if run._on_finish is not None:
-            with trio.move_on_after(self.finish_timeout, shield=True) as scope:
+        run._log.close()  # subscribers end now; the store finishes its writes below
+        timeout = self.config.finish_timeout
+        with trio.move_on_after(timeout, shield=True) as scope:
+            try:
+                await run._log.aclose()
+            except Exception:
+                logger.exception("log_close_failed run=%s session=%s", run.id, run.session_id)
+            if run._on_finish is not None:
                 try:
                     await run._on_finish(run, run._log.held())
                 except Exception:
                     logger.exception("on_finish_failed run=%s session=%s", run.id, run.session_id)
-            if scope.cancelled_caught:
-                lifecycle(
-                    "on_finish_timeout",
-                    logging.WARNING,
-                    run=run.id,
-                    session=run.session_id,
-                    seconds=self.finish_timeout,
-                )
+        if scope.cancelled_caught:
+            lifecycle(
+                "on_finish_timeout",
+                logging.WARNING,
+                run=run.id,
+                session=run.session_id,
+                seconds=timeout,
+            )
         if run.started_at is not None:
             lifecycle(
                 "stream_end",
@@ -570,7 +612,7 @@ class Relay:
         if session is None or session.latest is not run:
             self._evict_run(run, "replaced")
             return
-        run._evict_at = trio.current_time() + self.grace
+        run._evict_at = trio.current_time() + self.config.grace
         self._unwatched.pop(run, None)
         self._unwatched[run] = None
         # By weak reference: a run evicted sooner (to free memory) is freed at once.
@@ -677,39 +719,19 @@ def _one_line(exc: BaseException) -> str:
 
 
 async def start_relay(
-    nursery: trio.Nursery,
-    *,
-    grace: float = 180.0,
-    max_events: int | None = None,
-    max_bytes: int | None = None,
-    max_total_bytes: int | None = None,
-    on_busy: OnBusy = "supersede",
-    finish_timeout: float = 5.0,
+    nursery: trio.Nursery, *, store: Store | None = None, **settings: Unpack[RelaySettings]
 ) -> Relay:
     """Start a relay whose tasks run in ``nursery``, and return it. The caller closes it with
     ``await relay.aclose()``; cancelling ``nursery`` instead stops its runs with reason
     ``"shutdown"``. Parameters as for :func:`open_relay`."""
-    relay = Relay(
-        grace=grace,
-        max_events=max_events,
-        max_bytes=max_bytes,
-        max_total_bytes=max_total_bytes,
-        on_busy=on_busy,
-        finish_timeout=finish_timeout,
-    )
+    relay = Relay(store=store, **settings)
     await nursery.start(relay.serve)
     return relay
 
 
 @asynccontextmanager
 async def open_relay(
-    *,
-    grace: float = 180.0,
-    max_events: int | None = None,
-    max_bytes: int | None = None,
-    max_total_bytes: int | None = None,
-    on_busy: OnBusy = "supersede",
-    finish_timeout: float = 5.0,
+    *, store: Store | None = None, **settings: Unpack[RelaySettings]
 ) -> AsyncIterator[Relay]:
     """Open a relay that owns the nursery its runs live in::
 
@@ -720,26 +742,12 @@ async def open_relay(
     (``on_finish`` done) before the ``async with`` returns.
 
     Args:
-        grace: seconds a finished run stays available for replay after its last subscriber
-            left (or after it finished, if nobody was following it).
-        max_events: per run, the most events held for replay; the oldest are dropped beyond
-            it. ``None``: no limit.
-        max_bytes: per run, the most bytes of event data held (UTF-8); the oldest are dropped
-            beyond it. ``None``: no limit.
-        on_busy: what :meth:`Relay.start` does when the session already has a run:
-            ``"supersede"``, ``"reject"`` or ``"enqueue"``.
-        finish_timeout: the longest an ``on_finish`` callback may take.
+        store: where runs' events are kept (default: a :class:`tokenrelay.stores.MemoryStore`).
+        settings: any field of :class:`RelayConfig`, by name (``grace``, ``max_events``,
+            ``max_bytes``, ``max_total_bytes``, ``on_busy``, ``finish_timeout``).
     """
     async with trio.open_nursery() as nursery:
-        relay = await start_relay(
-            nursery,
-            grace=grace,
-            max_events=max_events,
-            max_bytes=max_bytes,
-            max_total_bytes=max_total_bytes,
-            on_busy=on_busy,
-            finish_timeout=finish_timeout,
-        )
+        relay = await start_relay(nursery, store=store, **settings)
         try:
             yield relay
         finally:

@@ -11,7 +11,7 @@ import trio
 
 import tokenrelay
 from tokenrelay import Emit
-from tokenrelay.server._sse import encode_text
+from tokenrelay.upstreams._codec import encode_text
 
 WORDS = ["the", " model", " answers", " in", " tokens", " of", " a", " few", " bytes", " each"]
 

@@ -6,11 +6,13 @@ import pytest
 
 from tokenrelay import (
     Delta,
+    UnknownEventKind,
     UpstreamDisconnected,
     UpstreamProtocolError,
     UpstreamReportedError,
     Usage,
 )
+from tokenrelay.upstreams._codec import EventKind, decode_event, encode_delta, encode_text
 from tokenrelay.upstreams._lines import LineSplitter, SSEParser, SurrogateJoiner
 from tokenrelay.upstreams._ollama import OllamaDecoder
 from tokenrelay.upstreams._openai import OpenAIDecoder
@@ -153,3 +155,25 @@ def test_text_split_inside_a_surrogate_pair_is_mended(pieces: list[str], text: s
     out = "".join(joiner.feed(piece) for piece in pieces) + joiner.flush()
     assert out == text
     out.encode("utf-8")  # always encodable
+
+
+def test_events_round_trip_through_the_codec_with_their_kind() -> None:
+    usage = Usage(3, 2)
+    events = encode_delta(Delta("Hel")) + encode_delta(Delta("lo", "stop", usage))
+    assert events == [
+        '"Hel"',
+        '"lo"',
+        'f{"finish_reason":"stop","usage":{"prompt_tokens":3,'
+        '"completion_tokens":2,"total_tokens":5}}',
+    ]
+    decoded = [decode_event(data) for data in events]
+    assert [d.kind for d in decoded] == [EventKind.TEXT, EventKind.TEXT, EventKind.FINISH]
+    assert decoded[1].value == "lo"
+    assert decoded[2].value["usage"]["total_tokens"] == 5
+    assert encode_text("a\nb") == '"a\\nb"'  # a text event costs its JSON string, no more
+
+
+@pytest.mark.parametrize("data", ['{"finish_reason":"stop"}', "z[1]", ""])
+def test_an_event_of_unknown_kind_is_a_clear_error(data: str) -> None:
+    with pytest.raises(UnknownEventKind, match=r"^an event of unknown kind "):
+        decode_event(data)

@@ -16,8 +16,9 @@ import tokenrelay
 from _helpers import bounded
 from _server_helpers import RawHTTP, SSEReader, chat, start_served, text_of
 from test_upstreams import closed_port
-from tokenrelay.server._sse import ChunkRenderer, encode_text
+from tokenrelay.server._sse import ChunkRenderer
 from tokenrelay.testing import FakeModelServer, FakeScript
+from tokenrelay.upstreams._codec import encode_text
 
 LONG = FakeScript(tokens=[f"t{i} " for i in range(100_000)], interval=0.01)
 

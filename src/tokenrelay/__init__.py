@@ -18,6 +18,7 @@ from ._exceptions import RelayFull as RelayFull
 from ._exceptions import ReplayGap as ReplayGap
 from ._exceptions import SessionBusy as SessionBusy
 from ._exceptions import TokenTimeout as TokenTimeout
+from ._exceptions import UnknownEventKind as UnknownEventKind
 from ._exceptions import UnknownSession as UnknownSession
 from ._exceptions import UpstreamConnectError as UpstreamConnectError
 from ._exceptions import UpstreamDisconnected as UpstreamDisconnected
@@ -132,6 +133,7 @@ __all__ = [
     "Store",
     "Subscription",
     "TokenTimeout",
+    "UnknownEventKind",
     "UnknownSession",
     "Upstream",
     "UpstreamConnectError",

@@ -15,6 +15,7 @@
     ├── UnknownSession ........... never started, or evicted (also a LookupError)
     ├── ReplayGap ................ the events asked for are no longer held
     ├── InvalidRequest ........... a chat request we cannot relay (also a ValueError)
+    ├── UnknownEventKind ......... an event of a kind this relay does not know (a ValueError)
     ├── RelayFull ................ max_total_bytes is held by runs still running
     └── RelayClosed .............. the relay has shut down
 
@@ -36,6 +37,7 @@ __all__ = [
     "ReplayGap",
     "SessionBusy",
     "TokenTimeout",
+    "UnknownEventKind",
     "UnknownSession",
     "UpstreamConnectError",
     "UpstreamDisconnected",
@@ -212,6 +214,19 @@ class ReplayGap(RelayError):
 class InvalidRequest(RelayError, ValueError):
     """A chat request that cannot be relayed: not JSON, no messages, a field of the wrong
     type. The message says which field and why."""
+
+
+class UnknownEventKind(RelayError, ValueError):
+    """An event whose kind (its first character) this relay does not know: written by a newer
+    version, or not by the relay at all.
+
+    Attributes:
+        data: the event's data (the start of it).
+    """
+
+    def __init__(self, data: str) -> None:
+        super().__init__(f"an event of unknown kind {data[:1]!r}: {data[:80]!r}")
+        self.data = data[:200]
 
 
 class RelayFull(RelayError):

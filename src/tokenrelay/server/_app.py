@@ -53,6 +53,7 @@ from .._relay import (
     start_relay,
 )
 from ..upstreams._chat import ChatRequest, Delta
+from ..upstreams._codec import EventKind, decode_event, encode_delta
 from ..upstreams._http import Upstream
 from ..upstreams._spec import open_upstream, parse_upstream
 from ._asgi import close_connections
@@ -61,9 +62,6 @@ from ._metrics import Metrics
 from ._sse import (
     DONE,
     ChunkRenderer,
-    decode_event,
-    encode_finish,
-    encode_text,
     is_finish,
     sse_comment,
     sse_error,
@@ -346,10 +344,8 @@ class RelayService:
                     else:
                         metrics.inter_token.observe(now - last)
                     last = now
-                    if delta.text:
-                        await emit(encode_text(delta.text))
-                    if delta.finish_reason is not None:
-                        await emit(encode_finish(delta.finish_reason, delta.usage))
+                    for data in encode_delta(delta):
+                        await emit(data)
 
         return produce
 
@@ -480,11 +476,11 @@ class RelayService:
         try:
             async with run.subscribe() as sub:
                 async for event in sub:
-                    content = decode_event(event.data)
-                    if isinstance(content, str):
-                        text.append(content)
-                    else:
-                        final = content
+                    kind, value = decode_event(event.data)
+                    if kind is EventKind.TEXT:
+                        text.append(value)
+                    elif kind is EventKind.FINISH:
+                        final = value
         except trio.Cancelled:
             self.metrics.client_disconnects.inc()
             run.cancel("client_disconnect")

@@ -1,11 +1,8 @@
-"""The server's wire formats: what a run's events hold, and how they go out as OpenAI chat
-completion chunks over server-sent events.
+"""How a run's events go out as OpenAI chat completion chunks over server-sent events.
 
-A run's event is kept compact, because runs are kept for replay: a token is its text as a JSON
-string literal (``"Hel"``), and the last event is a JSON object with the finish reason and
-usage (``{"finish_reason":"stop","usage":{...}}``). The chunk around it is rendered when it is
-written. Everything that goes into an SSE ``data:`` line is JSON, which has no raw newline or
-carriage return, so content can never end a line early and forge an event.
+Events are kept compact (see :mod:`tokenrelay.upstreams._codec`); the chunk around each is
+rendered when it is written. Everything that goes into an SSE ``data:`` line is JSON, which has
+no raw newline or carriage return, so content can never end a line early and forge an event.
 """
 
 from __future__ import annotations
@@ -16,16 +13,13 @@ from typing import Any
 
 from .._events import Event, RunStatus
 from .._relay import Run
-from ..upstreams._chat import Usage
+from ..upstreams._codec import EventKind, decode_event
 from ..upstreams._lines import mend_surrogates
 from ._errors import run_error
 
 __all__ = [
     "DONE",
     "ChunkRenderer",
-    "decode_event",
-    "encode_finish",
-    "encode_text",
     "error_event",
     "is_finish",
     "sse_comment",
@@ -36,38 +30,6 @@ __all__ = [
 DONE = b"data: [DONE]\n\n"
 
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def encode_text(text: str) -> str:
-    """A token's event data."""
-    return _compact(text)
-
-
-def encode_finish(finish_reason: str, usage: Usage | None) -> str:
-    """The last event of a finished answer."""
-    final: dict[str, Any] = {"finish_reason": finish_reason}
-    if usage is not None:
-        final["usage"] = _usage(usage)
-    return _compact(final)
-
-
-def is_finish(data: str) -> bool:
-    """Whether an event is a run's last one (finish reason and usage) rather than a token."""
-    return not data.startswith('"')
-
-
-def decode_event(data: str) -> str | dict[str, Any]:
-    """An event's content: a token's text, or the last event's finish reason and usage."""
-    value: str | dict[str, Any] = json.loads(data)
-    return value
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
 
 
 def sse_comment(text: str) -> bytes:
@@ -111,18 +73,23 @@ class ChunkRenderer:
         parts = []
         for event in events:
             data = event.data
-            if not is_finish(data):
+            if data[:1] == '"':  # text, the hot path: its JSON goes in as it is
                 payload = self._content_head + data + self._content_tail
             else:
-                final = json.loads(data)
-                extra = {"usage": final["usage"]} if "usage" in final else {}
-                payload = self._chunk({}, final["finish_reason"], **extra)
+                payload = self._other(data)
             parts.append(f"id: {event.seq}\ndata: {payload}\n\n")
         blob = "".join(parts)
         try:
             return blob.encode()
         except UnicodeEncodeError:  # a producer emitted a lone surrogate: never fail a stream
             return mend_surrogates(blob).encode()
+
+    def _other(self, data: str) -> str:
+        kind, value = decode_event(data)
+        if kind is EventKind.FINISH:
+            extra = {"usage": value["usage"]} if "usage" in value else {}
+            return self._chunk({}, value["finish_reason"], **extra)
+        raise AssertionError(f"no chunk for {kind!r} events")  # pragma: no cover
 
     def ending(self, run: Run, *, finished: bool) -> bytes:
         """What follows the last event: nothing more for a finished answer; for a stopped
@@ -134,6 +101,11 @@ class ChunkRenderer:
         if run.status is RunStatus.ERROR:
             return error_event(run) + DONE
         return DONE
+
+
+def is_finish(data: str) -> bool:
+    """Whether an event is an answer's finish."""
+    return data[:1] == EventKind.FINISH.value
 
 
 def sse_error(body: dict[str, Any]) -> bytes:

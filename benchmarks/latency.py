@@ -11,6 +11,7 @@ import trio
 
 import tokenrelay
 from tokenrelay import ChatRequest, Emit
+from tokenrelay.upstreams import encode_delta
 
 
 def _request(model: str, marker: str) -> ChatRequest:
@@ -21,12 +22,13 @@ def _request(model: str, marker: str) -> ChatRequest:
 
 def producer(upstream: tokenrelay.Upstream, request: ChatRequest) -> tokenrelay.Produce:
     async def produce(emit: Emit) -> None:
-        async with tokenrelay.guard(
-            upstream.stream(request), first_token_timeout=120, token_timeout=30
-        ) as deltas:
-            async for delta in deltas:
-                if delta.text:
-                    await emit(delta.text)
+        await tokenrelay.pump(
+            upstream.stream(request),
+            emit,
+            encode_delta,
+            first_token_timeout=120,
+            token_timeout=30,
+        )
 
     return produce
 

@@ -41,11 +41,13 @@ def piped(
     """A producer that emits every token of ``upstream`` through the guard."""
 
     async def produce(emit: Emit) -> None:
-        async with tokenrelay.guard(
-            upstream, first_token_timeout=first_token_timeout, token_timeout=token_timeout
-        ) as tokens:
-            async for token in tokens:
-                await emit(token)
+        await tokenrelay.pump(
+            upstream,
+            emit,
+            lambda token: (token,),
+            first_token_timeout=first_token_timeout,
+            token_timeout=token_timeout,
+        )
 
     return produce
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -15,7 +16,8 @@ import trio
 
 from _helpers import bounded
 from _server_helpers import RawHTTP, SSEReader, chat, last_chunk
-from tokenrelay.server._app import is_loopback
+from tokenrelay import ServerConfig
+from tokenrelay.server._config import is_loopback
 from tokenrelay.server.cli import main
 from tokenrelay.testing import FakeModelServer, FakeScript
 
@@ -199,3 +201,46 @@ async def test_an_api_key_on_the_command_line_is_warned_about() -> None:
     assert "api_key_on_command_line" in log
     assert "--api-keys-file or TOKENRELAY_API_KEY" in log
     assert "s3cret-on-the-command-line" not in log
+
+
+def test_every_setting_is_an_option_and_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenrelay.server._config import options
+    from tokenrelay.server.cli import _config, _parser
+
+    names = {field.name for field in dataclasses.fields(ServerConfig)}
+    assert {option.name for option in options()} == names - {"api_keys"}
+    help_text = _parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for option in options():
+        assert option.flag in help_text
+        assert option.env in help_text
+    monkeypatch.setenv("TOKENRELAY_MAX_EVENTS", "500")
+    monkeypatch.setenv("TOKENRELAY_FINISH_TIMEOUT", "2.5")
+    config = _config(_parser().parse_args(["serve", "--max-bytes", "2M", "--max-memory", "1G"]))
+    assert (config.max_events, config.finish_timeout) == (500, 2.5)
+    assert (config.max_bytes, config.max_memory) == (2 << 20, 1 << 30)
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--first-token-timeout",
+        "--token-timeout",
+        "--stall-timeout",
+        "--max-runs-per-key",
+        "--max-memory",
+        "--max-events",
+        "--max-bytes",
+    ],
+)
+@pytest.mark.parametrize("off", ["none", "off", "0", "NONE"])
+def test_none_and_zero_mean_no_limit_wherever_a_limit_can_be_off(flag: str, off: str) -> None:
+    from tokenrelay.server.cli import _config, _parser
+
+    config = _config(_parser().parse_args(["serve", flag, off]))
+    assert getattr(config, flag.removeprefix("--").replace("-", "_")) is None
+
+
+def test_a_bad_value_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-memory", "lots"])
+    assert "expected a size such as 512M or 2G, not 'lots'" in capsys.readouterr().err

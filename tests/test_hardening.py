@@ -102,9 +102,9 @@ def test_key_namespaces_cannot_be_guessed_offline() -> None:
     config = tokenrelay.ServerConfig(api_keys=("password1",))
     one, two = tokenrelay.RelayService(config), tokenrelay.RelayService(config)
     unsalted = "k" + hashlib.sha256(b"password1").hexdigest()[:12]
-    namespace = one.namespace("Bearer password1")
+    namespace = one.keys.require("Bearer password1")
     assert namespace != unsalted
-    assert namespace != two.namespace("Bearer password1")  # a secret per process
+    assert namespace != two.keys.require("Bearer password1")  # a secret per process
     assert len(namespace) == 13
 
 

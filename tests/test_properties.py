@@ -204,6 +204,16 @@ async def play(
     max_events=4,
     grace=60.0,
 )
+@example(  # a subscription opened on a run that its session's next run replaces at once
+    ops=[
+        Start("s1", "supersede", 1, 0.0, 0.0, "end", 0.0, None, None),
+        Sleep(0.125),
+        Start("s1", "supersede", 0, 0.0, 0.0, "end", 0.0, None, None),
+        Subscribe("s1", -1, 0.0, None),
+    ],
+    max_events=None,
+    grace=1.0,
+)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ops=st.lists(OPS, min_size=4, max_size=40),

@@ -3,7 +3,6 @@ raw-socket clients. Real time; every test bounded by trio.fail_after."""
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 
@@ -687,23 +686,54 @@ async def test_a_stream_dropped_before_its_body_started_still_applies_the_cancel
     nursery: trio.Nursery,
 ) -> None:
     """The race where a client hangs up after the handler returned but before quart-trio
-    started the body: the body never runs, and dropping it must still stop the run."""
-    service = tokenrelay.RelayService(ServerConfig(demo_prefill=60))
-    await service.start(nursery)
+    started the body: the body never runs, so the request's end (seen by the ASGI wrapper)
+    must still release the run, and the "cancel" policy stop it. Driven at the ASGI level,
+    to place the hang-up exactly there."""
+    app = tokenrelay.create_app(ServerConfig(demo_prefill=60))
+    app.nursery = nursery  # type: ignore[attr-defined]  # what quart-trio's lifespan does
+    await app.startup()
+    service: tokenrelay.RelayService = app.extensions["tokenrelay"]
+    body = json.dumps(chat()).encode()
+    response_started = trio.Event()
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        if requests:
+            return requests.pop()
+        await response_started.wait()
+        return {"type": "http.disconnect"}  # the client hangs up now
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            response_started.set()
+            await trio.sleep_forever()  # cancelled: the body is never asked for
+        raise AssertionError(f"sent {message['type']}")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"relay"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-session-id", b"s"),
+            (b"x-relay-on-disconnect", b"cancel"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "extensions": {},
+    }
+    await app(scope, receive, send)  # type: ignore[arg-type]
     assert service.relay is not None
-    run = await service.relay.start(
-        "s",
-        service.producer(
-            service.upstream.stream(  # type: ignore[union-attr]
-                tokenrelay.ChatRequest.from_openai(chat())
-            ),
-            trio.Event(),
-        ),
-    )
-    service.cancel_when_unwatched(run)
-    response = service.sse_response(run, -1, {})
-    del response
-    gc.collect()
+    run = service.relay.get("-/s")
+    assert run is not None
     await run.wait_finished()
     assert (run.status, run.reason) == (RunStatus.STOPPED, "client_disconnect")
-    await service.stop()
+    await app.shutdown()

@@ -68,14 +68,13 @@ def producer(
     token_timeout: float = 5,
 ) -> tokenrelay.Produce:
     async def produce(emit: Emit) -> None:
-        async with tokenrelay.guard(
+        await tokenrelay.pump(
             upstream.stream(request),
+            emit,
+            lambda delta: (delta.text,) if delta.text else (),
             first_token_timeout=first_token_timeout,
             token_timeout=token_timeout,
-        ) as deltas:
-            async for delta in deltas:
-                if delta.text:
-                    await emit(delta.text)
+        )
 
     return produce
 

@@ -31,6 +31,7 @@ from ._exceptions import UpstreamTimeout as UpstreamTimeout
 from ._guard import ClosableAsyncIterator as ClosableAsyncIterator
 from ._guard import GuardedStream as GuardedStream
 from ._guard import guard as guard
+from ._guard import pump as pump
 from ._log import ByteBudget as ByteBudget
 from ._log import LogReader as LogReader
 from ._log import RunLog as RunLog
@@ -152,6 +153,7 @@ __all__ = [
     "open_relay",
     "open_upstream",
     "parse_upstream",
+    "pump",
     "relay_blueprint",
     "start_relay",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol, TypeVar
 
@@ -18,7 +18,7 @@ import trio
 
 from ._exceptions import FirstTokenTimeout, TokenTimeout
 
-__all__ = ["ClosableAsyncIterator", "GuardedStream", "guard"]
+__all__ = ["ClosableAsyncIterator", "GuardedStream", "guard", "pump"]
 
 logger = logging.getLogger("tokenrelay")
 
@@ -179,3 +179,34 @@ async def _close(upstream: ClosableAsyncIterator[object], *, quiet: bool) -> Non
             logger.warning("upstream_close_failed", exc_info=True)
     if scope.cancelled_caught:
         logger.warning("upstream_close_timeout seconds=%g", CLOSE_TIMEOUT)
+
+
+async def pump(
+    upstream: ClosableAsyncIterator[T],
+    emit: Callable[[str], Awaitable[object]],
+    encode: Callable[[T], Iterable[str]],
+    *,
+    first_token_timeout: float | None,
+    token_timeout: float | None,
+    accepted: trio.Event | None = None,
+) -> None:
+    """The producer loop: read ``upstream`` through :func:`guard` and emit the events
+    ``encode`` makes of each item. The usual body of a run's producer::
+
+        async def produce(emit):
+            await tokenrelay.pump(upstream.stream(request), emit, encode_delta,
+                                  first_token_timeout=120, token_timeout=30)
+
+    ``accepted``, if given, is set once the upstream has accepted the request (see
+    :meth:`GuardedStream.open`), before the first item: a server answers with an HTTP error
+    only for failures before that point.
+    """
+    async with guard(
+        upstream, first_token_timeout=first_token_timeout, token_timeout=token_timeout
+    ) as items:
+        if accepted is not None:
+            await items.open()
+            accepted.set()
+        async for item in items:
+            for data in encode(item):
+                await emit(data)

@@ -121,6 +121,7 @@ class Run:
         self._finished = trio.Event()
         self._subscribers = 0
         self._evict_at: float | None = None
+        self._unwatched_reason: str | None = None
 
     def __repr__(self) -> str:
         reason = f" reason={self.reason}" if self.reason else ""
@@ -162,6 +163,14 @@ class Run:
                 lifecycle("stream_cancelled", run=self.id, session=self.session_id, reason=reason)
             self._scope.cancel(reason=reason)
         return True
+
+    def cancel_when_unwatched(self, reason: str = "client_disconnect") -> None:
+        """Stop the run, with ``reason``, as soon as no subscription is open on it: at once if
+        none is, else when the last one is closed. For a run that must not outlive its
+        readers (an HTTP client that asked for it, say): open its subscription first."""
+        self._unwatched_reason = reason
+        if not self._subscribers:
+            self.cancel(reason)
 
     async def wait_finished(self) -> None:
         """Wait until the run is over and its ``on_finish`` has been called."""
@@ -207,14 +216,25 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
         self._closed = False
 
     async def __aenter__(self) -> Subscription:
+        self.hold()
+        # A schedule point that cannot raise Cancelled: the hold taken is never leaked.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return self
+
+    def hold(self) -> None:
+        """Take the hold on the run now, as entering ``async with`` does (for code that must
+        not reach a checkpoint in between); :meth:`close` or :meth:`aclose` releases it."""
         if self._closed:
             raise trio.ClosedResourceError("this subscription was closed")
         if not self._holding:
             self._holding = True
             self.run._subscribers += 1
             self.run._relay._hold(self.run)
-        await trio.lowlevel.checkpoint()
-        return self
+
+    @property
+    def closed(self) -> bool:
+        """Whether the subscription was closed."""
+        return self._closed
 
     @property
     def last_seq(self) -> int:
@@ -249,6 +269,8 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
             run = self.run
             run._subscribers -= 1
             if run._subscribers == 0:
+                if run._unwatched_reason is not None:
+                    run.cancel(run._unwatched_reason)
                 run._relay._arm_eviction(run)
 
     async def aclose(self) -> None:

@@ -1,4 +1,5 @@
-"""An ASGI middleware that lets hypercorn close quart-trio's connections.
+"""An ASGI middleware that lets hypercorn close quart-trio's connections, and runs the
+request-end callbacks registered with :func:`at_request_end`.
 
 quart-trio runs a request as two tasks in one nursery: one reads ASGI messages, one handles
 the request and sends the response; whichever ends first cancels the other. hypercorn, on the
@@ -25,12 +26,24 @@ same bytes differently (request smuggling).
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
-__all__ = ["CloseConnections", "close_connections"]
+__all__ = ["CloseConnections", "at_request_end", "close_connections"]
+
+_AT_END = "tokenrelay.at_request_end"
+
+
+def at_request_end(scope: Scope, callback: Callable[[], object]) -> None:
+    """Call ``callback`` (synchronous; it must not raise) once the request's ASGI call is over,
+    however it ended: answered, failed, or cancelled because its client hung up, even before
+    its response body started. (Unlike a response body's ``finally``, which never runs for a
+    body that never started.)"""
+    cast(dict[str, Any], scope).setdefault(_AT_END, []).append(callback)
+
 
 ASGIApp = Any  # an ASGI 3 callable (Quart's ``asgi_app`` is a bound method)
 
@@ -66,7 +79,11 @@ class CloseConnections:
                 # this response cannot be delivered, and the connection is being closed.
                 pass
 
-        await self.app(scope, receive, send_last_shielded)
+        try:
+            await self.app(scope, receive, send_last_shielded)
+        finally:
+            for callback in cast(dict[str, Any], scope).get(_AT_END, ()):
+                callback()
 
 
 _AMBIGUOUS = json.dumps(

@@ -2,21 +2,99 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
-from .._exceptions import (
-    UpstreamConnectError,
-    UpstreamRateLimited,
-    UpstreamTimeout,
-)
+from quart import Response
+from werkzeug.exceptions import HTTPException
+
+from .._exceptions import UpstreamConnectError, UpstreamRateLimited, UpstreamTimeout
 from .._relay import Run
 
-__all__ = ["error_body", "run_error"]
+__all__ = [
+    "HTTPError",
+    "error_body",
+    "fail",
+    "invalid",
+    "run_error",
+    "run_error_response",
+    "too_large",
+    "werkzeug_error",
+]
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
     """The JSON body of an error response."""
     return {"error": {"message": message, "type": type_, "code": code}}
+
+
+class HTTPError(Exception):
+    """An error response in OpenAI's shape, raised from anywhere in a request."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type_, code)
+        self.headers = dict(headers or {})
+
+    def response(self) -> Response:
+        """The error as a JSON response."""
+        response = Response(json.dumps(self.body), status=self.status, mimetype="application/json")
+        response.headers.update(self.headers)
+        return response
+
+
+def fail(
+    status: int, message: str, type_: str, code: str | None = None, **headers: str
+) -> NoReturn:
+    """Answer the request with an error (``Retry_After="1"`` is the ``Retry-After`` header)."""
+    raise HTTPError(
+        status, message, type_, code, {k.replace("_", "-"): v for k, v in headers.items()}
+    )
+
+
+def invalid(message: str, code: str) -> NoReturn:
+    """A 400 ``invalid_request_error``."""
+    fail(400, message, "invalid_request_error", code)
+
+
+def _too_large_error(limit: int) -> HTTPError:
+    return HTTPError(
+        413,
+        f"the request body is over the {limit} byte limit",
+        "invalid_request_error",
+        "body_too_large",
+    )
+
+
+def too_large(limit: int) -> NoReturn:
+    """A 413 for a body over ``limit`` bytes."""
+    raise _too_large_error(limit)
+
+
+def werkzeug_error(error: HTTPException, max_body: int) -> Response:
+    """Werkzeug's own errors (404, 405, 413 while reading a body...) in OpenAI's shape, with
+    their headers (a 405's ``Allow``)."""
+    status = error.code or 500
+    if status == 413:
+        return _too_large_error(max_body).response()
+    types = {404: "not_found_error", 500: "server_error"}
+    response = HTTPError(
+        status, error.description or error.name, types.get(status, "invalid_request_error")
+    ).response()
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def run_error(run: Run) -> tuple[int, dict[str, Any]]:
@@ -34,3 +112,14 @@ def run_error(run: Run) -> tuple[int, dict[str, Any]]:
     if run.reason != "exception":  # an upstream failure, whatever its kind
         return 502, error_body(message, "upstream_error", code)
     return 500, error_body("the relay failed while producing the answer", "server_error", code)
+
+
+def run_error_response(run: Run, headers: Mapping[str, str]) -> Response:
+    """The JSON error answering a request whose run failed (with the upstream's Retry-After
+    when it rate-limited us)."""
+    status, body = run_error(run)
+    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    response.headers.update(headers)
+    if isinstance(run.error, UpstreamRateLimited) and run.error.retry_after is not None:
+        response.headers["Retry-After"] = str(math.ceil(run.error.retry_after))
+    return response

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .._relay import RelayStatistics, Run
 
@@ -47,22 +49,7 @@ class Metrics:
             registry=r,
         )
 
-        def stat(name: str) -> Callable[[], float]:
-            def read() -> float:
-                stats = statistics()
-                return float(getattr(stats, name)) if stats is not None else 0.0
-
-            return read
-
-        for name, field, text in (
-            ("tokenrelay_runs_in_flight", "runs_running", "Runs whose producer is running."),
-            ("tokenrelay_runs_waiting", "runs_waiting", "Runs waiting for their turn."),
-            ("tokenrelay_runs_retained", "runs_retained", "Finished runs held for replay."),
-            ("tokenrelay_sessions", "sessions", "Sessions with a run held or in progress."),
-            ("tokenrelay_subscribers", "subscribers", "Open subscriptions on held runs."),
-            ("tokenrelay_replay_bytes_held", "bytes_held", "Bytes of event data held."),
-        ):
-            Gauge(name, text, registry=r).set_function(stat(field))
+        r.register(_RelayCollector(statistics))
 
     def run_ended(self, run: Run) -> None:
         """Count a run's ending."""
@@ -71,3 +58,28 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+#: The gauges that describe what the relay holds: (metric, RelayStatistics field, help).
+_GAUGES = (
+    ("tokenrelay_runs_in_flight", "runs_running", "Runs whose producer is running."),
+    ("tokenrelay_runs_waiting", "runs_waiting", "Runs waiting for their turn."),
+    ("tokenrelay_runs_retained", "runs_retained", "Finished runs held for replay."),
+    ("tokenrelay_sessions", "sessions", "Sessions with a run held or in progress."),
+    ("tokenrelay_subscribers", "subscribers", "Open subscriptions on held runs."),
+    ("tokenrelay_replay_bytes_held", "bytes_held", "Bytes of event data held."),
+)
+
+
+class _RelayCollector(Collector):
+    """The relay's gauges, from one :meth:`Relay.statistics` call per scrape (it walks every
+    session, so it is taken once, not once per gauge)."""
+
+    def __init__(self, statistics: Callable[[], RelayStatistics | None]) -> None:
+        self._statistics = statistics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._statistics()
+        for name, field, text in _GAUGES:
+            value = float(getattr(stats, field)) if stats is not None else 0.0
+            yield GaugeMetricFamily(name, text, value=value)

@@ -16,7 +16,8 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from ._app import ServerConfig, create_app
+from ._app import create_app
+from ._config import Option, ServerConfig, flag, options, show_size, size, size_or_none
 
 __all__ = ["main", "serve"]
 
@@ -36,117 +37,24 @@ examples:
   TOKENRELAY_API_KEY=s3cret tokenrelay serve --host 0.0.0.0"""
 
 
-def _seconds_or_none(text: str) -> float | None:
-    """Seconds, or ``none`` (also ``off`` or ``0``) for no limit."""
-    return None if text.strip().lower() in ("none", "off", "0") else _seconds(text)
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, with its ``ValueError`` as argparse's error (so the message shows)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def _bytes_or_none(text: str) -> int | None:
-    """A size in bytes, with an optional K, M, G or T suffix (powers of 1024, an optional
-    trailing B or iB); ``none`` (also ``off`` or ``0``) for no limit."""
-    value = text.strip().lower()
-    if value in ("none", "off", "0"):
-        return None
-    number = value.removesuffix("ib").removesuffix("b")
-    unit = number[-1:] if number[-1:] in _UNITS else ""
-    try:
-        size = float(number.removesuffix(unit)) * _UNITS[unit]
-    except ValueError:
-        message = f"expected a size such as 512M or 2G, not {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
-    if not size >= 1:
-        raise argparse.ArgumentTypeError("must be at least 1 byte (or none)")
-    return int(size)
-
-
-def _size(value: int) -> str:
-    """``value`` bytes as the CLI takes it back: ``8M``, ``5.9G``."""
-    for unit in "TGMK":
-        if value >= _UNITS[unit.lower()]:
-            return f"{value / _UNITS[unit.lower()]:.3g}{unit}"
+def _shown(option: Option, value: Any) -> str:
+    if value is None:
+        return "none"
+    if option.parse in (size, size_or_none):
+        return show_size(value)
     return str(value)
-
-
-def _count_or_none(text: str) -> int | None:
-    """A positive count, or ``none`` (also ``off`` or ``0``) for no limit."""
-    if text.strip().lower() in ("none", "off", "0"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be positive (or none)")
-    return value
-
-
-def _flag(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
-
-
-#: The options that map onto ServerConfig fields of the same name:
-#: (flag, how to read a value, metavar, help).
-_OPTIONS: tuple[tuple[str, Callable[[str], Any], str | None, str], ...] = (
-    ("--host", str, None, "address to listen on"),
-    ("--port", int, None, "port (0: any free one)"),
-    ("--upstream", str, "SPEC", "demo | ollama=URL | openai=URL"),
-    ("--model", str, None, "model for requests that name none"),
-    ("--upstream-api-key", str, "KEY", "API key sent to an openai= upstream"),
-    (
-        "--first-token-timeout",
-        _seconds_or_none,
-        "S",
-        "seconds to the first token; 'none': no limit",
-    ),
-    ("--token-timeout", _seconds_or_none, "S", "longest gap between tokens; 'none': no limit"),
-    ("--grace", _seconds, "S", "seconds a finished run stays resumable after its last reader left"),
-    ("--demo-prefill", _seconds, "S", "the demo model's delay before its first token"),
-    ("--demo-token-delay", _seconds, "S", "the demo model's delay between tokens"),
-    ("--max-body", int, "BYTES", "largest request body"),
-    ("--max-runs", int, "N", "runs at once before answering 429"),
-    (
-        "--max-runs-per-key",
-        _count_or_none,
-        "N",
-        "runs at once for one API key before answering 429; 'none': half of --max-runs "
-        "when there are several keys, else no limit of its own",
-    ),
-    (
-        "--max-memory",
-        _bytes_or_none,
-        "SIZE",
-        "bytes of events all runs may hold (e.g. 2G): finished runs nobody follows are "
-        "evicted first, then new runs get 503; 'none': no limit",
-    ),
-    ("--max-events", _count_or_none, "N", "events each run holds for replay; 'none': no limit"),
-    ("--max-bytes", _bytes_or_none, "SIZE", "bytes each run holds for replay; 'none': no limit"),
-    (
-        "--stall-timeout",
-        _seconds_or_none,
-        "S",
-        "seconds a client may leave a stream's write blocked before it stops holding its run",
-    ),
-    ("--finish-timeout", _seconds, "S", "the longest a run's saving may take once it ends"),
-    ("--upstream-connections", int, "N", "connections to the upstream at once"),
-    ("--keepalive", _seconds, "S", "seconds between keep-alive comments on a quiet stream"),
-)
-
-
-def _env(flag: str) -> str:
-    return "TOKENRELAY_" + flag.removeprefix("--").replace("-", "_").upper()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -163,50 +71,44 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = ServerConfig()
-    for flag, convert, metavar, help_text in _OPTIONS:
-        variable = _env(flag)
-        default = getattr(defaults, flag.removeprefix("--").replace("-", "_"))
-        if (raw := os.environ.get(variable)) is not None:
+    for option in options():  # ServerConfig's fields, each with its help and parser
+        default = option.default
+        if (raw := os.environ.get(option.env)) is not None:
             try:
-                default = convert(raw)
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                parser.error(f"{variable}={raw!r}: {exc}")
-        shown = "none" if default is None else default
-        if convert is _bytes_or_none and default is not None:
-            shown = _size(default)
+                default = option.parse(raw)
+            except ValueError as exc:
+                parser.error(f"{option.env}={raw!r}: {exc}")
+        if option.parse is flag:
+            serve.add_argument(
+                option.flag,
+                action="store_true",
+                default=default,
+                help=f"{option.help} [{option.env}=1]",
+            )
+            continue
         serve.add_argument(
-            flag,
-            type=convert,
+            option.flag,
+            type=_argument_type(option.parse),
             default=default,
-            metavar=metavar,
-            help=f"{help_text} [{variable}; default: {shown}]",
+            metavar=option.metavar,
+            help=f"{option.help} [{option.env}; default: {_shown(option, default)}]",
         )
+    serve.add_argument(
+        "--api-keys-file",
+        default=os.environ.get("TOKENRELAY_API_KEYS_FILE"),
+        metavar="PATH",
+        help="file of the API keys clients must present as 'Authorization: Bearer KEY', one "
+        "a line, '#' for comments [TOKENRELAY_API_KEYS_FILE; or TOKENRELAY_API_KEY: a "
+        "comma-separated list]",
+    )
     serve.add_argument(
         "--api-key",
         action="append",
         dest="api_keys",
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY'; repeatable "
-        "[TOKENRELAY_API_KEY: a comma-separated list]",
-    )
-    serve.add_argument(
-        "--api-keys-file",
-        default=os.environ.get("TOKENRELAY_API_KEYS_FILE"),
-        metavar="PATH",
-        help="file of API keys, one a line, '#' for comments [TOKENRELAY_API_KEYS_FILE]",
-    )
-    serve.add_argument(
-        "--insecure-open",
-        action="store_true",
-        default=_flag(os.environ.get("TOKENRELAY_INSECURE_OPEN", "")),
-        help="allow a non-loopback --host without API keys [TOKENRELAY_INSECURE_OPEN=1]",
+        help="an API key, repeatable (it shows in 'ps': prefer --api-keys-file)",
     )
     return parser
-
-
-def _field(flag: str) -> str:
-    return flag.removeprefix("--").replace("-", "_")
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
@@ -226,8 +128,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
             line = line.strip()
             if line and not line.startswith("#"):
                 keys.append(line)
-    options = {_field(flag): getattr(args, _field(flag)) for flag, *_ in _OPTIONS}
-    return ServerConfig(**options, api_keys=tuple(keys), insecure_open=args.insecure_open)
+    settings = {option.name: getattr(args, option.name) for option in options()}
+    return ServerConfig(**settings, api_keys=tuple(keys))
 
 
 class CannotListen(Exception):

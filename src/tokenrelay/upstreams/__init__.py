@@ -8,6 +8,10 @@ async iterator of :class:`Delta` with an ``aclose()``, ready for :func:`tokenrel
 from ._chat import ChatRequest as ChatRequest
 from ._chat import Delta as Delta
 from ._chat import Usage as Usage
+from ._codec import DecodedEvent as DecodedEvent
+from ._codec import EventKind as EventKind
+from ._codec import decode_event as decode_event
+from ._codec import encode_delta as encode_delta
 from ._demo import DemoUpstream as DemoUpstream
 from ._http import Upstream as Upstream
 from ._http import http_client as http_client
@@ -19,13 +23,17 @@ from ._spec import parse_upstream as parse_upstream
 
 __all__ = [
     "ChatRequest",
+    "DecodedEvent",
     "Delta",
     "DemoUpstream",
+    "EventKind",
     "OllamaUpstream",
     "OpenAIUpstream",
     "Upstream",
     "UpstreamSpec",
     "Usage",
+    "decode_event",
+    "encode_delta",
     "http_client",
     "open_upstream",
     "parse_upstream",

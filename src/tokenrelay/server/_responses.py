@@ -1,0 +1,126 @@
+"""The two ways a chat request is answered once its run has started: a stream of server-sent
+events that follows the run (and any resume of it), or one ``chat.completion`` at its end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import trio
+from quart import Response
+
+from .._events import Event, RunStatus
+from .._exceptions import ReplayGap
+from ..upstreams._codec import EventKind, decode_event
+from ._errors import error_body, run_error_response
+from ._service import RelayService, Watch
+from ._sse import DONE, ChunkRenderer, is_finish, sse_comment, sse_error, sse_retry
+
+__all__ = ["complete", "gap_response", "sse_response"]
+
+
+def sse_response(
+    service: RelayService, watch: Watch, after: int, headers: Mapping[str, str]
+) -> Response:
+    """A ``text/event-stream`` response following ``watch``'s run from ``after`` on."""
+    response = Response(_stream(service, watch, after), status=200, mimetype="text/event-stream")
+    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    response.timeout = None  # Quart's RESPONSE_TIMEOUT must not cut a long stream
+    return response
+
+
+def gap_response(gap: ReplayGap, headers: Mapping[str, str]) -> Response:
+    """The stream answering a resume from events no longer held: the error, then the end."""
+    comment = sse_comment(f"tokenrelay run {gap.run_id}")
+    response = Response(
+        comment + sse_retry() + _gap_event(gap) + DONE, status=200, mimetype="text/event-stream"
+    )
+    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    return response
+
+
+async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncIterator[bytes]:
+    run, sub = watch.run, watch.sub
+    renderer = ChunkRenderer(run.id, run.info.get("model", ""), run.info.get("created", 0))
+    keepalive = service.config.keepalive
+    # Flushed at once, before any token: the client (and any proxy) sees the stream is up.
+    comment = sse_comment(f"tokenrelay run {run.id}")
+    retry = sse_retry()  # rides on the first event that has data
+    finished = False
+    try:
+        service.writing(watch)
+        if after == -1:  # what is ready at once goes out in one write
+            yield comment + retry + renderer.role()
+            retry = b""
+        else:
+            yield comment
+        watch.since = None
+        while True:
+            batch: list[Event] | None = None
+            try:
+                with trio.move_on_after(keepalive):
+                    batch = await sub.receive_batch()
+            except trio.EndOfChannel:
+                break
+            except trio.ClosedResourceError:
+                return  # dropped while its last write was stalled: nobody reads it
+            except ReplayGap as gap:
+                watch.ended = True
+                yield retry + _gap_event(gap) + DONE
+                return
+            service.writing(watch)
+            if batch is None:
+                yield b": keep-alive\n\n"
+            else:
+                # Coalesced: everything that was ready goes out in one write.
+                finished = finished or is_finish(batch[-1].data)
+                yield retry + renderer.events(batch)
+                retry = b""
+            watch.since = None
+        watch.ended = True
+        yield retry + renderer.ending(run, finished=finished)
+    finally:
+        service.unwatch(watch)
+
+
+async def complete(service: RelayService, watch: Watch, headers: Mapping[str, str]) -> Response:
+    """Wait for the whole answer and return it as one ``chat.completion``. (The run stops if
+    the client leaves first: a non-streaming run is cancelled when unwatched.)"""
+    run, sub = watch.run, watch.sub
+    text: list[str] = []
+    final: dict[str, Any] = {}
+    async for event in sub:
+        kind, value = decode_event(event.data)
+        if kind is EventKind.TEXT:
+            text.append(value)
+        elif kind is EventKind.FINISH:
+            final = value
+    watch.ended = True
+    service.unwatch(watch)
+    if run.status is RunStatus.ERROR:
+        return run_error_response(run, headers)
+    completion: dict[str, Any] = {
+        "id": run.id,
+        "object": "chat.completion",
+        "created": run.info.get("created", 0),
+        "model": run.info.get("model", ""),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": final.get("finish_reason", "stop"),
+            }
+        ],
+    }
+    if "usage" in final:
+        completion["usage"] = final["usage"]
+    if run.status is RunStatus.STOPPED:
+        completion["relay"] = {"status": run.status.value, "reason": run.reason}
+    response = Response(json.dumps(completion), mimetype="application/json")
+    response.headers.update(headers)
+    return response
+
+
+def _gap_event(gap: ReplayGap) -> bytes:
+    return sse_error(error_body(str(gap), "replay_gap", "events_no_longer_held"))

@@ -1,0 +1,268 @@
+"""The relay behind the routes: its upstream, its runs, its limits and its metrics. One per
+app, kept in ``app.extensions["tokenrelay"]``; routes reach it with :func:`relay_service`.
+
+Every run lives in the relay's nursery, which lives in the app's lifespan nursery, never in a
+request's tasks: quart-trio cancels a request's tasks the moment its client hangs up, and a
+detached run must outlive its client. A request only holds a :class:`Watch` on its run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from typing import Any, NoReturn, cast
+
+import trio
+from quart import current_app
+
+from .._events import Event
+from .._guard import ClosableAsyncIterator, pump
+from .._lifecycle import lifecycle
+from .._reaper import Reaper
+from .._relay import Emit, Produce, Relay, RelayStatistics, Run, Subscription, start_relay
+from ..upstreams._chat import Delta
+from ..upstreams._codec import encode_delta
+from ..upstreams._http import Upstream
+from ..upstreams._spec import open_upstream
+from ._auth import Keyring
+from ._config import ServerConfig
+from ._errors import fail
+from ._metrics import Metrics
+
+__all__ = ["EXTENSION", "RelayService", "Watch", "relay_service"]
+
+#: Where an app keeps its relay service.
+EXTENSION = "tokenrelay"
+
+
+def relay_service() -> RelayService:
+    """The relay service of the app handling the current request."""
+    return cast(RelayService, current_app.extensions[EXTENSION])
+
+
+class Watch:
+    """A request's hold on a run: its subscription, from the moment the run starts until the
+    request is over (see :func:`~tokenrelay.server._asgi.at_request_end`), and the state of
+    the write in progress, for the stall check."""
+
+    __slots__ = ("armed", "ended", "since", "sub")
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        #: The stream reached its end (a client that left before then "disconnected").
+        self.ended = False
+        #: When the write in progress began (``None``: no write in progress).
+        self.since: float | None = None
+        #: Whether a stall check is due for this watch.
+        self.armed = False
+
+    @property
+    def run(self) -> Run:
+        """The run watched."""
+        return self.sub.run
+
+
+class RelayService:
+    """The relay behind the routes: its upstream, its runs and its metrics."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        config.check()
+        self.config = config
+        self.keys = Keyring(config.api_keys)
+        self.relay: Relay | None = None
+        self.upstream: Upstream | None = None
+        self.metrics = Metrics(self._statistics)
+        self._stack = AsyncExitStack()
+        #: Runs running or waiting, by namespace (for ``max_runs_per_key``).
+        self._runs_by_namespace: dict[str, int] = {}
+        self._stalls: Reaper[Watch] = Reaper(self._check_stall)
+
+    def _statistics(self) -> RelayStatistics | None:
+        return self.relay.statistics() if self.relay is not None else None
+
+    # -- life -------------------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open the upstream and start the relay in ``nursery`` (the app's lifespan nursery)."""
+        cfg = self.config
+        self.upstream = await self._stack.enter_async_context(
+            open_upstream(
+                cfg.upstream,
+                model=cfg.model,
+                api_key=cfg.upstream_api_key,
+                max_connections=cfg.upstream_connections,
+                demo_prefill=cfg.demo_prefill,
+                demo_token_delay=cfg.demo_token_delay,
+            )
+        )
+        self.relay = await start_relay(
+            nursery,
+            grace=cfg.grace,
+            max_events=cfg.max_events,
+            max_bytes=cfg.max_bytes,
+            max_total_bytes=cfg.max_memory,
+            finish_timeout=cfg.finish_timeout,
+        )
+        if cfg.stall_timeout is not None:
+            await nursery.start(self._stalls.run)
+
+    async def drain(self) -> None:
+        """Stop every run (reason ``"shutdown"``), wait for their ``on_finish``; streams then
+        end with a final chunk that says so."""
+        if self.relay is not None:
+            await self.relay.aclose()
+
+    async def stop(self) -> None:
+        """Drain, then close the upstream's HTTP client."""
+        await self.drain()
+        await self._stack.aclose()
+
+    def running_relay(self) -> Relay:
+        """The relay, or a 503 once it is shutting down."""
+        if self.relay is None or self.relay.closed:
+            fail(503, "the relay is shutting down", "server_error", "shutting_down")
+        return self.relay
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def admit(self, namespace: str, session_key: str, on_busy: str) -> None:
+        """Count a new run against the global and per-key limits (429 when over one). A run
+        that supersedes its own session's run replaces it, so it is always let through."""
+        cfg = self.config
+        relay = self.running_relay()
+        current = relay.get(session_key)
+        replaces = on_busy == "supersede" and current is not None and current.finished_at is None
+        per_key = cfg.runs_per_key
+        held = self._runs_by_namespace.get(namespace, 0)
+        if not replaces:
+            if relay.runs_in_progress >= cfg.max_runs:
+                _too_many(f"the relay is at its limit of {cfg.max_runs} runs at once")
+            if per_key is not None and held >= per_key:
+                _too_many(f"this API key is at its limit of {per_key} runs at once")
+        self._runs_by_namespace[namespace] = held + 1
+
+    def release(self, namespace: str) -> None:
+        """A run counted by :meth:`admit` is over (or never started)."""
+        held = self._runs_by_namespace[namespace] - 1
+        if held:
+            self._runs_by_namespace[namespace] = held
+        else:
+            del self._runs_by_namespace[namespace]
+
+    def producer(self, stream: ClosableAsyncIterator[Delta], accepted: trio.Event) -> Produce:
+        """The run's work: relay ``stream``'s deltas as events (:func:`tokenrelay.pump`),
+        timing each for the metrics."""
+        cfg = self.config
+        ttft = self.metrics.time_to_first_token
+        inter_token = self.metrics.inter_token
+
+        async def produce(emit: Emit) -> None:
+            last = trio.current_time()
+            first = True
+
+            def encode(delta: Delta) -> list[str]:
+                nonlocal last, first
+                now = trio.current_time()
+                (ttft if first else inter_token).observe(now - last)
+                first, last = False, now
+                return encode_delta(delta)
+
+            await pump(
+                stream,
+                emit,
+                encode,
+                first_token_timeout=cfg.first_token_timeout,
+                token_timeout=cfg.token_timeout,
+                accepted=accepted,
+            )
+
+        return produce
+
+    async def on_finish(self, run: Run, events: list[Event]) -> None:
+        """Count the run's ending. (The durable store will save the answer here.)"""
+        self.metrics.run_ended(run)
+        await trio.lowlevel.checkpoint()
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def watch(self, run: Run, after: int = -1) -> Watch:
+        """A request's hold on ``run``, taken at once (raises :exc:`ReplayGap`). Release it
+        with :meth:`unwatch` (idempotent)."""
+        sub = run.subscribe(after=after)
+        sub.hold()
+        return Watch(sub)
+
+    def unwatch(self, watch: Watch) -> None:
+        """The request is done with its run. If the run must not outlive its readers
+        (``Run.cancel_when_unwatched``) and this was the last, the run stops."""
+        if watch.sub.closed:
+            return
+        if not watch.ended:
+            self.metrics.client_disconnects.inc()
+        watch.since = None
+        watch.sub.close()
+
+    def writing(self, watch: Watch) -> None:
+        """A write of ``watch``'s stream begins: make sure a stall check is due."""
+        now = trio.current_time()
+        watch.since = now
+        timeout = self.config.stall_timeout
+        if timeout is not None and not watch.armed:
+            watch.armed = True
+            self._stalls.arm(now + timeout, watch)
+
+    def _check_stall(self, watch: Watch) -> None:
+        """Drop a watch whose write has been blocked for ``stall_timeout``: its run is then no
+        longer held on its account (its connection stays until the client or the kernel gives
+        up on it; hypercorn cannot cancel a write)."""
+        timeout = self.config.stall_timeout
+        assert timeout is not None
+        since = watch.since
+        if since is None:
+            watch.armed = False  # the next write arms it again
+        elif trio.current_time() - since < timeout:
+            self._stalls.arm(since + timeout, watch)
+        else:
+            watch.armed = False
+            run = watch.run
+            self.unwatch(watch)
+            lifecycle(
+                "subscriber_stalled",
+                logging.WARNING,
+                run=run.id,
+                session=run.session_id,
+                seconds=timeout,
+            )
+
+    # -- describing -------------------------------------------------------------------------
+
+    def run_status(self, session_id: str, run: Run) -> dict[str, Any]:
+        """What ``GET /v1/sessions/{id}`` says about a run."""
+        now_wall, now_trio = time.time(), trio.current_time()
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None else round(now_wall - (now_trio - t), 3)
+
+        duration = None
+        if run.started_at is not None:
+            end = run.finished_at if run.finished_at is not None else now_trio
+            duration = round((end - run.started_at) * 1000)
+        return {
+            "session_id": session_id,
+            "run_id": run.id,
+            "status": run.status.value,
+            "reason": run.reason,
+            "model": run.info.get("model"),
+            "events": run.event_count,
+            "bytes_held": run.bytes_held,
+            "subscribers": run.subscriber_count,
+            "started_at": wall(run.started_at),
+            "finished_at": wall(run.finished_at),
+            "duration_ms": duration,
+            "error": str(run.error) if run.error is not None else None,
+        }
+
+
+def _too_many(message: str) -> NoReturn:
+    fail(429, message + "; retry shortly", "rate_limit_error", "too_many_runs", Retry_After="1")

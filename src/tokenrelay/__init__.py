@@ -92,6 +92,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> typing.Any:
+    if name in ("server", "stores", "testing", "upstreams"):  # tokenrelay.upstreams.Delta, ...
+        return importlib.import_module(f".{name}", __name__)
     package = _LAZY.get(name)
     if package is None:
         raise AttributeError(f"module 'tokenrelay' has no attribute {name!r}")

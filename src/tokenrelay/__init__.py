@@ -61,6 +61,7 @@ if typing.TYPE_CHECKING:
     from .upstreams import DemoUpstream as DemoUpstream
     from .upstreams import OllamaUpstream as OllamaUpstream
     from .upstreams import OpenAIUpstream as OpenAIUpstream
+    from .upstreams import ToolCallDelta as ToolCallDelta
     from .upstreams import Upstream as Upstream
     from .upstreams import UpstreamSpec as UpstreamSpec
     from .upstreams import Usage as Usage
@@ -79,6 +80,7 @@ _LAZY = {
             "DemoUpstream",
             "OllamaUpstream",
             "OpenAIUpstream",
+            "ToolCallDelta",
             "Upstream",
             "UpstreamSpec",
             "Usage",
@@ -136,6 +138,7 @@ __all__ = [
     "Store",
     "Subscription",
     "TokenTimeout",
+    "ToolCallDelta",
     "UnknownEventKind",
     "UnknownSession",
     "Upstream",

@@ -157,28 +157,34 @@ async def serve(
     hypercorn_config.backlog = 2048
 
     async def until_signal() -> None:
-        with trio.open_signal_receiver(*shutdown_signals) as signals:
-            async for signum in signals:
-                logger.info("shutting_down signal=%s", signal.Signals(signum).name)
-                break
+        async for signum in signals:
+            logger.info("shutting_down signal=%s", signal.Signals(signum).name)
+            break
         await service.drain()
 
-    async with trio.open_nursery() as nursery:
-        try:
-            binds = await nursery.start(
-                partial(hypercorn.trio.serve, app, hypercorn_config, shutdown_trigger=until_signal)
+    # Caught from the start: a signal that comes before hypercorn asks for its shutdown
+    # trigger (just after it says it is listening) must not kill the process.
+    with trio.open_signal_receiver(*shutdown_signals) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                binds = await nursery.start(
+                    partial(
+                        hypercorn.trio.serve, app, hypercorn_config, shutdown_trigger=until_signal
+                    )
+                )
+            except* OSError as group:  # hypercorn raises it in a group of its nursery's
+                error = _leaves(group)[0]
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+                raise CannotListen(
+                    f"cannot listen on {hypercorn_config.bind[0]}: {reason}"
+                ) from group
+            logger.info(
+                "tokenrelay listening on %s, relaying %s%s",
+                binds[0],
+                service.upstream,
+                "" if config.api_keys else " (no API keys: anyone who can connect may use it)",
             )
-        except* OSError as group:  # hypercorn raises it in a group of its nursery's
-            error = _leaves(group)[0]
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-            raise CannotListen(f"cannot listen on {hypercorn_config.bind[0]}: {reason}") from group
-        logger.info(
-            "tokenrelay listening on %s, relaying %s%s",
-            binds[0],
-            service.upstream,
-            "" if config.api_keys else " (no API keys: anyone who can connect may use it)",
-        )
-        task_status.started(binds[0])
+            task_status.started(binds[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

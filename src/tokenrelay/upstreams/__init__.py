@@ -7,6 +7,7 @@ async iterator of :class:`Delta` with an ``aclose()``, ready for :func:`tokenrel
 
 from ._chat import ChatRequest as ChatRequest
 from ._chat import Delta as Delta
+from ._chat import ToolCallDelta as ToolCallDelta
 from ._chat import Usage as Usage
 from ._codec import DecodedEvent as DecodedEvent
 from ._codec import EventKind as EventKind
@@ -29,6 +30,7 @@ __all__ = [
     "EventKind",
     "OllamaUpstream",
     "OpenAIUpstream",
+    "ToolCallDelta",
     "Upstream",
     "UpstreamSpec",
     "Usage",

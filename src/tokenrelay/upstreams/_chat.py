@@ -9,16 +9,24 @@ from typing import Any, NamedTuple
 
 from .._exceptions import InvalidRequest
 
-__all__ = ["ChatRequest", "Delta", "Usage"]
+__all__ = ["ChatRequest", "Delta", "ToolCallDelta", "Usage"]
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 class Usage(NamedTuple):
-    """Token counts, as the upstream reported them (or as the demo model counted them)."""
+    """Token counts, as the upstream reported them (or as the demo model counted them).
+
+    Attributes:
+        prompt_tokens: tokens of the request.
+        completion_tokens: tokens of the answer (reasoning included, as upstreams count).
+        details: the rest of the upstream's usage object, as it sent it
+            (``completion_tokens_details``, ``prompt_tokens_details``...), or ``None``.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    details: Mapping[str, Any] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -26,19 +34,71 @@ class Usage(NamedTuple):
         return self.prompt_tokens + self.completion_tokens
 
 
-class Delta(NamedTuple):
-    """One piece of an answer: some text, and on the last one, why it ended.
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool call, as OpenAI streams them: the first piece of a call has its
+    ``id``, ``type`` and function ``name``; later pieces (same ``index``) add fragments of the
+    ``arguments`` JSON text.
 
     Attributes:
-        text: the new text (may be empty on the last delta).
-        finish_reason: ``None`` until the last delta, then the upstream's reason:
-            ``"stop"``, ``"length"``, ...
-        usage: token counts, on the last delta when the upstream reports them.
+        index: which tool call of the choice this piece belongs to.
+        id: the call's id (first piece only).
+        name: the function's name (first piece only).
+        arguments: a fragment of the arguments' JSON text (may be empty).
+        type: ``"function"`` on the first piece.
     """
 
-    text: str
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    type: str | None = None
+
+
+class Delta(NamedTuple):
+    """One step of an answer, for one choice: what the model produced since the last step.
+
+    Every field but ``text`` has a default, so that ``Delta("Hel")`` is a piece of plain text.
+
+    Attributes:
+        text: new visible text (OpenAI's ``content``).
+        finish_reason: ``None`` until the choice's last step, then the upstream's reason:
+            ``"stop"``, ``"length"``, ``"tool_calls"``, ...
+        usage: token counts, when the upstream reports them (once, near the end).
+        reasoning: new reasoning text (``reasoning_content``; Ollama's ``thinking``).
+        tool_calls: pieces of tool calls.
+        refusal: new refusal text.
+        logprobs: the step's log probabilities, in OpenAI's shape (``{"content": [...]}``).
+        choice: the choice this step belongs to (OpenAI's choice ``index``; a request with
+            ``n`` > 1 asks for several).
+        extra: delta fields this library does not know, passed through as they came.
+        model: the name the upstream serves the answer under, when it says (first step).
+        system_fingerprint: the upstream's ``system_fingerprint``, when it says.
+    """
+
+    text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    refusal: str = ""
+    logprobs: Mapping[str, Any] | None = None
+    choice: int = 0
+    extra: Mapping[str, Any] | None = None
+    model: str | None = None
+    system_fingerprint: str | None = None
+
+    @property
+    def is_output(self) -> bool:
+        """Whether the model produced something here (text, reasoning, a tool call, a refusal,
+        or its finish): what keeps a stream alive. Usage or names alone are not."""
+        return bool(
+            self.text
+            or self.reasoning
+            or self.tool_calls
+            or self.refusal
+            or self.finish_reason is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +118,14 @@ class ChatRequest:
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    #: ``stream_options.include_usage``: the client wants the usage chunk at the end.
+    include_usage: bool = False
+    #: Function tools the model may call (OpenAI's ``tools``), as sent.
+    tools: list[dict[str, Any]] | None = None
+    #: How many choices to generate.
+    n: int = 1
+    #: ``reasoning_effort``: ``"low"``, ``"medium"``, ``"high"``..., as sent.
+    reasoning_effort: str | None = None
     body: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -101,6 +169,25 @@ class ChatRequest:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidRequest("'seed' must be an integer")
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, Mapping):
+            raise InvalidRequest("'stream_options' must be an object")
+        include_usage = options.get("include_usage") if options is not None else None
+        if include_usage is not None and not isinstance(include_usage, bool):
+            raise InvalidRequest("'stream_options.include_usage' must be true or false")
+        tools = body.get("tools")
+        if tools is not None and (
+            not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)
+        ):
+            raise InvalidRequest("'tools' must be an array of tool objects")
+        n = body.get("n")
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+            raise InvalidRequest("'n' must be an integer from 1 to 128")
+        effort = body.get("reasoning_effort")
+        if effort is not None and not isinstance(effort, str):
+            raise InvalidRequest("'reasoning_effort' must be a string")
         return cls(
             messages=messages,
             model=model,
@@ -110,6 +197,10 @@ class ChatRequest:
             top_p=_number(body, "top_p", 0.0, 1.0),
             stop=stop,
             seed=seed,
+            include_usage=bool(include_usage),
+            tools=[dict(tool) for tool in tools] if tools is not None else None,
+            n=n,
+            reasoning_effort=effort,
             body=body,
         )
 

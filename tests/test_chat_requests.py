@@ -164,5 +164,23 @@ def test_openai_payload_passes_unknown_fields_through() -> None:
         "logprobs": True,
         "n": 1,
         "stream": True,
+        "stream_options": {"include_usage": True},  # always asked for upstream
         "model": "m",
+    }
+
+
+def test_openai_payload_keeps_the_clients_stream_options_and_drops_an_empty_model() -> None:
+    request = ChatRequest.from_openai(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "model": "",
+            "stream_options": {"include_usage": False, "other": 1},
+        }
+    )
+    assert not request.include_usage
+    upstream = tokenrelay.OpenAIUpstream("http://x/v1", client=None)  # type: ignore[arg-type]
+    assert upstream.payload(request) == {
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": True,
+        "stream_options": {"include_usage": True, "other": 1},
     }

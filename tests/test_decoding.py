@@ -6,13 +6,20 @@ import pytest
 
 from tokenrelay import (
     Delta,
+    ToolCallDelta,
     UnknownEventKind,
     UpstreamDisconnected,
     UpstreamProtocolError,
     UpstreamReportedError,
     Usage,
 )
-from tokenrelay.upstreams._codec import EventKind, decode_event, encode_delta, encode_text
+from tokenrelay.upstreams._codec import (
+    Answer,
+    EventKind,
+    decode_event,
+    encode_delta,
+    encode_text,
+)
 from tokenrelay.upstreams._lines import LineSplitter, SSEParser, SurrogateJoiner
 from tokenrelay.upstreams._ollama import OllamaDecoder
 from tokenrelay.upstreams._openai import OpenAIDecoder
@@ -106,7 +113,8 @@ def test_openai_stream_with_usage_after_the_finish_reason() -> None:
         'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
         "data: [DONE]\n\n",
     )
-    assert deltas == [Delta("Hi"), Delta("", "length", Usage(3, 1))]
+    # The role alone and the keep-alive give nothing: they are not the model's output.
+    assert deltas == [Delta("Hi"), Delta("", "length"), Delta(usage=Usage(3, 1))]
     assert decoder.finished
 
 
@@ -114,7 +122,7 @@ def test_openai_stream_ending_after_a_finish_reason_without_done() -> None:
     decoder = OpenAIDecoder()
     line = b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]}'
     assert decoder.feed(line) == []  # no blank line yet: the event is not complete
-    assert decoder.close() == [Delta("x"), Delta("", "stop", None)]
+    assert decoder.close() == [Delta("x", "stop")]
 
 
 def test_openai_stream_ending_unfinished() -> None:
@@ -161,16 +169,69 @@ def test_events_round_trip_through_the_codec_with_their_kind() -> None:
     usage = Usage(3, 2)
     events = encode_delta(Delta("Hel")) + encode_delta(Delta("lo", "stop", usage))
     assert events == [
-        '"Hel"',
-        '"lo"',
-        'f{"finish_reason":"stop","usage":{"prompt_tokens":3,'
-        '"completion_tokens":2,"total_tokens":5}}',
+        '"Hel"',  # plain text of choice 0: its JSON string, nothing more
+        'c{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}',
+        'u{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}',
     ]
     decoded = [decode_event(data) for data in events]
-    assert [d.kind for d in decoded] == [EventKind.TEXT, EventKind.TEXT, EventKind.FINISH]
-    assert decoded[1].value == "lo"
-    assert decoded[2].value["usage"]["total_tokens"] == 5
+    assert [d.kind for d in decoded] == [EventKind.TEXT, EventKind.CHOICE, EventKind.USAGE]
+    assert decoded[1].value["delta"] == {"content": "lo"}
+    assert decoded[2].value["total_tokens"] == 5
     assert encode_text("a\nb") == '"a\\nb"'  # a text event costs its JSON string, no more
+
+
+def test_every_part_of_a_step_is_encoded_in_openai_shape_and_gathered_back() -> None:
+    logprobs = {"content": [{"token": "x", "logprob": -0.1, "bytes": [120], "top_logprobs": []}]}
+    steps = [
+        Delta(reasoning="let me think", model="served-name"),
+        Delta(tool_calls=(ToolCallDelta(0, id="call_1", name="get", type="function"),)),
+        Delta(tool_calls=(ToolCallDelta(0, arguments='{"q":'),)),
+        Delta(tool_calls=(ToolCallDelta(0, arguments='"x"}'),)),
+        Delta("B", choice=1, logprobs=logprobs, extra={"audio": {"id": "a"}}),
+        Delta(finish_reason="tool_calls"),
+        Delta(finish_reason="stop", choice=1),
+        Delta(usage=Usage(5, 7, {"completion_tokens_details": {"reasoning_tokens": 3}})),
+    ]
+    events = [data for step in steps for data in encode_delta(step)]
+    assert events[1] == (
+        'c{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function",'
+        '"function":{"name":"get","arguments":""}}]},"finish_reason":null}'
+    )
+    answer = Answer()
+    for data in events:
+        answer.add(data)
+    assert answer.choices() == [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "reasoning_content": "let me think",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get", "arguments": '{"q":"x"}'},
+                    }
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        },
+        {
+            "index": 1,
+            "message": {"role": "assistant", "content": "B", "audio": {"id": "a"}},
+            "logprobs": logprobs,
+            "finish_reason": "stop",
+        },
+    ]
+    assert answer.usage == {
+        "prompt_tokens": 5,
+        "completion_tokens": 7,
+        "total_tokens": 12,
+        "completion_tokens_details": {"reasoning_tokens": 3},
+    }
+    assert answer.finished
 
 
 @pytest.mark.parametrize("data", ['{"finish_reason":"stop"}', "z[1]", ""])

@@ -137,7 +137,7 @@ async def test_an_emoji_split_across_two_chunks_streams_and_replays_intact(
 
 
 def test_a_lone_surrogate_a_producer_emitted_is_written_as_a_replacement_character() -> None:
-    renderer = ChunkRenderer("run", "model", 0)
+    renderer = ChunkRenderer("run", 0, include_usage=False)
     written = renderer.events([tokenrelay.Event(0, encode_text("a\ud800b"), "run")])
     data = written.decode().partition("data: ")[2]
     assert json.loads(data)["choices"][0]["delta"]["content"] == "a\ufffdb"

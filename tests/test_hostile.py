@@ -924,15 +924,17 @@ async def test_resume_cursors_are_ascii_digits_only(
 async def test_resume_from_trimmed_events_is_a_replay_gap_event(
     nursery: trio.Nursery, fake: FakeModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    served = await start_served(nursery, fake, max_events=3)  # seqs 3-5 of 0-5 are held
+    # Five tokens, the finish and the usage (seqs 0-6), of which 4-6 are held.
+    served = await start_served(nursery, fake, max_events=3)
     async with new_client(served.url) as client:
         await finished_run(served, client)
         for row, headers, query, replayed in [
             ("from-the-start", {}, "", None),
             ("header-0", {"Last-Event-ID": "0"}, "", None),
             ("query-1", {}, "?starting_after=1", None),
-            ("header-2-the-first-held", {"Last-Event-ID": "2"}, "", [3, 4, 5]),
-            ("header-last-seq", {"Last-Event-ID": "5"}, "", []),
+            ("header-2", {"Last-Event-ID": "2"}, "", None),
+            ("header-3-the-first-held", {"Last-Event-ID": "3"}, "", [4, 5]),  # 6: usage
+            ("header-last-seq", {"Last-Event-ID": "6"}, "", []),
         ]:
             async with client.stream(
                 "GET", "/v1/sessions/s/stream" + query, headers=headers
@@ -947,7 +949,7 @@ async def test_resume_from_trimmed_events_is_a_replay_gap_event(
             body = json.loads(events[0].data)
             assert sorted(body["error"]) == ["code", "message", "type"], row
             assert body["error"]["type"] == "replay_gap", row
-            assert "only seq 3 onwards are still held" in body["error"]["message"], row
+            assert "only seq 4 onwards are still held" in body["error"]["message"], row
         await assert_still_answers(served.url, client)
     assert_no_errors_logged(caplog)
 

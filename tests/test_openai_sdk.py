@@ -41,8 +41,27 @@ async def test_streaming(nursery: trio.Nursery, fake_server: FakeModelServer) ->
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "".join(TOKENS)
     assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(chunk.usage is None for chunk in chunks)  # not asked for
+
+
+@bounded(20)
+async def test_streaming_usage_comes_last_when_asked_for(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    served = await start_served(nursery, fake_server)
+    async with sdk(served.url) as client:
+        stream = await client.chat.completions.create(
+            model="fake",
+            messages=MESSAGES,
+            stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == []  # OpenAI's shape: usage alone, in a last chunk
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.completion_tokens_details is not None
 
 
 @bounded(20)

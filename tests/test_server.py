@@ -56,7 +56,7 @@ async def test_normal_stream(nursery: trio.Nursery, fake_server: FakeModelServer
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     final = last_chunk(events)
     assert final["choices"][0]["finish_reason"] == "stop"
-    assert final["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    assert "usage" not in final  # the client did not ask for it (stream_options.include_usage)
     assert "relay" not in final
 
 
@@ -330,7 +330,8 @@ async def test_a_detached_run_finishes_alone_and_replays_fully_later(
         assert run.status is RunStatus.DONE
         assert run.subscriber_count == 0
         status = (await client.get("/v1/sessions/s")).json()
-        assert (status["status"], status["events"], status["run_id"]) == ("done", 31, run.id)
+        # 30 tokens, the finish, and the usage (not shown: the client did not ask for it)
+        assert (status["status"], status["events"], status["run_id"]) == ("done", 32, run.id)
         async with client.stream("GET", "/v1/sessions/s/stream") as response:
             events = await SSEReader(response).all()
     assert seqs(events) == list(range(31))
@@ -352,7 +353,7 @@ async def test_resume_asks_for_events_no_longer_held(
     assert [e.event for e in events] == ["error", "message"]
     error = json.loads(events[0].data)["error"]
     assert error["type"] == "replay_gap"
-    assert "only seq 3 onwards are still held" in error["message"]
+    assert "only seq 4 onwards are still held" in error["message"]  # 5 tokens, finish, usage
     assert events[1].data == "[DONE]"
 
 

@@ -25,7 +25,6 @@ from tokenrelay import (
     UpstreamRateLimited,
     UpstreamReportedError,
     UpstreamStatusError,
-    Usage,
 )
 from tokenrelay.testing import FakeModelServer, FakeScript
 
@@ -98,7 +97,10 @@ async def test_normal_stream(
 ) -> None:
     deltas = await collect(make_upstream(dialect, fake_server, client), ask())
     assert [d.text for d in deltas if d.text] == [f"tok{i} " for i in range(5)]
-    assert deltas[-1] == Delta("", "stop", Usage(7, 5))
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["stop"]
+    [usage] = [d.usage for d in deltas if d.usage]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (7, 5)
+    assert deltas[0].model == "fake"  # the name the upstream served it under
     [record] = fake_server.requests
     assert record.dialect == dialect
     assert record.model == "fake"
@@ -113,7 +115,8 @@ async def test_the_request_names_the_model(
 ) -> None:
     fake_server.add_model("other", FakeScript(tokens=["x"]))
     deltas = await collect(make_upstream(dialect, fake_server, client), ask("other"))
-    assert [d.text for d in deltas] == ["x", ""]
+    assert [d.text for d in deltas if d.text] == ["x"]
+    assert deltas[0].model == "other"
 
 
 @bounded(20)
@@ -337,7 +340,7 @@ async def test_the_pool_stays_clean_after_many_cancellations(
                 nursery.start_soon(one, rng.uniform(0.0, 0.3))
         assert "cancelled" in outcomes
         deltas = await collect(upstream, ask())
-        assert deltas[-1].finish_reason == "stop"
+        assert [d.finish_reason for d in deltas if d.finish_reason] == ["stop"]
         pool = client._transport._pool  # type: ignore[attr-defined]
         assert len(pool.connections) <= 2
         assert all(c.is_idle() or c.is_closed() for c in pool.connections)

@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 from quart import Response, g, request
@@ -90,9 +90,15 @@ async def start_run(
         service.release(namespace)
         await service.on_finish(run, events)
 
+    info: dict[str, Any] = {
+        "model": call.chat.model or _default_model(service),
+        "created": int(time.time()),
+        "include_usage": call.chat.include_usage,
+    }
+    produce = service.producer(stream, accepted, info)
     try:
         run = await service.running_relay().start(
-            key, service.producer(stream, accepted), on_finish=on_finish, on_busy=call.on_busy
+            key, produce, on_finish=on_finish, on_busy=call.on_busy
         )
     except BaseException as exc:
         service.release(namespace)  # it never ran, so on_finish will not be called
@@ -109,7 +115,7 @@ async def start_run(
         if isinstance(exc, RelayClosed):
             fail(503, "the relay is shutting down", "server_error", "shutting_down")
         raise
-    run.info.update(model=call.chat.model or _default_model(service), created=int(time.time()))
+    run.info = info  # the producer's names (it has not run yet) and the request's
     service.metrics.runs_started.inc()
     # The request holds its run from now until it is over, whatever happens to it, even a
     # hang-up before its response body starts.

@@ -38,13 +38,20 @@ class Metrics:
         )
         self.time_to_first_token = Histogram(
             "tokenrelay_time_to_first_token_seconds",
-            "From the start of a run to its upstream's first token.",
+            "From the start of a run to the first visible text of its answer.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_output = Histogram(
+            "tokenrelay_time_to_first_output_seconds",
+            "From the start of a run to the model's first output of any kind (reasoning, a "
+            "tool call, text).",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inter_token = Histogram(
             "tokenrelay_inter_token_seconds",
-            "Gaps between consecutive upstream tokens.",
+            "Gaps between consecutive outputs of the model (text, reasoning, tool calls).",
             buckets=_GAP_BUCKETS,
             registry=r,
         )

@@ -12,10 +12,10 @@ from quart import Response
 
 from .._events import Event, RunStatus
 from .._exceptions import ReplayGap
-from ..upstreams._codec import EventKind, decode_event
+from ..upstreams._codec import Answer
 from ._errors import error_body, run_error_response
 from ._service import RelayService, Watch
-from ._sse import DONE, ChunkRenderer, is_finish, sse_comment, sse_error, sse_retry
+from ._sse import DONE, ChunkRenderer, sse_comment, sse_error, sse_retry
 
 __all__ = ["complete", "gap_response", "sse_response"]
 
@@ -42,12 +42,15 @@ def gap_response(gap: ReplayGap, headers: Mapping[str, str]) -> Response:
 
 async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncIterator[bytes]:
     run, sub = watch.run, watch.sub
-    renderer = ChunkRenderer(run.id, run.info.get("model", ""), run.info.get("created", 0))
+    info = run.info
+    renderer = ChunkRenderer(
+        run.id, info.get("created", 0), include_usage=info.get("include_usage", False)
+    )
+    renderer.name(info.get("model", ""), info.get("system_fingerprint"))
     keepalive = service.config.keepalive
     # Flushed at once, before any token: the client (and any proxy) sees the stream is up.
     comment = sse_comment(f"tokenrelay run {run.id}")
     retry = sse_retry()  # rides on the first event that has data
-    finished = False
     try:
         service.writing(watch)
         if after == -1:  # what is ready at once goes out in one write
@@ -73,13 +76,14 @@ async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncItera
             if batch is None:
                 yield b": keep-alive\n\n"
             else:
-                # Coalesced: everything that was ready goes out in one write.
-                finished = finished or is_finish(batch[-1].data)
+                # Coalesced: everything that was ready goes out in one write, under the
+                # names the upstream gave (with its first output).
+                renderer.name(info.get("model", ""), info.get("system_fingerprint"))
                 yield retry + renderer.events(batch)
                 retry = b""
             watch.since = None
         watch.ended = True
-        yield retry + renderer.ending(run, finished=finished)
+        yield retry + renderer.ending(run)
     finally:
         service.unwatch(watch)
 
@@ -88,14 +92,9 @@ async def complete(service: RelayService, watch: Watch, headers: Mapping[str, st
     """Wait for the whole answer and return it as one ``chat.completion``. (The run stops if
     the client leaves first: a non-streaming run is cancelled when unwatched.)"""
     run, sub = watch.run, watch.sub
-    text: list[str] = []
-    final: dict[str, Any] = {}
+    answer = Answer()
     async for event in sub:
-        kind, value = decode_event(event.data)
-        if kind is EventKind.TEXT:
-            text.append(value)
-        elif kind is EventKind.FINISH:
-            final = value
+        answer.add(event.data)
     watch.ended = True
     service.unwatch(watch)
     if run.status is RunStatus.ERROR:
@@ -105,16 +104,12 @@ async def complete(service: RelayService, watch: Watch, headers: Mapping[str, st
         "object": "chat.completion",
         "created": run.info.get("created", 0),
         "model": run.info.get("model", ""),
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(text)},
-                "finish_reason": final.get("finish_reason", "stop"),
-            }
-        ],
+        "choices": answer.choices(),
     }
-    if "usage" in final:
-        completion["usage"] = final["usage"]
+    if run.info.get("system_fingerprint") is not None:
+        completion["system_fingerprint"] = run.info["system_fingerprint"]
+    if answer.usage is not None:  # always, when the upstream gave it
+        completion["usage"] = answer.usage
     if run.status is RunStatus.STOPPED:
         completion["relay"] = {"status": run.status.value, "reason": run.reason}
     response = Response(json.dumps(completion), mimetype="application/json")

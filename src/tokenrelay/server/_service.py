@@ -150,22 +150,36 @@ class RelayService:
         else:
             del self._runs_by_namespace[namespace]
 
-    def producer(self, stream: ClosableAsyncIterator[Delta], accepted: trio.Event) -> Produce:
+    def producer(
+        self, stream: ClosableAsyncIterator[Delta], accepted: trio.Event, info: dict[str, Any]
+    ) -> Produce:
         """The run's work: relay ``stream``'s deltas as events (:func:`tokenrelay.pump`),
-        timing each for the metrics."""
+        timing each for the metrics, and keeping the names the upstream serves the answer
+        under (``model``, ``system_fingerprint``) in ``info`` (the run's ``info``)."""
         cfg = self.config
-        ttft = self.metrics.time_to_first_token
-        inter_token = self.metrics.inter_token
+        metrics = self.metrics
 
         async def produce(emit: Emit) -> None:
-            last = trio.current_time()
-            first = True
+            started = last = trio.current_time()
+            visible = output = False
 
             def encode(delta: Delta) -> list[str]:
-                nonlocal last, first
-                now = trio.current_time()
-                (ttft if first else inter_token).observe(now - last)
-                first, last = False, now
+                nonlocal last, visible, output
+                if delta.model is not None:
+                    info["model"] = delta.model
+                if delta.system_fingerprint is not None:
+                    info["system_fingerprint"] = delta.system_fingerprint
+                if delta.is_output:
+                    now = trio.current_time()
+                    if not output:
+                        output = True
+                        metrics.time_to_first_output.observe(now - started)
+                    else:
+                        metrics.inter_token.observe(now - last)
+                    if delta.text and not visible:
+                        visible = True
+                        metrics.time_to_first_token.observe(now - started)
+                    last = now
                 return encode_delta(delta)
 
             await pump(

@@ -12,8 +12,9 @@ import random
 from typing import Any
 
 from .._events import Event, RunStatus
+from .._exceptions import UnknownEventKind
 from .._relay import Run
-from ..upstreams._codec import EventKind, decode_event
+from ..upstreams._codec import EventKind, finishes
 from ..upstreams._lines import mend_surrogates
 from ._errors import run_error
 
@@ -21,7 +22,6 @@ __all__ = [
     "DONE",
     "ChunkRenderer",
     "error_event",
-    "is_finish",
     "sse_comment",
     "sse_error",
     "sse_retry",
@@ -46,18 +46,40 @@ def sse_retry(base_ms: int = 3000, jitter_ms: int = 2000) -> bytes:
 
 class ChunkRenderer:
     """Renders one run's events as ``chat.completion.chunk`` SSE events, each with an
-    ``id: <seq>`` line (what ``Last-Event-ID`` resumes after)."""
+    ``id: <seq>`` line (what ``Last-Event-ID`` resumes after).
 
-    def __init__(self, run_id: str, model: str, created: int) -> None:
+    Usage events become OpenAI's last chunk with ``choices: []`` only when the client asked
+    for it (``include_usage``). ``finished`` says whether any choice has finished so far.
+    """
+
+    def __init__(self, run_id: str, created: int, *, include_usage: bool) -> None:
         self.run_id = run_id
-        self.model = model
         self.created = created
-        head = _compact(
-            {"id": run_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        )[:-1]
+        self.include_usage = include_usage
+        self.finished = False
+        self._names: tuple[str, str | None] | None = None
+        self.name("", None)
+
+    def name(self, model: str, system_fingerprint: str | None) -> None:
+        """The ``model`` and ``system_fingerprint`` of the chunks from now on (the upstream
+        says them with its first output)."""
+        if self._names == (model, system_fingerprint):
+            return
+        self._names = (model, system_fingerprint)
+        fields: dict[str, Any] = {
+            "id": self.run_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model,
+        }
+        if system_fingerprint is not None:
+            fields["system_fingerprint"] = system_fingerprint
+        head = _compact(fields)[:-1]
+        self._head = head
+        self._choices_head = head + ',"choices":['
         self._content_head = head + ',"choices":[{"index":0,"delta":{"content":'
         self._content_tail = '},"finish_reason":null}]}'
-        self._head = head
+        self._usage_head = head + ',"choices":[],"usage":'
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None, **extra: Any) -> str:
         choices = _compact([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
@@ -73,10 +95,18 @@ class ChunkRenderer:
         parts = []
         for event in events:
             data = event.data
-            if data[:1] == '"':  # text, the hot path: its JSON goes in as it is
+            kind = data[:1]
+            if kind == '"':  # text, the hot path: its JSON goes in as it is
                 payload = self._content_head + data + self._content_tail
+            elif kind == EventKind.CHOICE:  # already the choice as the chunk holds it
+                payload = self._choices_head + data[1:] + "]}"
+                self.finished = self.finished or finishes(data)
+            elif kind == EventKind.USAGE:
+                if not self.include_usage:
+                    continue
+                payload = self._usage_head + data[1:] + "}"
             else:
-                payload = self._other(data)
+                raise UnknownEventKind(data)
             parts.append(f"id: {event.seq}\ndata: {payload}\n\n")
         blob = "".join(parts)
         try:
@@ -84,28 +114,17 @@ class ChunkRenderer:
         except UnicodeEncodeError:  # a producer emitted a lone surrogate: never fail a stream
             return mend_surrogates(blob).encode()
 
-    def _other(self, data: str) -> str:
-        kind, value = decode_event(data)
-        if kind is EventKind.FINISH:
-            extra = {"usage": value["usage"]} if "usage" in value else {}
-            return self._chunk({}, value["finish_reason"], **extra)
-        raise AssertionError(f"no chunk for {kind!r} events")  # pragma: no cover
-
-    def ending(self, run: Run, *, finished: bool) -> bytes:
+    def ending(self, run: Run) -> bytes:
         """What follows the last event: nothing more for a finished answer; for a stopped
-        run, a chunk that says why; for a failed one, an ``error`` event; then ``[DONE]``."""
-        if run.status is RunStatus.STOPPED or (run.status is RunStatus.DONE and not finished):
+        run (or one that ended unfinished), a chunk that says why; for a failed one, an
+        ``error`` event; then ``[DONE]``."""
+        if run.status is RunStatus.STOPPED or (run.status is RunStatus.DONE and not self.finished):
             relay = {"status": run.status.value, "reason": run.reason}
             stop = self._chunk({}, "stop", relay=relay)
             return b"data: " + stop.encode() + b"\n\n" + DONE
         if run.status is RunStatus.ERROR:
             return error_event(run) + DONE
         return DONE
-
-
-def is_finish(data: str) -> bool:
-    """Whether an event is an answer's finish."""
-    return data[:1] == EventKind.FINISH.value
 
 
 def sse_error(body: dict[str, Any]) -> bytes:

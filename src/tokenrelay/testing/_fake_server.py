@@ -72,6 +72,21 @@ class FakeScript:
     long_line_bytes: int = (1 << 20) + 1024
     finish_reason: str = "stop"
     stamp: bool = False
+    #: Reasoning pieces, streamed before the tokens (``reasoning_content``; Ollama's
+    #: ``thinking``), at the same pace.
+    reasoning: Sequence[str] = ()
+    #: Tool calls, ``(name, arguments JSON text)``, streamed after the tokens: OpenAI-style
+    #: as a first piece (id, name) and then the arguments in two fragments; Ollama-style
+    #: whole, with the arguments as an object.
+    tool_calls: Sequence[tuple[str, str]] = ()
+    #: How many choices (OpenAI only): every piece is sent for each, by index.
+    choices: int = 1
+    #: Send log probabilities with each token.
+    logprobs: bool = False
+    #: The ``system_fingerprint`` of OpenAI chunks.
+    system_fingerprint: str | None = None
+    #: The model name the answer is served under (default: the one asked for).
+    served_model: str | None = None
 
 
 @dataclass
@@ -252,15 +267,29 @@ class FakeModelServer:
 
     async def _body(self, dialect: Dialect, record: FakeRequest) -> AsyncIterator[bytes]:
         script = record.script
-        encode = _Encoder(dialect, record.model or "fake")
+        options = record.body.get("stream_options")
+        encode = _Encoder(
+            dialect,
+            script.served_model or record.model or "fake",
+            script,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        )
         tokens = script.tokens if script.fault is None else script.tokens[: script.fault_after]
+        steps = [("reasoning", piece) for piece in script.reasoning]
+        steps += [("token", token) for token in tokens]
         try:
-            for i, token in enumerate(tokens):
+            for i, (kind, text) in enumerate(steps):
                 await trio.sleep(script.prefill if i == 0 else script.interval)
+                if kind == "reasoning":
+                    yield encode.reasoning(text)
+                    continue
                 if script.stamp:
-                    token = f"{token}@{time.monotonic():.6f}"
-                yield encode.token(token)
+                    text = f"{text}@{time.monotonic():.6f}"
+                yield encode.token(text)
                 record.token_times.append(trio.current_time())
+            for position, (name, arguments) in enumerate(script.tool_calls):
+                await trio.sleep(script.interval)
+                yield encode.tool_call(position, name, arguments)
             if script.fault is None:
                 yield encode.done(script.finish_reason, len(tokens))
                 record.completed = True
@@ -301,22 +330,64 @@ async def _fault(dialect: Dialect, script: FakeScript) -> AsyncIterator[bytes]:
 
 
 class _Encoder:
-    def __init__(self, dialect: Dialect, model: str) -> None:
+    def __init__(
+        self, dialect: Dialect, model: str, script: FakeScript, *, include_usage: bool
+    ) -> None:
         self.dialect = dialect
         self.model = model
+        self.script = script
+        self.include_usage = include_usage
         self.created = int(time.time())
 
+    def _ollama(self, message: dict[str, Any], **fields: Any) -> bytes:
+        return _line(
+            {
+                "model": self.model,
+                "created_at": "2026-01-01T00:00:00Z",
+                "message": {"role": "assistant", "content": "", **message},
+                "done": False,
+                **fields,
+            }
+        )
+
     def token(self, text: str) -> bytes:
+        if not self.script.logprobs:
+            if self.dialect == "ollama":
+                return self._ollama({"content": text})
+            return self._chunks({"content": text})
+        logprob = {
+            "token": text,
+            "logprob": -0.25,
+            "bytes": list(text.encode("utf-8", "surrogatepass")),
+        }
         if self.dialect == "ollama":
-            return _line(
-                {
-                    "model": self.model,
-                    "created_at": "2026-01-01T00:00:00Z",
-                    "message": {"role": "assistant", "content": text},
-                    "done": False,
-                }
+            return self._ollama({"content": text}, logprobs=[logprob])
+        return self._chunks({"content": text}, {"content": [{**logprob, "top_logprobs": []}]})
+
+    def reasoning(self, text: str) -> bytes:
+        if self.dialect == "ollama":
+            return self._ollama({"thinking": text})
+        return self._chunks({"reasoning_content": text})
+
+    def tool_call(self, position: int, name: str, arguments: str) -> bytes:
+        if self.dialect == "ollama":
+            call = {"function": {"name": name, "arguments": json.loads(arguments)}}
+            return self._ollama({"tool_calls": [call]})
+        half = len(arguments) // 2
+        first = {
+            "index": position,
+            "id": f"call_fake{position}",
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }
+        return b"".join(
+            self._chunks({"tool_calls": [piece]})
+            for piece in (
+                first,
+                {"index": position, "function": {"arguments": arguments[:half]}},
+                {"index": position, "function": {"arguments": arguments[half:]}},
             )
-        return self._chunk({"content": text}, None)
+        )
 
     def done(self, finish_reason: str, tokens: int) -> bytes:
         if self.dialect == "ollama":
@@ -331,19 +402,44 @@ class _Encoder:
                     "eval_count": tokens,
                 }
             )
-        usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
-        return self._chunk({}, finish_reason, usage) + b"data: [DONE]\n\n"
+        end = self._chunks({}, finish_reason=finish_reason)
+        if self.include_usage:  # as OpenAI does: a last chunk with no choices, if asked
+            reasoning = len(self.script.reasoning)
+            usage = {
+                "prompt_tokens": 7,
+                "completion_tokens": tokens + reasoning,
+                "total_tokens": 7 + tokens + reasoning,
+                "completion_tokens_details": {"reasoning_tokens": reasoning},
+            }
+            end += self._chunk([], usage=usage)
+        return end + b"data: [DONE]\n\n"
 
-    def _chunk(
-        self, delta: dict[str, Any], finish_reason: str | None, usage: dict[str, int] | None = None
+    def _chunks(
+        self,
+        delta: dict[str, Any],
+        logprobs: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
     ) -> bytes:
+        """The same step for every choice, one chunk each."""
+        chunks = []
+        for index in range(self.script.choices):
+            choice: dict[str, Any] = {"index": index, "delta": delta}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+            choice["finish_reason"] = finish_reason
+            chunks.append(self._chunk([choice]))
+        return b"".join(chunks)
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         chunk: dict[str, Any] = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": choices,
         }
+        if self.script.system_fingerprint is not None:
+            chunk["system_fingerprint"] = self.script.system_fingerprint
         if usage is not None:
             chunk["usage"] = usage
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"

@@ -9,7 +9,7 @@ from typing import Any
 import httpx2
 
 from .._exceptions import UpstreamDisconnected, UpstreamProtocolError, UpstreamReportedError
-from ._chat import ChatRequest, Delta, Usage
+from ._chat import ChatRequest, Delta, ToolCallDelta, Usage
 from ._http import MAX_LINE, HTTPUpstream, error_text
 from ._lines import SSEParser
 
@@ -49,12 +49,18 @@ class OpenAIUpstream(HTTPUpstream):
         super().__init__(base_url, client, model=model, headers=headers, max_line=max_line)
 
     def payload(self, request: ChatRequest) -> dict[str, Any]:
-        """The ``/chat/completions`` body for ``request``."""
+        """The ``/chat/completions`` body for ``request``: as sent, streaming, always asking
+        for usage (the client gets the usage chunk only if it asked), with the default model
+        if it names none (and no ``model`` at all if there is none anywhere)."""
         payload = dict(request.body)
         payload["stream"] = True
+        options = payload.get("stream_options")
+        payload["stream_options"] = {**(options or {}), "include_usage": True}
         model = request.model or self.model
         if model:
             payload["model"] = model
+        else:
+            payload.pop("model", None)
         return payload
 
     def decoder(self) -> OpenAIDecoder:
@@ -63,15 +69,19 @@ class OpenAIUpstream(HTTPUpstream):
 
 
 class OpenAIDecoder:
-    """OpenAI's chat completion chunks over SSE. Text deltas come out as they arrive; the
-    finish reason and usage (which may come in separate, later chunks) come out together on a
-    last delta at ``data: [DONE]``. Comments (``: keep-alive``) produce nothing."""
+    """OpenAI's chat completion chunks over SSE, as deltas: one per choice that said
+    something, with everything it said (content, reasoning, tool call pieces, refusal,
+    logprobs, its finish reason; unknown delta fields in ``extra``); usage as it comes; the
+    served model's name and ``system_fingerprint`` on the first delta after they appear or
+    change. Chunks that say nothing (keep-alive comments, a role alone, empty deltas) give
+    nothing, so they never count as the model's output."""
 
     def __init__(self) -> None:
         self.finished = False
         self._sse = SSEParser()
-        self._finish_reason: str | None = None
-        self._usage: Usage | None = None
+        self._finish_seen = False
+        self._names: tuple[str | None, str | None] = (None, None)
+        self._pending: tuple[str | None, str | None] | None = None
 
     def feed(self, line: bytes) -> list[Delta]:
         event = self._sse.feed_line(line)
@@ -82,16 +92,16 @@ class OpenAIDecoder:
         deltas = self._event(event.event, event.data) if event is not None else []
         if self.finished:
             return deltas
-        if self._finish_reason is not None:
+        if self._finish_seen:
             # Some servers end the stream after the finish reason without "[DONE]".
             self.finished = True
-            return [*deltas, Delta("", self._finish_reason, self._usage)]
+            return deltas
         raise UpstreamDisconnected("the upstream ended its stream before finishing the answer")
 
     def _event(self, name: str, data: str) -> list[Delta]:
         if data.strip() == "[DONE]":
             self.finished = True
-            return [Delta("", self._finish_reason or "stop", self._usage)]
+            return []
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -107,22 +117,102 @@ class OpenAIDecoder:
             raise UpstreamReportedError(
                 f"the upstream reported: {message}", upstream_message=message
             )
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(prompt, int) and isinstance(completion, int):
-                self._usage = Usage(prompt, completion)
+        names = (_text(chunk.get("model")), _text(chunk.get("system_fingerprint")))
+        if names != self._names and names != (None, None):
+            self._names = names
+            self._pending = names
+        deltas = []
         choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices:
-            return []
-        choice = choices[0]
-        if not isinstance(choice, dict):
-            raise UpstreamProtocolError(f"the upstream sent a malformed choice: {data[:200]!r}")
-        reason = choice.get("finish_reason")
-        if isinstance(reason, str):
-            self._finish_reason = reason
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else None
-        if text is not None and not isinstance(text, str):
+        if isinstance(choices, list):
+            for choice in choices:
+                delta = _delta(choice, data)
+                if delta is not None:
+                    deltas.append(delta)
+        usage = _usage(chunk.get("usage"))
+        if usage is not None:
+            deltas.append(Delta(usage=usage))
+        if deltas and self._pending is not None:
+            model, fingerprint = self._pending
+            deltas[0] = deltas[0]._replace(model=model, system_fingerprint=fingerprint)
+            self._pending = None
+        self._finish_seen = self._finish_seen or any(d.finish_reason for d in deltas)
+        return deltas
+
+
+#: Delta fields the decoder maps; every other field is passed through in ``Delta.extra``.
+_KNOWN = frozenset({"content", "reasoning_content", "reasoning", "tool_calls", "refusal", "role"})
+
+
+def _delta(choice: object, data: str) -> Delta | None:
+    if not isinstance(choice, dict):
+        raise UpstreamProtocolError(f"the upstream sent a malformed choice: {data[:200]!r}")
+    fields = choice.get("delta")
+    if fields is None:
+        fields = {}
+    if not isinstance(fields, dict):
+        raise UpstreamProtocolError(f"the upstream sent a malformed delta: {data[:200]!r}")
+    text = fields.get("content")
+    reasoning = fields.get("reasoning_content") or fields.get("reasoning")
+    refusal = fields.get("refusal")
+    for value in (text, reasoning, refusal):
+        if value is not None and not isinstance(value, str):
             raise UpstreamProtocolError(f"the upstream sent non-text content: {data[:200]!r}")
-        return [Delta(text)] if text else []
+    index = choice.get("index", 0)
+    reason = choice.get("finish_reason")
+    logprobs = choice.get("logprobs")
+    extra = {k: v for k, v in fields.items() if k not in _KNOWN and v is not None}
+    delta = Delta(
+        text=text or "",
+        finish_reason=reason if isinstance(reason, str) else None,
+        reasoning=reasoning or "",
+        tool_calls=_tool_calls(fields.get("tool_calls"), data),
+        refusal=refusal or "",
+        logprobs=logprobs if isinstance(logprobs, dict) else None,
+        choice=index if isinstance(index, int) and not isinstance(index, bool) else 0,
+        extra=extra or None,
+    )
+    if not delta.is_output and delta.logprobs is None and delta.extra is None:
+        return None  # a role alone, or nothing: not the model's output
+    return delta
+
+
+def _tool_calls(calls: object, data: str) -> tuple[ToolCallDelta, ...]:
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise UpstreamProtocolError(f"the upstream sent malformed tool calls: {data[:200]!r}")
+    pieces = []
+    for position, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise UpstreamProtocolError(f"the upstream sent a malformed tool call: {data[:200]!r}")
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        index = call.get("index", position)
+        pieces.append(
+            ToolCallDelta(
+                index=index if isinstance(index, int) else position,
+                id=_text(call.get("id")),
+                name=_text(function.get("name")),
+                arguments=_text(function.get("arguments")) or "",
+                type=_text(call.get("type")),
+            )
+        )
+    return tuple(pieces)
+
+
+def _usage(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not (isinstance(prompt, int) and isinstance(completion, int)):
+        return None
+    details = {
+        k: v
+        for k, v in usage.items()
+        if k not in ("prompt_tokens", "completion_tokens", "total_tokens") and v is not None
+    }
+    return Usage(prompt, completion, details or None)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None

@@ -244,3 +244,67 @@ def test_a_bad_value_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--max-memory", "lots"])
     assert "expected a size such as 512M or 2G, not 'lots'" in capsys.readouterr().err
+
+
+EMBEDDING_APP = """
+import sys, trio
+from hypercorn.config import Config
+from quart_trio import QuartTrio
+import tokenrelay
+from tokenrelay.server import relay_blueprint, serve
+
+app = QuartTrio("mine")
+
+@app.get("/mine")
+async def mine():
+    return "my own route"
+
+blueprint = relay_blueprint(tokenrelay.ServerConfig(demo_prefill=0.01, demo_token_delay=0.01))
+app.register_blueprint(blueprint)
+assert blueprint.service is app.extensions["tokenrelay"]
+
+config = Config()
+config.bind = ["127.0.0.1:0"]
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, app, config)
+        print("listening on", binds[0], file=sys.stderr, flush=True)
+
+trio.run(main)
+"""
+
+
+@bounded(30)
+async def test_an_app_that_mounts_the_blueprint_shuts_down_like_tokenrelay_serve(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "myapp.py"
+    script.write_text(EMBEDDING_APP)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(script)], stderr=subprocess.PIPE
+    )
+    server = Server(process)
+    try:
+        url = (await server.wait_for(r"listening on (http://\S+)\n")).group(1)
+        async with httpx2.AsyncClient(base_url=url) as client:
+            assert (await client.get("/mine")).text == "my own route"
+            theirs = await client.get("/nowhere")  # not the relay's: the app's own 404
+            ours = await client.get("/v1/sessions/nope")
+            assert theirs.status_code == ours.status_code == 404
+            assert not theirs.headers["content-type"].startswith("application/json")
+            assert ours.json()["error"]["code"] == "unknown_session"
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=chat("write 5000 words")
+            ) as response:
+                reader = SSEReader(response)
+                await reader.content_events(3)
+                signalled = trio.current_time()
+                server.process.send_signal(signal.SIGTERM)
+                events = await reader.all()
+        assert last_chunk(events)["relay"] == {"status": "stopped", "reason": "shutdown"}
+        await server.drain()
+        assert await server.process.wait() == 0
+        assert trio.current_time() - signalled < 2.0
+    finally:
+        server.process.kill()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 from trio.testing import MockClock
@@ -242,3 +244,21 @@ async def test_open_is_optional(autojump_clock: MockClock) -> None:
         await tokens.open()  # no open() on this upstream: nothing to wait for
         assert trio.current_time() == 0.0
         assert [t async for t in tokens] == ["a"]
+
+
+def test_an_async_generator_annotated_as_an_async_iterator_type_checks(tmp_path: Path) -> None:
+    """``guard()`` takes what users write: ``async def ... -> AsyncIterator[str]``."""
+    mypy_api = pytest.importorskip("mypy.api")  # with the lint tools
+    program = tmp_path / "program.py"
+    program.write_text(
+        "from collections.abc import AsyncIterator\n"
+        "import tokenrelay\n\n"
+        "async def tokens() -> AsyncIterator[str]:\n"
+        "    yield 'a'\n\n"
+        "async def main() -> None:\n"
+        "    async with tokenrelay.guard(tokens(), first_token_timeout=1, token_timeout=1) as s:\n"
+        "        async for token in s:\n"
+        "            print(token.upper())\n"
+    )
+    out, err, status = mypy_api.run(["--strict", "--no-incremental", str(program)])
+    assert status == 0, out + err

@@ -967,7 +967,7 @@ async def test_resume_from_trimmed_events_is_a_replay_gap_event(
         pytest.param("POST", "/v1/sessions/s/stream", 405, NOT_ALLOWED, id="POST-stream"),
         pytest.param("POST", "/healthz", 405, NOT_ALLOWED, id="POST-healthz"),
         pytest.param("GET", "/nowhere", 404, NOT_FOUND, id="unknown-route"),
-        pytest.param("GET", "/v1/models", 404, NOT_FOUND, id="models"),
+        pytest.param("POST", "/v1/models", 405, NOT_ALLOWED, id="models-post"),
         pytest.param("POST", "/v1/chat/completions/", 404, NOT_FOUND, id="trailing-slash"),
         pytest.param("POST", "/v1/completions", 404, NOT_FOUND, id="legacy-completions"),
         pytest.param("GET", "/v1/sessions/", 404, NOT_FOUND, id="sessions-without-id"),

@@ -43,6 +43,12 @@ class ClosableAsyncIterator(Protocol[T_co]):
         ...
 
 
+#: What the guard takes: an async iterator with ``aclose()`` (an async generator, an HTTP
+#: stream), or a plain ``AsyncIterator`` (the type an ``async def ... -> AsyncIterator[str]``
+#: generator is annotated with), whose ``aclose`` is then called if it has one.
+Upstream = ClosableAsyncIterator[T] | AsyncIterator[T]
+
+
 class GuardedStream(AsyncIterator[T]):
     """The async iterator :func:`guard` gives. The first item must arrive within
     ``first_token_timeout`` of entering the guard; each later one within ``token_timeout`` of
@@ -54,7 +60,7 @@ class GuardedStream(AsyncIterator[T]):
 
     def __init__(
         self,
-        upstream: ClosableAsyncIterator[T],
+        upstream: Upstream[T],
         first_token_timeout: float | None,
         token_timeout: float | None,
     ) -> None:
@@ -120,7 +126,7 @@ class GuardedStream(AsyncIterator[T]):
 
 @asynccontextmanager
 async def guard(
-    upstream: ClosableAsyncIterator[T],
+    upstream: Upstream[T],
     *,
     first_token_timeout: float | None,
     token_timeout: float | None,
@@ -134,7 +140,8 @@ async def guard(
                 await emit(token)
 
     Args:
-        upstream: any async iterator with an ``aclose()`` method, e.g. an async generator
+        upstream: any async iterator, closed with its ``aclose()`` (if it has one: an async
+            generator does, even annotated as a plain ``AsyncIterator``), e.g. an async generator
             reading a model server's HTTP stream.
         first_token_timeout: seconds from entering the block to the first item (connecting and
             prompt processing, or "prefill", happen here). ``None`` waits forever.
@@ -166,13 +173,17 @@ async def guard(
         await _close(upstream, quiet=False)
 
 
-async def _close(upstream: ClosableAsyncIterator[object], *, quiet: bool) -> None:
+async def _close(upstream: Upstream[object], *, quiet: bool) -> None:
     """Close ``upstream``, shielded from cancellation and bounded in time. ``quiet`` when
     another exception is on its way out: an error from closing is then logged, never allowed
     to replace the exception that ended the block."""
     with trio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
         try:
-            await upstream.aclose()
+            aclose = getattr(upstream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            else:
+                await trio.lowlevel.checkpoint()
         except Exception:
             if not quiet:
                 raise
@@ -182,7 +193,7 @@ async def _close(upstream: ClosableAsyncIterator[object], *, quiet: bool) -> Non
 
 
 async def pump(
-    upstream: ClosableAsyncIterator[T],
+    upstream: Upstream[T],
     emit: Callable[[str], Awaitable[object]],
     encode: Callable[[T], Iterable[str]],
     *,

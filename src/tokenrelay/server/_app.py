@@ -11,17 +11,31 @@ from ._asgi import close_connections
 from ._chat_api import chat_completions
 from ._config import ServerConfig
 from ._errors import HTTPError, werkzeug_error
+from ._models_api import model, models
 from ._ops_api import healthz, metrics
 from ._service import EXTENSION, RelayService, relay_service
 from ._sessions_api import resume, status, stop
 
-__all__ = ["RelayService", "ServerConfig", "create_app", "relay_blueprint"]
+__all__ = ["RelayBlueprint", "RelayService", "ServerConfig", "create_app", "relay_blueprint"]
 
 #: Routes open to anyone, even when the server has API keys.
 _OPEN = frozenset({"tokenrelay.healthz"})
 
 
-def relay_blueprint(config: ServerConfig | None = None) -> Blueprint:
+class RelayBlueprint(Blueprint):
+    """The relay's Blueprint (made by :func:`relay_blueprint`).
+
+    Attributes:
+        service: the relay behind its routes (also ``app.extensions["tokenrelay"]`` once
+            registered, and :func:`relay_service` within a request).
+    """
+
+    def __init__(self, service: RelayService) -> None:
+        super().__init__("tokenrelay", __name__)
+        self.service = service
+
+
+def relay_blueprint(config: ServerConfig | None = None) -> RelayBlueprint:
     """The relay's routes as a Blueprint, to mount in your own quart-trio app::
 
         app.register_blueprint(tokenrelay.relay_blueprint(tokenrelay.ServerConfig(...)))
@@ -29,12 +43,14 @@ def relay_blueprint(config: ServerConfig | None = None) -> Blueprint:
     Registering it puts its :class:`RelayService` in ``app.extensions["tokenrelay"]`` (one per
     app), and wraps the app's ASGI callable so that connections are closed when they should be
     (see docs/upstream-bugs.md). The relay starts with the app (``before_app_serving``, in the
-    app's lifespan nursery) and stops with it. Set your app's ``MAX_CONTENT_LENGTH`` too: the
-    routes refuse bodies over ``config.max_body`` after reading them, Quart refuses longer
-    ones while reading.
+    app's lifespan nursery) and stops with it; serve the app with
+    :func:`tokenrelay.server.serve` for the relay's graceful shutdown on SIGINT/SIGTERM. Set
+    your app's ``MAX_CONTENT_LENGTH`` too: the routes refuse bodies over ``config.max_body``
+    after reading them, Quart refuses longer ones while reading. Its errors are OpenAI-shaped
+    JSON on its own routes only.
     """
     service = RelayService(config or ServerConfig())
-    bp = Blueprint("tokenrelay", __name__)
+    bp = RelayBlueprint(service)
 
     def install(app: Quart) -> None:
         if EXTENSION in app.extensions:
@@ -53,6 +69,8 @@ def relay_blueprint(config: ServerConfig | None = None) -> Blueprint:
     bp.add_url_rule("/healthz", view_func=healthz, methods=["GET"])
     bp.add_url_rule("/metrics", view_func=metrics, methods=["GET"])
     bp.add_url_rule("/v1/chat/completions", view_func=chat_completions, methods=["POST"])
+    bp.add_url_rule("/v1/models", view_func=models, methods=["GET"])
+    bp.add_url_rule("/v1/models/<path:model_id>", view_func=model, methods=["GET"])
     # A path with an empty session id ("/v1/sessions//stop") is a 404, not a redirect.
     for rule, view, method in (
         ("/v1/sessions/<session_id>/stream", resume, "GET"),

@@ -76,6 +76,8 @@ class RelayService:
         self._stack = AsyncExitStack()
         #: Runs running or waiting, by namespace (for ``max_runs_per_key``).
         self._runs_by_namespace: dict[str, int] = {}
+        #: The upstream's model list, and until when (trio clock) it is reused.
+        self.models_cache: tuple[float, list[dict[str, Any]]] | None = None
         self._stalls: Reaper[Watch] = Reaper(self._check_stall)
 
     def _statistics(self) -> RelayStatistics | None:

@@ -12,12 +12,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
 from ._app import create_app
 from ._config import Option, ServerConfig, flag, options, show_size, size, size_or_none
+from ._serve import CannotListen, leaves
+from ._serve import serve as serve_app
 
 __all__ = ["main", "serve"]
 
@@ -132,10 +133,6 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**settings, api_keys=tuple(keys))
 
 
-class CannotListen(Exception):
-    """The server could not listen where it was told to (port in use, unknown host...)."""
-
-
 async def serve(
     config: ServerConfig,
     *,
@@ -146,7 +143,6 @@ async def serve(
     reason ``"shutdown"`` (their streams end with a chunk saying so), let ``on_finish`` run,
     and return."""
     app = create_app(config)
-    service = app.extensions["tokenrelay"]
     hypercorn_config = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hypercorn_config.bind = [f"{host}:{config.port}"]
@@ -155,36 +151,17 @@ async def serve(
     hypercorn_config.graceful_timeout = 5.0
     # hypercorn's default of 100 drops connections when many clients arrive at once.
     hypercorn_config.backlog = 2048
-
-    async def until_signal() -> None:
-        async for signum in signals:
-            logger.info("shutting_down signal=%s", signal.Signals(signum).name)
-            break
-        await service.drain()
-
-    # Caught from the start: a signal that comes before hypercorn asks for its shutdown
-    # trigger (just after it says it is listening) must not kill the process.
-    with trio.open_signal_receiver(*shutdown_signals) as signals:
-        async with trio.open_nursery() as nursery:
-            try:
-                binds = await nursery.start(
-                    partial(
-                        hypercorn.trio.serve, app, hypercorn_config, shutdown_trigger=until_signal
-                    )
-                )
-            except* OSError as group:  # hypercorn raises it in a group of its nursery's
-                error = _leaves(group)[0]
-                reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-                raise CannotListen(
-                    f"cannot listen on {hypercorn_config.bind[0]}: {reason}"
-                ) from group
-            logger.info(
-                "tokenrelay listening on %s, relaying %s%s",
-                binds[0],
-                service.upstream,
-                "" if config.api_keys else " (no API keys: anyone who can connect may use it)",
-            )
-            task_status.started(binds[0])
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            partial(serve_app, app, hypercorn_config, shutdown_signals=shutdown_signals)
+        )
+        logger.info(
+            "tokenrelay listening on %s, relaying %s%s",
+            binds[0],
+            app.extensions["tokenrelay"].upstream,
+            "" if config.api_keys else " (no API keys: anyone who can connect may use it)",
+        )
+        task_status.started(binds[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,18 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         cannot, rest = group.split(CannotListen)
         if cannot is None or rest is not None:
             raise
-        print(f"tokenrelay: {_leaves(cannot)[0]}", file=sys.stderr)
+        print(f"tokenrelay: {leaves(cannot)[0]}", file=sys.stderr)
         return 2
     return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    return [
-        leaf
-        for exc in group.exceptions
-        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    ]
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

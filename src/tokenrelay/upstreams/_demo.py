@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from .._exceptions import InvalidRequest
 from ._chat import ChatRequest, Delta, ToolCallDelta, Usage, message_text
 from ._lines import mend_surrogates
 
@@ -344,9 +345,17 @@ class DemoUpstream:
             f"{self.token_delay:g} s per token)"
         )
 
+    async def models(self) -> list[dict[str, Any]]:
+        """The one model the demo serves, under its name."""
+        await trio.lowlevel.checkpoint()
+        return [{"id": self.model, "object": "model", "created": 0, "owned_by": "tokenrelay"}]
+
     def stream(self, request: ChatRequest) -> DemoStream:
         """The demo answer to ``request``'s last user message, step by step: reasoning if
-        asked for, then a tool call or the text, word by word; see :func:`demo_deltas`."""
+        asked for, then a tool call or the text, word by word; see :func:`demo_deltas`.
+        Raises :class:`InvalidRequest` for ``n`` > 1: the demo gives one choice."""
+        if request.n > 1:
+            raise InvalidRequest("the demo model gives one choice: 'n' must be 1")
         deltas = demo_deltas(request, max_tokens=self.max_tokens, model=self.model)
         return DemoStream(deltas, self.prefill, self.token_delay)
 

@@ -44,6 +44,9 @@ MAX_LINE = 1 << 20
 #: How much of an error response's body is read for its message.
 MAX_ERROR_BODY = 64 << 10
 
+#: The largest JSON answer (a model list, say) read from an upstream.
+MAX_JSON_BODY = 8 << 20
+
 #: After a complete answer, how long and how much to read of what is left of the response
 #: (normally only its end, already received) so its connection can be reused.
 DRAIN_SECONDS = 0.05
@@ -61,6 +64,11 @@ class Upstream(Protocol):
     def stream(self, request: ChatRequest) -> ClosableAsyncIterator[Delta]:
         """The answer to ``request``, delta by delta. Nothing happens until the first
         ``__anext__``; ``aclose()`` stops generation."""
+        ...
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The models the upstream serves, as OpenAI model objects (``{"id", "object":
+        "model", "created", "owned_by"}``). Raises :class:`UpstreamError` when it cannot say."""
         ...
 
 
@@ -144,6 +152,45 @@ class HTTPUpstream:
     def decoder(self) -> Decoder:
         """A fresh decoder for one response."""
         raise NotImplementedError
+
+    async def get_json(self, url: httpx2.URL, what: str) -> Any:
+        """``GET url`` through the relay's client: its JSON answer (at most
+        :data:`MAX_JSON_BODY` bytes). ``what`` names it in error messages.
+
+        Raises:
+            UpstreamConnectError: the server could not be reached.
+            UpstreamStatusError: it answered with an HTTP error status.
+            UpstreamProtocolError: the answer is not JSON, or too large.
+            UpstreamDisconnected: the connection broke before the answer was complete.
+        """
+        upstream = str(self)
+        headers = {k: v for k, v in self._headers.items() if k.lower() != "accept"}
+        try:
+            async with self._client.stream("GET", url, headers=headers) as response:
+                if not 200 <= response.status_code < 300:
+                    await _raise_for_status(upstream, response)
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_JSON_BODY:
+                        raise UpstreamProtocolError(
+                            f"{upstream} sent a {what} larger than {MAX_JSON_BODY} bytes"
+                        )
+        except httpx2.ConnectError as exc:
+            raise UpstreamConnectError(_connect_message(upstream, exc)) from exc
+        except httpx2.TimeoutException as exc:
+            raise UpstreamConnectError(
+                f"could not connect to {upstream}: {_describe(exc)}", timed_out=True
+            ) from exc
+        except httpx2.TransportError as exc:
+            raise UpstreamDisconnected(
+                f"the connection to {upstream} broke before its {what} was complete: "
+                f"{_describe(exc)}"
+            ) from exc
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise UpstreamProtocolError(f"{upstream} sent a {what} that is not JSON") from None
 
     def stream(self, request: ChatRequest) -> HTTPDeltaStream:
         """Stream the answer to ``request``: nothing is sent until ``open()`` or the first

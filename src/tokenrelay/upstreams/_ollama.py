@@ -20,13 +20,12 @@ import httpx2
 
 from .._exceptions import (
     InvalidRequest,
-    UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamProtocolError,
     UpstreamReportedError,
 )
 from ._chat import ChatRequest, Delta, ToolCallDelta, Usage
-from ._http import MAX_LINE, HTTPUpstream, _connect_message, _describe, _raise_for_status
+from ._http import MAX_LINE, HTTPUpstream
 
 __all__ = ["OllamaDecoder", "OllamaUpstream"]
 
@@ -60,7 +59,6 @@ _THINK_BY_EFFORT: dict[str, bool | str] = {
 }
 
 #: The largest ``/api/tags`` answer read.
-MAX_MODELS_BODY = 8 << 20
 
 
 class OllamaUpstream(HTTPUpstream):
@@ -121,6 +119,8 @@ class OllamaUpstream(HTTPUpstream):
         model = request.model or self.model
         if not model:
             raise InvalidRequest("no model: name one in the request, or give the relay a default")
+        if request.n > 1:
+            raise InvalidRequest("ollama gives one choice: 'n' must be 1")
         body = request.body
         payload: dict[str, Any] = {
             "model": model,
@@ -167,38 +167,10 @@ class OllamaUpstream(HTTPUpstream):
             UpstreamProtocolError: its answer is not Ollama's model list.
             UpstreamDisconnected: the connection broke before the answer was complete.
         """
-        upstream = str(self)
-        try:
-            async with self._client.stream("GET", self._tags_url) as response:
-                if not 200 <= response.status_code < 300:
-                    await _raise_for_status(upstream, response)
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_MODELS_BODY:
-                        raise UpstreamProtocolError(
-                            f"{upstream} sent a model list larger than {MAX_MODELS_BODY} bytes"
-                        )
-        except httpx2.ConnectError as exc:
-            raise UpstreamConnectError(_connect_message(upstream, exc)) from exc
-        except httpx2.TimeoutException as exc:
-            raise UpstreamConnectError(
-                f"could not connect to {upstream}: {_describe(exc)}", timed_out=True
-            ) from exc
-        except httpx2.TransportError as exc:
-            raise UpstreamDisconnected(
-                f"the connection to {upstream} broke before its model list was complete: "
-                f"{_describe(exc)}"
-            ) from exc
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
+        data = await self.get_json(self._tags_url, "model list")
         listed = data.get("models") if isinstance(data, dict) else None
         if not isinstance(listed, list):
-            raise UpstreamProtocolError(
-                f"{upstream} answered /api/tags without a model list: {_clip(bytes(body))}"
-            )
+            raise UpstreamProtocolError(f"{self} answered /api/tags without a model list")
         models = []
         for entry in listed:
             if not isinstance(entry, dict):

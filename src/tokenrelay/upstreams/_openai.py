@@ -63,6 +63,32 @@ class OpenAIUpstream(HTTPUpstream):
             payload.pop("model", None)
         return payload
 
+    async def models(self) -> list[dict[str, Any]]:
+        """The models the server lists (``GET {base_url}/models``), as it describes them
+        (OpenAI's shape, with ``object``, ``created`` and ``owned_by`` filled in if missing).
+
+        Raises:
+            UpstreamError: see :meth:`HTTPUpstream.get_json`; ``UpstreamProtocolError`` if
+                the answer is not a model list.
+        """
+        data = await self.get_json(httpx2.URL(f"{self.base_url}/models"), "model list")
+        listed = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(listed, list):
+            raise UpstreamProtocolError(f"{self} answered /models without a model list")
+        models = []
+        for entry in listed:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                created = entry.get("created")
+                models.append(
+                    {
+                        **entry,
+                        "object": "model",
+                        "created": created if isinstance(created, int) else 0,
+                        "owned_by": entry.get("owned_by") or "upstream",
+                    }
+                )
+        return models
+
     def decoder(self) -> OpenAIDecoder:
         """The OpenAI SSE decoder."""
         return OpenAIDecoder()

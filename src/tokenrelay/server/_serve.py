@@ -1,0 +1,74 @@
+"""Serving an app that mounts the relay under hypercorn's trio worker, with the relay's
+graceful shutdown: on SIGINT or SIGTERM, every run is stopped at once (reason ``"shutdown"``,
+its stream ends with a chunk saying so and ``[DONE]``) before hypercorn waits for
+connections to finish, so nothing is generated through that wait."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from functools import partial
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config
+from quart import Quart
+
+from ._service import EXTENSION, RelayService
+
+__all__ = ["CannotListen", "serve"]
+
+logger = logging.getLogger("tokenrelay")
+
+
+class CannotListen(OSError):
+    """The server could not listen where it was told to (port in use, unknown host...)."""
+
+
+async def serve(
+    app: Quart,
+    config: Config,
+    *,
+    shutdown_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` (a quart-trio app with :func:`relay_blueprint` registered, or one made
+    by :func:`create_app`) with hypercorn's trio worker until one of ``shutdown_signals``;
+    then stop accepting, stop every run with reason ``"shutdown"``, let their ``on_finish``
+    run, close the connections, and return. Started with ``nursery.start``, it reports the
+    addresses it listens on.
+
+    Raises:
+        CannotListen: hypercorn could not bind ``config.bind`` (one line, with the reason).
+    """
+    service: RelayService = app.extensions[EXTENSION]
+
+    async def until_signal() -> None:
+        async for signum in signals:
+            logger.info("shutting_down signal=%s", signal.Signals(signum).name)
+            break
+        await service.drain()
+
+    # Caught from the start: a signal that comes before hypercorn asks for its shutdown
+    # trigger (just after it says it is listening) must not kill the process.
+    with trio.open_signal_receiver(*shutdown_signals) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                binds = await nursery.start(
+                    partial(hypercorn.trio.serve, app, config, shutdown_trigger=until_signal)
+                )
+            except* OSError as group:  # hypercorn raises it in a group of its nursery's
+                error = leaves(group)[0]
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+                raise CannotListen(f"cannot listen on {config.bind[0]}: {reason}") from group
+            task_status.started(binds)
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in ``group``, however deeply nested."""
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]

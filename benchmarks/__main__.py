@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from . import fanout, latency, memory, soak, throughput
+from . import encoding, fanout, latency, memory, soak, throughput
 from ._stats import Result, table
 
 
@@ -134,6 +134,16 @@ async def run(quick: bool) -> list[Result]:
         results.append(Result(bench, "asyncio.Queue per subscriber", "/s", ref))
 
     results += await throughput.run(quick)
+
+    print("event encoding ...", file=sys.stderr)
+    timings, sizes = [], []
+    for _ in range(3 if quick else 7):
+        seconds, size = encoding.text_path(20_000 if quick else 200_000)
+        timings.append(seconds)
+        sizes.append(size)
+    bench = "one text token: upstream chunk → event → SSE chunk, in one process"
+    results.append(Result(bench, "CPU per token", "s", timings))
+    results.append(Result(bench, "bytes each event holds in the log", "B", sizes))
 
     print("memory ...", file=sys.stderr)
     per_run = await memory.bytes_per_retained_run()

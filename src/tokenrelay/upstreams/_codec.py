@@ -46,6 +46,9 @@ __all__ = [
 
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
+#: Every field of a delta but its text, when it is plain text of choice 0.
+_PLAIN = Delta()[1:]
+
 #: How a ``c`` event that finishes nothing ends.
 _UNFINISHED = ',"finish_reason":null}'
 
@@ -79,6 +82,8 @@ def encode_text(text: str) -> str:
 def encode_delta(delta: Delta) -> list[str]:
     """The events one delta becomes (its ``model`` and ``system_fingerprint`` are not
     events: see the module's docstring)."""
+    if delta[1:] == _PLAIN:  # text of choice 0 and nothing else: the common case
+        return [_compact(delta.text)] if delta.text else []
     events = []
     if (
         delta.choice == 0

@@ -106,7 +106,7 @@ class OpenAIDecoder:
         self.finished = False
         self._sse = SSEParser()
         self._finish_seen = False
-        self._names: tuple[str | None, str | None] = (None, None)
+        self._names: tuple[object, object] = (None, None)
         self._pending: tuple[str | None, str | None] | None = None
 
     def feed(self, line: bytes) -> list[Delta]:
@@ -143,25 +143,25 @@ class OpenAIDecoder:
             raise UpstreamReportedError(
                 f"the upstream reported: {message}", upstream_message=message
             )
-        names = (_text(chunk.get("model")), _text(chunk.get("system_fingerprint")))
-        if names != self._names and names != (None, None):
-            self._names = names
-            self._pending = names
+        model, fingerprint = chunk.get("model"), chunk.get("system_fingerprint")
+        if (model, fingerprint) != self._names and (model is not None or fingerprint is not None):
+            self._names = self._pending = (_text(model), _text(fingerprint))
         deltas = []
         choices = chunk.get("choices")
-        if isinstance(choices, list):
+        if type(choices) is list:
             for choice in choices:
                 delta = _delta(choice, data)
                 if delta is not None:
                     deltas.append(delta)
-        usage = _usage(chunk.get("usage"))
-        if usage is not None:
-            deltas.append(Delta(usage=usage))
+                    if delta.finish_reason is not None:
+                        self._finish_seen = True
+        usage = chunk.get("usage")
+        if usage is not None and (parsed := _usage(usage)) is not None:
+            deltas.append(Delta(usage=parsed))
         if deltas and self._pending is not None:
             model, fingerprint = self._pending
             deltas[0] = deltas[0]._replace(model=model, system_fingerprint=fingerprint)
             self._pending = None
-        self._finish_seen = self._finish_seen or any(d.finish_reason for d in deltas)
         return deltas
 
 
@@ -170,6 +170,17 @@ _KNOWN = frozenset({"content", "reasoning_content", "reasoning", "tool_calls", "
 
 
 def _delta(choice: object, data: str) -> Delta | None:
+    if (  # the common case, a piece of text and nothing else, costs little
+        type(choice) is dict
+        and type(fields := choice.get("delta")) is dict
+        and len(fields) <= 2
+        and type(text := fields.get("content")) is str
+        and len(fields) == 1 + ("role" in fields)
+        and choice.get("finish_reason") is None
+        and choice.get("logprobs") is None
+        and type(index := choice.get("index", 0)) is int
+    ):
+        return Delta(text, choice=index) if text else None
     if not isinstance(choice, dict):
         raise UpstreamProtocolError(f"the upstream sent a malformed choice: {data[:200]!r}")
     fields = choice.get("delta")

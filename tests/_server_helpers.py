@@ -100,6 +100,23 @@ class RawHTTP:
         body, self.buffer = self.buffer[:length], self.buffer[length:]
         return int(status_line.split()[1]), headers, body
 
+    async def final_response(self) -> tuple[int, dict[str, str], bytes]:
+        """The next response that is not ``100 Continue``."""
+        while (response := await self.response())[0] == 100:
+            pass
+        return response
+
+    async def eof(self, within: float = 1.0) -> bool:
+        """Whether the server closes the connection, without sending more, within ``within``
+        seconds: at once, that is, not at the end of its 5 s keep-alive timeout."""
+        with trio.move_on_after(within):
+            try:
+                while not self.buffer:
+                    await self._fill()
+            except (EOFError, trio.BrokenResourceError):
+                return True
+        return False
+
     async def closed_by_server(self) -> bool:
         """Read until the server closes the connection: ``True`` at EOF (or a reset)."""
         try:

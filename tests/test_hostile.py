@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from _helpers import bounded
-from _server_helpers import Served, SSEReader, chat, seqs, start_served
+from _server_helpers import RawHTTP, Served, SSEReader, chat, seqs, start_served
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 # -- what the server says -------------------------------------------------------------------
@@ -1039,64 +1039,6 @@ async def test_a_json_body_under_another_content_type(
 # -- raw sockets ----------------------------------------------------------------------------
 
 
-class Raw:
-    """One client connection as a raw socket."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    @classmethod
-    async def connect(cls, url: str) -> Raw:
-        return cls(await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1])))
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def response(self) -> tuple[int, dict[str, str], bytes]:
-        """The next response (with a Content-Length body): status, headers, body. Raises
-        ``EOFError`` if the server closes the connection first."""
-        while b"\r\n\r\n" not in self.buffer:
-            await self._fill()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        while len(self.buffer) < length:
-            await self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return int(status_line.split()[1]), headers, body
-
-    async def final_response(self) -> tuple[int, dict[str, str], bytes]:
-        """The next response that is not ``100 Continue``."""
-        while (response := await self.response())[0] == 100:
-            pass
-        return response
-
-    async def eof(self, within: float = 1.0) -> bool:
-        """Whether the server closes the connection, without sending more, within ``within``
-        seconds: at once, that is, not at the end of its 5 s keep-alive timeout."""
-        with trio.move_on_after(within):
-            try:
-                while not self.buffer:
-                    await self._fill()
-            except (EOFError, trio.BrokenResourceError):
-                return True
-        return False
-
-    async def _fill(self) -> None:
-        chunk = await self.stream.receive_some()
-        if not chunk:
-            raise EOFError(f"the server closed the connection after {self.buffer!r}")
-        self.buffer += chunk
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 HOST = b"Host: relay\r\n"
 HEALTHZ = b"GET /healthz HTTP/1.1\r\n" + HOST + b"\r\n"
 BODY = body_of()
@@ -1168,7 +1110,7 @@ async def test_broken_http_is_refused_and_the_connection_closed(
     """Requests h11 cannot parse never reach the app: hypercorn answers them itself (with an
     empty body, not JSON: the app has no say) and closes the connection."""
     served = await start_served(nursery, fake)
-    conn = await Raw.connect(served.url)
+    conn = await RawHTTP.connect(served.url)
     try:
         # The server may answer and close before reading it all: the answer is still read.
         with contextlib.suppress(trio.BrokenResourceError):
@@ -1213,7 +1155,7 @@ async def test_odd_header_bytes_get_a_json_error_on_a_kept_alive_connection(
     served = await start_served(nursery, fake, api_keys=("k",))
     if not headers.startswith(b"Authorization"):
         headers = b"Authorization: Bearer k\r\n" + headers
-    conn = await Raw.connect(served.url)
+    conn = await RawHTTP.connect(served.url)
     try:
         await conn.send(post(headers))
         answered, response_headers, body = await conn.response()
@@ -1237,7 +1179,7 @@ async def test_a_latin_1_byte_in_another_header_is_harmless(
     nursery: trio.Nursery, fake: FakeModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     served = await start_served(nursery, fake)
-    conn = await Raw.connect(served.url)
+    conn = await RawHTTP.connect(served.url)
     try:
         await conn.send(post(b"X-Note: caf\xe9\r\nUser-Agent: \xff\xfe\r\n"))
         status, _, body = await conn.response()
@@ -1253,7 +1195,7 @@ async def test_pipelined_requests_are_all_answered_in_order(
     nursery: trio.Nursery, fake: FakeModelServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     served = await start_served(nursery, fake)
-    conn = await Raw.connect(served.url)
+    conn = await RawHTTP.connect(served.url)
     try:
         await conn.send(HEALTHZ + post(body=b"{not json") + post() + HEALTHZ)
         answers = [await conn.response() for _ in range(4)]
@@ -1274,7 +1216,7 @@ async def test_connection_close_gets_its_response_then_eof(
         post(b"Connection: close\r\n"),
         post(b"Connection: close\r\n", body=b"{not json"),
     ):
-        conn = await Raw.connect(served.url)
+        conn = await RawHTTP.connect(served.url)
         try:
             await conn.send(request_bytes)
             status, _, _ = await conn.response()
@@ -1291,7 +1233,7 @@ async def test_content_length_and_chunked_together_is_answered_then_closed(
 ) -> None:
     served = await start_served(nursery, fake)
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
-    conn = await Raw.connect(served.url)
+    conn = await RawHTTP.connect(served.url)
     try:
         await conn.send(post(b"Transfer-Encoding: chunked\r\n", chunked, length=len(BODY)))
         status, _, body = await conn.response()
@@ -1328,7 +1270,7 @@ async def test_an_early_error_never_leaves_the_connection_hanging(
     served = await start_served(nursery, fake, max_body=1000, api_keys=("k",))
     if b"Authorization" not in first:
         first = first.replace(HOST, HOST + b"Authorization: Bearer k\r\n")
-    conn = await Raw.connect(served.url)
+    conn = await RawHTTP.connect(served.url)
     try:
         await conn.send(first)
         answered, _, body = await conn.final_response()
@@ -1364,7 +1306,7 @@ async def test_a_request_right_after_a_413_for_an_unfinished_chunked_body(
     short): the connection is answered or closed, and nothing is logged as an error."""
     served = await start_served(nursery, fake, max_body=1000)
     for attempt in range(20):
-        conn = await Raw.connect(served.url)
+        conn = await RawHTTP.connect(served.url)
         try:
             await conn.send(OVER_THE_LIMIT_CHUNKED)
             status, _, body = await conn.response()
@@ -1404,7 +1346,7 @@ async def test_a_client_that_hangs_up_half_way_through_its_request(
     nursery: trio.Nursery, fake: FakeModelServer, caplog: pytest.LogCaptureFixture, half: bytes
 ) -> None:
     served = await start_served(nursery, fake)
-    conn = await Raw.connect(served.url)
+    conn = await RawHTTP.connect(served.url)
     await conn.send(half)
     await conn.aclose()
     await assert_still_answers(served.url)

@@ -16,8 +16,8 @@ import email.utils
 import json
 import socket
 from collections import deque
-from collections.abc import AsyncGenerator, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from contextlib import AsyncExitStack, contextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
@@ -165,7 +165,7 @@ class HTTPUpstream:
         """
         upstream = str(self)
         headers = {k: v for k, v in self._headers.items() if k.lower() != "accept"}
-        try:
+        with _transport_errors(upstream, f"broke before its {what} was complete"):
             async with self._client.stream("GET", url, headers=headers) as response:
                 if not 200 <= response.status_code < 300:
                     await _raise_for_status(upstream, response)
@@ -176,17 +176,6 @@ class HTTPUpstream:
                         raise UpstreamProtocolError(
                             f"{upstream} sent a {what} larger than {MAX_JSON_BODY} bytes"
                         )
-        except httpx2.ConnectError as exc:
-            raise UpstreamConnectError(_connect_message(upstream, exc)) from exc
-        except httpx2.TimeoutException as exc:
-            raise UpstreamConnectError(
-                f"could not connect to {upstream}: {_describe(exc)}", timed_out=True
-            ) from exc
-        except httpx2.TransportError as exc:
-            raise UpstreamDisconnected(
-                f"the connection to {upstream} broke before its {what} was complete: "
-                f"{_describe(exc)}"
-            ) from exc
         try:
             return json.loads(body)
         except ValueError:
@@ -288,20 +277,10 @@ class HTTPDeltaStream:
             await trio.lowlevel.checkpoint()
 
     async def _open(self) -> AsyncGenerator[bytes, None]:
-        try:
+        with _transport_errors(self._upstream, "closed before it answered"):
             response = await self._stack.enter_async_context(
                 self._client.stream("POST", self._url, json=self._payload, headers=self._headers)
             )
-        except httpx2.ConnectError as exc:
-            raise UpstreamConnectError(_connect_message(self._upstream, exc)) from exc
-        except httpx2.TimeoutException as exc:
-            raise UpstreamConnectError(
-                f"could not connect to {self._upstream}: {_describe(exc)}", timed_out=True
-            ) from exc
-        except httpx2.TransportError as exc:
-            raise UpstreamDisconnected(
-                f"{self._upstream} closed the connection before answering: {_describe(exc)}"
-            ) from exc
         if response.status_code >= 400:
             await _raise_for_status(self._upstream, response)
         if self._content_type is not None:
@@ -401,6 +380,25 @@ def _retry_after(value: str | None) -> float | None:
 def _host_and_port(url: httpx2.URL) -> str:
     host = f"[{url.host}]" if ":" in url.host else url.host
     return host if url.port is None else f"{host}:{url.port}"
+
+
+@contextmanager
+def _transport_errors(upstream: str, broke: str) -> Iterator[None]:
+    """httpx2's transport errors as the upstream errors they are: it could not be reached
+    (``UpstreamConnectError``, ``timed_out`` if connecting took too long), or the connection
+    to it ``broke`` (``UpstreamDisconnected``)."""
+    try:
+        yield
+    except httpx2.ConnectError as exc:
+        raise UpstreamConnectError(_connect_message(upstream, exc)) from exc
+    except httpx2.TimeoutException as exc:
+        raise UpstreamConnectError(
+            f"could not connect to {upstream}: {_describe(exc)}", timed_out=True
+        ) from exc
+    except httpx2.TransportError as exc:
+        raise UpstreamDisconnected(
+            f"the connection to {upstream} {broke}: {_describe(exc)}"
+        ) from exc
 
 
 def _connect_message(upstream: str, exc: BaseException) -> str:

@@ -141,9 +141,9 @@ async def run(quick: bool) -> list[Result]:
         seconds, size = encoding.text_path(20_000 if quick else 200_000)
         timings.append(seconds)
         sizes.append(size)
-    bench = "one text token: upstream chunk → event → SSE chunk, in one process"
+    bench = "a text token, upstream line to SSE chunk"
     results.append(Result(bench, "CPU per token", "s", timings))
-    results.append(Result(bench, "bytes each event holds in the log", "B", sizes))
+    results.append(Result(bench, "bytes its event holds in the log", "B", sizes))
 
     print("memory ...", file=sys.stderr)
     per_run = await memory.bytes_per_retained_run()

@@ -17,6 +17,7 @@ from ._exceptions import RelayError as RelayError
 from ._exceptions import RelayFull as RelayFull
 from ._exceptions import ReplayGap as ReplayGap
 from ._exceptions import SessionBusy as SessionBusy
+from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import TokenTimeout as TokenTimeout
 from ._exceptions import UnknownEventKind as UnknownEventKind
 from ._exceptions import UnknownSession as UnknownSession
@@ -136,6 +137,7 @@ __all__ = [
     "ServerConfig",
     "SessionBusy",
     "Store",
+    "StoreUnavailable",
     "Subscription",
     "TokenTimeout",
     "ToolCallDelta",

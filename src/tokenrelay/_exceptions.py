@@ -17,6 +17,7 @@
     ├── InvalidRequest ........... a chat request we cannot relay (also a ValueError)
     ├── UnknownEventKind ......... an event of a kind this relay does not know (a ValueError)
     ├── RelayFull ................ max_total_bytes is held by runs still running
+    ├── StoreUnavailable ......... a store's database cannot be used
     └── RelayClosed .............. the relay has shut down
 
 Whatever ends a run, a run never raises into the relay: its ending is recorded as
@@ -36,6 +37,7 @@ __all__ = [
     "RelayFull",
     "ReplayGap",
     "SessionBusy",
+    "StoreUnavailable",
     "TokenTimeout",
     "UnknownEventKind",
     "UnknownSession",
@@ -245,6 +247,12 @@ class RelayFull(RelayError):
         )
         self.held = held
         self.limit = limit
+
+
+class StoreUnavailable(RelayError):
+    """A store's database cannot be used: it cannot be opened, it is not a tokenrelay
+    database, it was written by a newer version, or another process holds it locked. The
+    message says which, in one line."""
 
 
 class RelayClosed(RelayError):

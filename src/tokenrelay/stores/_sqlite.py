@@ -1,0 +1,320 @@
+"""A durable store: every run's events in a SQLite file (stdlib ``sqlite3``, WAL mode).
+
+Live subscribers are fed from memory exactly as with :class:`MemoryStore`; what the producer
+appends is also queued, never awaited, and written behind in batches: once ``flush_interval``
+seconds have passed since the first queued event, or at once when ``flush_events`` are queued,
+whichever comes first. So a crash (``kill -9``) loses at most the batch being gathered. One
+writer connection is used, from one flusher task, through ``trio.to_thread`` (one batch at a
+time); reads use a connection of their own.
+
+A run's log is ``open`` until its run ends (``closed``). Opening a store marks the logs it
+finds still ``open`` as ``interrupted``: their runs died with the process that wrote them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .._events import Event
+from .._exceptions import StoreUnavailable
+from .._lifecycle import lifecycle
+from .._log import ByteBudget, RunLog
+from ._memory import MemoryRunLog
+
+__all__ = ["SCHEMA_VERSION", "SQLiteRunLog", "SQLiteStore", "open_sqlite_store"]
+
+#: The schema this code writes (``PRAGMA user_version``); older ones are migrated forward.
+SCHEMA_VERSION = 1
+
+#: What makes a database a tokenrelay one: the ``application_id`` pragma ("TRly").
+APPLICATION_ID = 0x54526C79
+
+_MIGRATIONS: dict[int, Sequence[str]] = {
+    1: (
+        """CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            closed_at REAL,
+            state TEXT NOT NULL CHECK (state IN ('open', 'closed', 'interrupted'))
+        )""",
+        "CREATE INDEX runs_by_session ON runs (session_id, opened_at)",
+        """CREATE TABLE events (
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        ) WITHOUT ROWID""",
+    ),
+}
+
+
+class SQLiteStore:
+    """Keeps each run's events in memory for live readers and in a SQLite file for good.
+    Open one with :func:`open_sqlite_store`; pass it as ``open_relay(store=...)``.
+
+    Attributes:
+        path: the database file.
+        interrupted: how many runs were found unfinished (and marked so) when it was opened.
+        batches: how many batches it has written (or tried to).
+        last_batch_at: when (trio's clock) the last of them began.
+        write_errors: how many batches could not be written (logged once; serving goes on
+            in memory).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, flush_interval: float, flush_events: int
+    ) -> None:
+        self.path = os.fspath(path)
+        self.flush_interval = flush_interval
+        self.flush_events = flush_events
+        self.interrupted = 0
+        self.write_errors = 0
+        self.batches = 0
+        #: When (trio clock) the last batch began to be written.
+        self.last_batch_at: float | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, Any]] = []
+        self._queued = 0  # items ever queued
+        self._written = 0  # items ever written (or given up on)
+        self._waiters: list[tuple[int, trio.Event]] = []
+        self._write_lock = trio.Lock()  # one batch at a time on the writer connection
+        self._something = trio.Event()  # set when the first item of a batch is queued
+        self._full = trio.Event()  # set when a batch should be written at once
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # -- RunLog side ------------------------------------------------------------------------
+
+    def open_log(
+        self,
+        run_id: str,
+        session_id: str,
+        *,
+        max_events: int | None,
+        max_bytes: int | None,
+        budget: ByteBudget,
+    ) -> RunLog:
+        """A log for one run: in memory, and written behind to the file."""
+        self._queue("open", (run_id, session_id, time.time()))
+        return SQLiteRunLog(self, run_id, max_events=max_events, max_bytes=max_bytes, budget=budget)
+
+    def _queue(self, kind: str, item: Any) -> None:
+        self._pending.append((kind, item))
+        self._queued += 1
+        self._something.set()
+        if len(self._pending) >= self.flush_events:
+            self._full.set()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written (or failed to be)."""
+        target = self._queued
+        if self._written >= target:
+            await trio.lowlevel.checkpoint()
+            return
+        done = trio.Event()
+        self._waiters.append((target, done))
+        self._full.set()
+        await done.wait()
+
+    # -- the flusher --------------------------------------------------------------------------
+
+    async def _flush_forever(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            await self._something.wait()
+            with trio.move_on_after(self.flush_interval):
+                await self._full.wait()
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        async with self._write_lock:
+            batch, self._pending = self._pending, []
+            self._something, self._full = trio.Event(), trio.Event()
+            if not batch:
+                return
+            self.batches += 1
+            self.last_batch_at = trio.current_time()
+            try:
+                await trio.to_thread.run_sync(self._write, batch)
+            except sqlite3.Error as exc:
+                self.write_errors += 1
+                if self.write_errors == 1:
+                    # Once, one line: serving goes on in memory; write_errors counts the rest.
+                    lifecycle("store_write_failed", logging.ERROR, path=self.path, error=exc)
+            self._written += len(batch)
+        waiting = []
+        for target, done in self._waiters:
+            if self._written >= target:
+                done.set()
+            else:
+                waiting.append((target, done))
+        self._waiters = waiting
+
+    def _write(self, batch: list[tuple[str, Any]]) -> None:
+        """(In the writer's thread.) One transaction for the whole batch."""
+        db = self._writer
+        assert db is not None
+        with db:
+            for kind, item in batch:
+                if kind == "event":
+                    db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", item)
+                elif kind == "open":
+                    db.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, NULL, 'open')", item)
+                elif kind == "close":
+                    db.execute(
+                        "UPDATE runs SET state = 'closed', closed_at = ? WHERE run_id = ?", item
+                    )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def events(self, run_id: str, after: int = -1) -> list[Event]:
+        """The stored events of ``run_id`` with ``seq > after``, in order."""
+        rows = await trio.to_thread.run_sync(self._read_events, run_id, after)
+        return [Event(seq, data, run_id) for seq, data in rows]
+
+    def _read_events(self, run_id: str, after: int) -> list[tuple[int, str]]:
+        assert self._reader is not None
+        return self._reader.execute(
+            "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
+            (run_id, after),
+        ).fetchall()
+
+    async def run_state(self, run_id: str) -> str | None:
+        """``"open"``, ``"closed"`` or ``"interrupted"``; ``None`` for a run it never saw."""
+        return await trio.to_thread.run_sync(self._read_state, run_id)
+
+    def _read_state(self, run_id: str) -> str | None:
+        assert self._reader is not None
+        row = self._reader.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- opening and closing --------------------------------------------------------------
+
+    def _open(self) -> None:
+        """(In a worker thread.) Open both connections, check and migrate the schema, mark
+        unfinished runs interrupted."""
+        try:
+            writer = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the database {self.path!r}: {exc}") from None
+        try:
+            self._migrate(writer)
+            with writer:
+                self.interrupted = writer.execute(
+                    "UPDATE runs SET state = 'interrupted', closed_at = ? WHERE state = 'open'",
+                    (time.time(),),
+                ).rowcount
+            reader = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
+        except BaseException:
+            writer.close()
+            raise
+        self._writer, self._reader = writer, reader
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        try:
+            application_id, version = (
+                db.execute("PRAGMA application_id").fetchone()[0],
+                db.execute("PRAGMA user_version").fetchone()[0],
+            )
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(
+                f"{self.path!r} is not a tokenrelay database (SQLite says: {exc})"
+            ) from None
+        if tables and application_id != APPLICATION_ID:
+            raise StoreUnavailable(f"{self.path!r} is a SQLite database, but not tokenrelay's")
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"{self.path!r} was written by a newer tokenrelay (schema {version}; this one "
+                f"knows up to {SCHEMA_VERSION}): upgrade tokenrelay, or use another file"
+            )
+        try:
+            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise StoreUnavailable(f"{self.path!r}: SQLite could not switch it to WAL mode")
+            db.execute("PRAGMA synchronous = NORMAL")
+            with db:
+                db.execute("BEGIN IMMEDIATE")  # the lock: another writer makes this fail
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[step]:
+                        db.execute(statement)
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(
+                f"cannot use the database {self.path!r} ({exc}): is another process using it?"
+            ) from None
+
+    def _close(self) -> None:
+        for db in (self._writer, self._reader):
+            if db is not None:
+                db.close()
+        self._writer = self._reader = None
+
+
+class SQLiteRunLog(MemoryRunLog):
+    """A run's log in memory (what live readers follow), each event also queued for the
+    store's file. ``aclose()`` waits until the whole log is written."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SQLiteStore, run_id: str, **caps: Any) -> None:
+        super().__init__(run_id, **caps)
+        self._store = store
+
+    def append(self, data: str) -> Event:
+        event = super().append(data)
+        self._store._queue("event", (self.run_id, event.seq, data))
+        return event
+
+    def close(self) -> None:
+        if not self.closed:
+            self._store._queue("close", (time.time(), self.run_id))
+        super().close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await self._store.flush()
+
+
+@asynccontextmanager
+async def open_sqlite_store(
+    path: str | os.PathLike[str], *, flush_interval: float = 0.05, flush_events: int = 256
+) -> AsyncIterator[SQLiteStore]:
+    """Open (creating or migrating it) the SQLite store at ``path``, with its flusher task::
+
+        async with tokenrelay.stores.open_sqlite_store("tokenrelay.db") as store:
+            async with tokenrelay.open_relay(store=store) as relay:
+                ...
+
+    Close the relay first (its runs' logs are flushed as they end); on exit, anything still
+    queued is written and the file is closed.
+
+    Raises:
+        StoreUnavailable: the file cannot be used (see the class), with a one-line reason.
+    """
+    if not flush_interval > 0 or flush_events < 1:
+        raise ValueError("flush_interval must be > 0 seconds and flush_events >= 1")
+    store = SQLiteStore(path, flush_interval=flush_interval, flush_events=flush_events)
+    await trio.to_thread.run_sync(store._open)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store._flush_forever)
+            try:
+                yield store
+            finally:
+                with trio.CancelScope(shield=True):
+                    await store._write_pending()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(store._close)

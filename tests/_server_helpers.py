@@ -59,7 +59,11 @@ async def start_served(
     keep_alive_timeout: float = 5.0,
     **overrides: Any,
 ) -> Served:
-    settings: dict[str, Any] = {"upstream": f"openai={fake.openai_url}", "model": "fake"}
+    settings: dict[str, Any] = {
+        "upstream": f"openai={fake.openai_url}",
+        "model": "fake",
+        "db": ":memory:",
+    }
     settings.update(overrides)
     app = tokenrelay.create_app(tokenrelay.ServerConfig(**settings))
     url = await serve_app(nursery, app, keep_alive_timeout=keep_alive_timeout)

@@ -43,7 +43,7 @@ class Server:
 
 async def start(*args: str) -> tuple[Server, str]:
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", *args],
+        [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", ":memory:", *args],
         stderr=subprocess.PIPE,
     )
     server = Server(process)
@@ -141,7 +141,7 @@ async def test_sigterm_with_idle_connections_exits_at_once() -> None:
 async def refused(*args: str, env: dict[str, str] | None = None) -> str:
     """Run ``tokenrelay serve ARGS``, which must refuse to start: its stderr."""
     result = await trio.run_process(
-        [sys.executable, "-m", "tokenrelay", "serve", *args],
+        [sys.executable, "-m", "tokenrelay", "serve", "--db", ":memory:", *args],
         capture_stderr=True,
         check=False,
         env=env,
@@ -259,7 +259,9 @@ app = QuartTrio("mine")
 async def mine():
     return "my own route"
 
-blueprint = relay_blueprint(tokenrelay.ServerConfig(demo_prefill=0.01, demo_token_delay=0.01))
+blueprint = relay_blueprint(
+    tokenrelay.ServerConfig(demo_prefill=0.01, demo_token_delay=0.01, db=":memory:")
+)
 app.register_blueprint(blueprint)
 assert blueprint.service is app.extensions["tokenrelay"]
 

@@ -249,3 +249,17 @@ async def test_a_running_run_going_over_the_cap_evicts_at_once(
         assert relay.statistics().bytes_held == 2000
     [evicted] = lifecycle.select("run_evicted")
     assert (evicted.time, evicted.fields["run"]) == (3.0, a.id)
+
+
+async def test_forget_stops_and_drops_a_session_at_once(
+    autojump_clock: MockClock, lifecycle: LifecycleCapture
+) -> None:
+    async with tokenrelay.open_relay(grace=1000.0) as relay:
+        run = await relay.start("s", produce_bytes(10, 100))
+        await trio.sleep(2.5)
+        assert await relay.forget("s")
+        assert (run.status, run.reason) == (tokenrelay.RunStatus.STOPPED, "stopped")
+        assert relay.get("s") is None
+        assert relay.statistics().bytes_held == 0
+        assert not await relay.forget("s")
+    assert lifecycle.select("run_evicted")[0].fields["reason"] == "forgotten"

@@ -962,7 +962,7 @@ async def test_resume_from_trimmed_events_is_a_replay_gap_event(
     [
         pytest.param("GET", "/v1/chat/completions", 405, NOT_ALLOWED, id="GET-completions"),
         pytest.param("PUT", "/v1/chat/completions", 405, NOT_ALLOWED, id="PUT-completions"),
-        pytest.param("DELETE", "/v1/sessions/s", 405, NOT_ALLOWED, id="DELETE-session"),
+        pytest.param("PUT", "/v1/sessions/s", 405, NOT_ALLOWED, id="PUT-session"),
         pytest.param("GET", "/v1/sessions/s/stop", 405, NOT_ALLOWED, id="GET-stop"),
         pytest.param("POST", "/v1/sessions/s/stream", 405, NOT_ALLOWED, id="POST-stream"),
         pytest.param("POST", "/healthz", 405, NOT_ALLOWED, id="POST-healthz"),

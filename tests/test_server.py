@@ -663,7 +663,7 @@ async def test_the_blueprint_mounts_in_your_own_app(
 
     app.register_blueprint(
         tokenrelay.relay_blueprint(
-            ServerConfig(upstream=f"ollama={fake_server.ollama_url}", model="fake")
+            ServerConfig(upstream=f"ollama={fake_server.ollama_url}", model="fake", db=":memory:")
         )
     )
     url = await serve_app(nursery, app)
@@ -690,7 +690,7 @@ async def test_a_stream_dropped_before_its_body_started_still_applies_the_cancel
     started the body: the body never runs, so the request's end (seen by the ASGI wrapper)
     must still release the run, and the "cancel" policy stop it. Driven at the ASGI level,
     to place the hang-up exactly there."""
-    app = tokenrelay.create_app(ServerConfig(demo_prefill=60))
+    app = tokenrelay.create_app(ServerConfig(demo_prefill=60, db=":memory:"))
     app.nursery = nursery  # type: ignore[attr-defined]  # what quart-trio's lifespan does
     await app.startup()
     service: tokenrelay.RelayService = app.extensions["tokenrelay"]

@@ -515,6 +515,7 @@ class Relay:
         try:
             await run._turn.wait()
         except BaseException:
+            log.close()  # withdrawn: it never existed
             session.queue.remove(run)
             self._in_progress -= 1
             self._give_turn(session)
@@ -668,6 +669,18 @@ class Relay:
             self._evict_run(next(iter(self._unwatched)), "memory")
 
     # -- looking -----------------------------------------------------------------------------
+
+    async def forget(self, session_id: str) -> bool:
+        """Stop the session's runs (reason ``"stopped"``), wait for them to finish, and drop
+        what the relay holds of the session at once, followed or not (its subscribers'
+        iteration ends, or raises :exc:`ReplayGap` where events were still to come). Returns
+        whether the relay held anything of it."""
+        stopped = await self.stop(session_id)
+        session = self._sessions.get(session_id)
+        run = session.latest if session is not None else None
+        if run is not None:
+            self._evict_run(run, "forgotten")
+        return stopped or run is not None
 
     def get(self, session_id: str) -> Run | None:
         """The session's running run, else its latest retained one, else ``None``."""

@@ -14,7 +14,7 @@ from ._errors import HTTPError, werkzeug_error
 from ._models_api import model, models
 from ._ops_api import healthz, metrics
 from ._service import EXTENSION, RelayService, relay_service
-from ._sessions_api import resume, status, stop
+from ._sessions_api import delete, messages, resume, sessions, status, stop
 
 __all__ = ["RelayBlueprint", "RelayService", "ServerConfig", "create_app", "relay_blueprint"]
 
@@ -72,10 +72,13 @@ def relay_blueprint(config: ServerConfig | None = None) -> RelayBlueprint:
     bp.add_url_rule("/v1/models", view_func=models, methods=["GET"])
     bp.add_url_rule("/v1/models/<path:model_id>", view_func=model, methods=["GET"])
     # A path with an empty session id ("/v1/sessions//stop") is a 404, not a redirect.
+    bp.add_url_rule("/v1/sessions", view_func=sessions, methods=["GET"])
     for rule, view, method in (
         ("/v1/sessions/<session_id>/stream", resume, "GET"),
         ("/v1/sessions/<session_id>/stop", stop, "POST"),
+        ("/v1/sessions/<session_id>/messages", messages, "GET"),
         ("/v1/sessions/<session_id>", status, "GET"),
+        ("/v1/sessions/<session_id>", delete, "DELETE"),
     ):
         bp.add_url_rule(rule, view_func=view, methods=[method], merge_slashes=False)
     return bp

@@ -116,6 +116,10 @@ async def start_run(
             fail(503, "the relay is shutting down", "server_error", "shutting_down")
         raise
     run.info = info  # the producer's names (it has not run yet) and the request's
+    if service.store is not None:
+        service.store.describe_run(
+            run.id, namespace, call.session_id, call.chat.prompt_text(), call.chat.body
+        )
     service.metrics.runs_started.inc()
     # The request holds its run from now until it is over, whatever happens to it, even a
     # hang-up before its response body starts.

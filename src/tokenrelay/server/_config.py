@@ -204,6 +204,12 @@ class ServerConfig:
     finish_timeout: float = _option(
         5.0, "the longest a run's saving may take once it ends", seconds, "S"
     )
+    db: str = _option(
+        "tokenrelay.db",
+        "the SQLite file that keeps sessions, answers and run logs across restarts; "
+        "':memory:' keeps nothing",
+        metavar="PATH",
+    )
     upstream_connections: int = _option(256, "connections to the upstream at once", count, "N")
     keepalive: float = _option(
         15.0, "seconds between keep-alive comments on a quiet stream", seconds, "S"

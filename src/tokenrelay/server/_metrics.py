@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .._relay import RelayStatistics, Run
@@ -21,7 +21,11 @@ class Metrics:
     """The server's metrics. ``statistics`` is called at scrape time for the gauges that
     describe what the relay holds."""
 
-    def __init__(self, statistics: Callable[[], RelayStatistics | None]) -> None:
+    def __init__(
+        self,
+        statistics: Callable[[], RelayStatistics | None],
+        store_errors: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.runs_started = Counter("tokenrelay_runs_started", "Runs started.", registry=r)
@@ -56,7 +60,7 @@ class Metrics:
             registry=r,
         )
 
-        r.register(_RelayCollector(statistics))
+        r.register(_RelayCollector(statistics, store_errors))
 
     def run_ended(self, run: Run) -> None:
         """Count a run's ending."""
@@ -82,11 +86,19 @@ class _RelayCollector(Collector):
     """The relay's gauges, from one :meth:`Relay.statistics` call per scrape (it walks every
     session, so it is taken once, not once per gauge)."""
 
-    def __init__(self, statistics: Callable[[], RelayStatistics | None]) -> None:
+    def __init__(
+        self, statistics: Callable[[], RelayStatistics | None], store_errors: Callable[[], int]
+    ) -> None:
         self._statistics = statistics
+        self._store_errors = store_errors
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._statistics()
         for name, field, text in _GAUGES:
             value = float(getattr(stats, field)) if stats is not None else 0.0
             yield GaugeMetricFamily(name, text, value=value)
+        yield CounterMetricFamily(
+            "tokenrelay_store_errors",
+            "Batches the store could not write (serving went on in memory).",
+            value=float(self._store_errors()),
+        )

@@ -13,17 +13,22 @@ __all__ = ["healthz", "metrics"]
 
 
 async def healthz() -> dict[str, Any]:
-    """Liveness, open to anyone: it says more only to a caller with a key (or when the server
-    has no keys): the upstream (kind and host, never its credentials) and the runs."""
+    """Liveness, open to anyone: ``ok``, or ``degraded`` when the store failed to write. It
+    says more only to a caller with a key (or when the server has no keys): the upstream
+    (kind and host, never its credentials), the runs, the store."""
     service = relay_service()
+    health = "degraded" if service.degraded else "ok"
     if service.keys.namespace(request.headers.get("Authorization")) is None:
-        return {"status": "ok"}
+        return {"status": health}
     relay = service.relay
-    return {
-        "status": "ok",
+    details: dict[str, Any] = {
+        "status": health,
         "upstream": str(service.upstream),
         "runs_in_progress": relay.runs_in_progress if relay is not None else 0,
     }
+    if service.store is not None:
+        details["store"] = {"path": service.store.path, "write_errors": service.store.write_errors}
+    return details
 
 
 async def metrics() -> Response:

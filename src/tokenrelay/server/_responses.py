@@ -12,12 +12,20 @@ from quart import Response
 
 from .._events import Event, RunStatus
 from .._exceptions import ReplayGap
+from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._errors import error_body, run_error_response
 from ._service import RelayService, Watch
 from ._sse import DONE, ChunkRenderer, sse_comment, sse_error, sse_retry
 
-__all__ = ["complete", "gap_response", "sse_response"]
+__all__ = [
+    "INTERRUPTED",
+    "complete",
+    "gap_response",
+    "sse_response",
+    "stored_response",
+    "stored_status",
+]
 
 
 def sse_response(
@@ -119,3 +127,51 @@ async def complete(service: RelayService, watch: Watch, headers: Mapping[str, st
 
 def _gap_event(gap: ReplayGap) -> bytes:
     return sse_error(error_body(str(gap), "replay_gap", "events_no_longer_held"))
+
+
+def stored_response(
+    stored: StoredRun, events: list[Event], after: int, headers: Mapping[str, str]
+) -> Response:
+    """The stream of a run the relay no longer holds but its store does (it ended before a
+    restart, or was interrupted by one): its stored events after ``after``, then the same
+    ending a live reader got (an interrupted run ends with an error saying so)."""
+    request = stored.request or {}
+    options = request.get("stream_options")
+    outcome = stored.outcome or {}
+    renderer = ChunkRenderer(
+        stored.id,
+        int(stored.opened_at),
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+    )
+    renderer.name(outcome.get("model") or request.get("model") or "", None)
+    body = sse_comment(f"tokenrelay run {stored.id}") + sse_retry()
+    body += renderer.events(events) if events else b""
+    body += _stored_ending(stored, renderer)
+    response = Response(body, status=200, mimetype="text/event-stream")
+    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    return response
+
+
+def stored_status(stored: StoredRun) -> tuple[str, str | None, dict[str, Any] | None]:
+    """A stored run's status, reason and error body (an interrupted run is an error)."""
+    if stored.outcome is None:
+        return "error", "interrupted", INTERRUPTED
+    return stored.outcome["status"], stored.outcome.get("reason"), stored.outcome.get("error")
+
+
+#: The error of a run whose server stopped before it ended.
+INTERRUPTED = error_body(
+    "the run was interrupted: its server stopped before it ended (its partial answer is kept)",
+    "server_error",
+    "interrupted",
+)["error"]
+
+
+def _stored_ending(stored: StoredRun, renderer: ChunkRenderer) -> bytes:
+    status, reason, error = stored_status(stored)
+    if status == "error":
+        return sse_error({"error": error or INTERRUPTED}) + DONE
+    if status == "stopped" or not renderer.finished:
+        chunk = renderer.relay_chunk(status, reason)
+        return b"data: " + chunk.encode() + b"\n\n" + DONE
+    return DONE

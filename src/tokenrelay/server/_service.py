@@ -16,18 +16,19 @@ from typing import Any, NoReturn, cast
 import trio
 from quart import current_app
 
-from .._events import Event
+from .._events import Event, RunStatus
 from .._guard import ClosableAsyncIterator, pump
 from .._lifecycle import lifecycle
 from .._reaper import Reaper
 from .._relay import Emit, Produce, Relay, RelayStatistics, Run, Subscription, start_relay
+from ..stores._sqlite import SQLiteStore
 from ..upstreams._chat import Delta
-from ..upstreams._codec import encode_delta
+from ..upstreams._codec import Answer, encode_delta
 from ..upstreams._http import Upstream
 from ..upstreams._spec import open_upstream
 from ._auth import Keyring
 from ._config import ServerConfig
-from ._errors import fail
+from ._errors import fail, run_error
 from ._metrics import Metrics
 
 __all__ = ["EXTENSION", "RelayService", "Watch", "relay_service"]
@@ -72,13 +73,23 @@ class RelayService:
         self.keys = Keyring(config.api_keys)
         self.relay: Relay | None = None
         self.upstream: Upstream | None = None
-        self.metrics = Metrics(self._statistics)
+        #: Where sessions are kept for good (``None``: ``db=":memory:"``, nothing is).
+        self.store: SQLiteStore | None = None
+        self.metrics = Metrics(self._statistics, self._store_errors)
         self._stack = AsyncExitStack()
         #: Runs running or waiting, by namespace (for ``max_runs_per_key``).
         self._runs_by_namespace: dict[str, int] = {}
         #: The upstream's model list, and until when (trio clock) it is reused.
         self.models_cache: tuple[float, list[dict[str, Any]]] | None = None
         self._stalls: Reaper[Watch] = Reaper(self._check_stall)
+
+    def _store_errors(self) -> int:
+        return self.store.write_errors if self.store is not None else 0
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the store has failed to write (answers are then kept in memory only)."""
+        return self._store_errors() > 0
 
     def _statistics(self) -> RelayStatistics | None:
         return self.relay.statistics() if self.relay is not None else None
@@ -98,8 +109,13 @@ class RelayService:
                 demo_token_delay=cfg.demo_token_delay,
             )
         )
+        if cfg.db != ":memory:":
+            self.store = SQLiteStore(cfg.db)
+            await self.store.open()
+            await nursery.start(self.store.serve)
         self.relay = await start_relay(
             nursery,
+            store=self.store,
             grace=cfg.grace,
             max_events=cfg.max_events,
             max_bytes=cfg.max_bytes,
@@ -116,8 +132,10 @@ class RelayService:
             await self.relay.aclose()
 
     async def stop(self) -> None:
-        """Drain, then close the upstream's HTTP client."""
+        """Drain, then close the store and the upstream's HTTP client."""
         await self.drain()
+        if self.store is not None:
+            await self.store.aclose()
         await self._stack.aclose()
 
     def running_relay(self) -> Relay:
@@ -196,8 +214,11 @@ class RelayService:
         return produce
 
     async def on_finish(self, run: Run, events: list[Event]) -> None:
-        """Count the run's ending. (The durable store will save the answer here.)"""
+        """Count the run's ending, and record it in the store: how it ended, and the answer
+        as it was produced (whole, or partial)."""
         self.metrics.run_ended(run)
+        if self.store is not None:
+            self.store.record_outcome(run.id, outcome(run, events))
         await trio.lowlevel.checkpoint()
 
     # -- watching ---------------------------------------------------------------------------
@@ -278,6 +299,25 @@ class RelayService:
             "duration_ms": duration,
             "error": str(run.error) if run.error is not None else None,
         }
+
+
+def outcome(run: Run, events: list[Event]) -> dict[str, Any]:
+    """How a run ended, as the store records it."""
+    answer = Answer()
+    for event in events:
+        answer.add(event.data)
+    wall = time.time() - trio.current_time()
+    record: dict[str, Any] = {
+        "status": run.status.value,
+        "reason": run.reason,
+        "error": run_error(run)[1]["error"] if run.status is RunStatus.ERROR else None,
+        "started_at": None if run.started_at is None else round(wall + run.started_at, 3),
+        "finished_at": None if run.finished_at is None else round(wall + run.finished_at, 3),
+        "model": run.info.get("model"),
+        "usage": answer.usage,
+        "choices": answer.choices(),
+    }
+    return record
 
 
 def _too_many(message: str) -> NoReturn:

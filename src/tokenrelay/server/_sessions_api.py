@@ -5,17 +5,20 @@ from __future__ import annotations
 import re
 from typing import Any, NoReturn
 
-from quart import Response, request
+from quart import Response, g, request
 
+from .._events import Event
 from .._exceptions import ReplayGap
 from .._relay import Run
+from ..stores._sqlite import StoredRun
+from ..upstreams._codec import Answer
 from ._asgi import at_request_end
 from ._chat_api import check_session_id, session_key
 from ._errors import fail, invalid
-from ._responses import gap_response, sse_response
+from ._responses import gap_response, sse_response, stored_response, stored_status
 from ._service import relay_service
 
-__all__ = ["resume", "status", "stop"]
+__all__ = ["delete", "messages", "resume", "sessions", "status", "stop"]
 
 #: A resume point: a seq (or -1, from the start), in ASCII digits.
 RESUME_POINT = re.compile(r"-1|[0-9]{1,20}")
@@ -23,10 +26,17 @@ RESUME_POINT = re.compile(r"-1|[0-9]{1,20}")
 
 async def resume(session_id: str) -> Response:
     """``GET /v1/sessions/{id}/stream``: the session's run from ``Last-Event-ID`` (or
-    ``?starting_after``) on, then live, then ``[DONE]``."""
+    ``?starting_after``) on, then live, then ``[DONE]``. A run the relay no longer holds is
+    replayed from the store, exactly as it was streamed."""
     service = relay_service()
-    run = _held_run(session_id)
     after = _resume_point()
+    run = _running_relay_run(session_id)
+    if run is None:
+        stored = await _stored_run(session_id)
+        assert service.store is not None
+        events = await service.store.events(stored.id, after)
+        headers = {"X-Session-Id": session_id, "X-Run-Id": stored.id}
+        return stored_response(stored, events, after, headers)
     headers = {"X-Session-Id": session_id, "X-Run-Id": run.id}
     try:
         watch = service.watch(run, after)
@@ -49,16 +59,137 @@ async def stop(session_id: str) -> dict[str, Any]:
 
 
 async def status(session_id: str) -> dict[str, Any]:
-    """``GET /v1/sessions/{id}``: the session's run: status, reason, counts, timings."""
-    return relay_service().run_status(session_id, _held_run(session_id))
+    """``GET /v1/sessions/{id}``: the session's run: status, reason, counts, timings (from
+    the store, for a run the relay no longer holds)."""
+    service = relay_service()
+    run = _running_relay_run(session_id)
+    if run is not None:
+        return service.run_status(session_id, run)
+    stored = await _stored_run(session_id)
+    assert service.store is not None
+    state, reason, error = stored_status(stored)
+    outcome = stored.outcome or {}
+    return {
+        "session_id": session_id,
+        "run_id": stored.id,
+        "status": state,
+        "reason": reason,
+        "model": outcome.get("model"),
+        "events": await service.store.event_count(stored.id),
+        "bytes_held": 0,
+        "subscribers": 0,
+        "started_at": outcome.get("started_at", stored.opened_at),
+        "finished_at": outcome.get("finished_at", stored.closed_at),
+        "duration_ms": None,
+        "error": error["message"] if error else None,
+        "stored": True,
+    }
+
+
+async def sessions() -> dict[str, Any]:
+    """``GET /v1/sessions?limit=&after=``: the key's stored sessions, most recently updated
+    first; ``after`` is the ``next_after`` of the page before."""
+    service = relay_service()
+    limit = _int_arg("limit", 20, 1, 100)
+    after = request.args.get("after")
+    before: float | None = None
+    if after:
+        try:
+            before = float(after)
+        except ValueError:
+            invalid("'after' must be the next_after of the page before", "invalid_cursor")
+    found = []
+    if service.store is not None:
+        found = await service.store.sessions(g.tokenrelay_namespace, limit=limit + 1, before=before)
+    page = found[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "has_more": len(found) > limit,
+        "next_after": repr(page[-1]["updated_at"]) if len(found) > limit else None,
+    }
+
+
+async def messages(session_id: str) -> dict[str, Any]:
+    """``GET /v1/sessions/{id}/messages``: the conversation as stored, turn by turn: each
+    prompt, and each answer as it was produced (whole, or partial with its status and
+    reason), tool calls and reasoning included."""
+    check_session_id(session_id, fresh=False)
+    service = relay_service()
+    if service.store is None:
+        _unknown_session(session_id)
+    turns = await service.store.conversation(g.tokenrelay_namespace, session_id)
+    if not turns:
+        _unknown_session(session_id)
+    live = _running_relay_run(session_id)
+    data: list[dict[str, Any]] = []
+    for turn in turns:
+        data.append({"role": "user", "content": turn.prompt, "run_id": turn.id})
+        if live is not None and live.id == turn.id and live.finished_at is None:
+            answer, state, reason = _answer(live.events()), "running", None
+        elif turn.outcome is not None:
+            answer, state, reason = turn.outcome["choices"], *stored_status(turn)[:2]
+        else:
+            events = await service.store.events(turn.id)
+            answer, state, reason = _answer(events), *stored_status(turn)[:2]
+        message = dict(answer[0]["message"])
+        message.update(run_id=turn.id, status=state, reason=reason)
+        message["finish_reason"] = answer[0]["finish_reason"] if state == "done" else None
+        data.append(message)
+    return {"object": "list", "session_id": session_id, "data": data}
+
+
+async def delete(session_id: str) -> Response:
+    """``DELETE /v1/sessions/{id}``: stop the session's run if any, then delete the session,
+    its messages, runs and events (204)."""
+    check_session_id(session_id, fresh=False)
+    service = relay_service()
+    held = await service.running_relay().forget(session_key(session_id))
+    stored = False
+    if service.store is not None:
+        stored = await service.store.delete_session(g.tokenrelay_namespace, session_id)
+    if not (held or stored):
+        _unknown_session(session_id)
+    # A body of b"": quart-trio cannot send Quart's default empty body (docs/upstream-bugs.md).
+    return Response(b"", status=204)
+
+
+def _answer(events: list[Event]) -> list[dict[str, Any]]:
+    answer = Answer()
+    for event in events:
+        answer.add(event.data)
+    return answer.choices()
 
 
 def _held_run(session_id: str) -> Run:
-    check_session_id(session_id, fresh=False)
-    run = relay_service().running_relay().get(session_key(session_id))
+    run = _running_relay_run(session_id)
     if run is None:
         _unknown_session(session_id)
     return run
+
+
+def _running_relay_run(session_id: str) -> Run | None:
+    check_session_id(session_id, fresh=False)
+    return relay_service().running_relay().get(session_key(session_id))
+
+
+async def _stored_run(session_id: str) -> StoredRun:
+    store = relay_service().store
+    stored = None
+    if store is not None:
+        stored = await store.latest_run(g.tokenrelay_namespace, session_id)
+    if stored is None:
+        _unknown_session(session_id)
+    return stored
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    value = request.args.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        invalid(f"'{name}' must be a whole number from {low} to {high}", "invalid_request")
+    return int(value)
 
 
 def _resume_point() -> int:

@@ -114,6 +114,10 @@ class ChunkRenderer:
         except UnicodeEncodeError:  # a producer emitted a lone surrogate: never fail a stream
             return mend_surrogates(blob).encode()
 
+    def relay_chunk(self, status: str, reason: str | None) -> str:
+        """The chunk that says why a stream ended before its answer was finished."""
+        return self._chunk({}, "stop", relay={"status": status, "reason": reason})
+
     def ending(self, run: Run) -> bytes:
         """What follows the last event: nothing more for a finished answer; for a stopped
         run (or one that ended unfinished), a chunk that says why; for a failed one, an

@@ -15,6 +15,8 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from .._exceptions import StoreUnavailable
+from ..stores._sqlite import SQLiteStore
 from ._app import create_app
 from ._config import Option, ServerConfig, flag, options, show_size, size, size_or_none
 from ._serve import CannotListen, leaves
@@ -170,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _config(args)
         config.check()
-    except ValueError as exc:
+        if config.db != ":memory:":
+            SQLiteStore(config.db).check()  # a file it cannot use is one line, before serving
+    except (ValueError, StoreUnavailable) as exc:
         print(f"tokenrelay: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -13,12 +13,14 @@ finds still ``open`` as ``interrupted``: their runs died with the process that w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -29,10 +31,10 @@ from .._lifecycle import lifecycle
 from .._log import ByteBudget, RunLog
 from ._memory import MemoryRunLog
 
-__all__ = ["SCHEMA_VERSION", "SQLiteRunLog", "SQLiteStore", "open_sqlite_store"]
+__all__ = ["SCHEMA_VERSION", "SQLiteRunLog", "SQLiteStore", "StoredRun", "open_sqlite_store"]
 
 #: The schema this code writes (``PRAGMA user_version``); older ones are migrated forward.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: What makes a database a tokenrelay one: the ``application_id`` pragma ("TRly").
 APPLICATION_ID = 0x54526C79
@@ -54,6 +56,24 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
             PRIMARY KEY (run_id, seq)
         ) WITHOUT ROWID""",
     ),
+    # What a server records of its sessions and runs: the conversation, turn by turn.
+    2: (
+        """CREATE TABLE sessions (
+            namespace TEXT NOT NULL,
+            session TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            title TEXT NOT NULL,
+            PRIMARY KEY (namespace, session)
+        )""",
+        "CREATE INDEX sessions_by_update ON sessions (namespace, updated)",
+        "ALTER TABLE runs ADD COLUMN namespace TEXT",
+        "ALTER TABLE runs ADD COLUMN session TEXT",
+        "ALTER TABLE runs ADD COLUMN prompt TEXT",
+        "ALTER TABLE runs ADD COLUMN request TEXT",
+        "ALTER TABLE runs ADD COLUMN outcome TEXT",
+        "CREATE INDEX runs_by_conversation ON runs (namespace, session, opened_at)",
+    ),
 }
 
 
@@ -71,8 +91,14 @@ class SQLiteStore:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, flush_interval: float, flush_events: int
+        self,
+        path: str | os.PathLike[str],
+        *,
+        flush_interval: float = 0.05,
+        flush_events: int = 256,
     ) -> None:
+        if not flush_interval > 0 or flush_events < 1:
+            raise ValueError("flush_interval must be > 0 seconds and flush_events >= 1")
         self.path = os.fspath(path)
         self.flush_interval = flush_interval
         self.flush_events = flush_events
@@ -116,6 +142,18 @@ class SQLiteStore:
         if len(self._pending) >= self.flush_events:
             self._full.set()
 
+    def describe_run(
+        self, run_id: str, namespace: str, session: str, prompt: str, request: dict[str, Any]
+    ) -> None:
+        """Record what a run answers (queued like its events): its session (made, or touched,
+        its title the first prompt) and the request, ``prompt`` being its last user message."""
+        self._queue("describe", (run_id, namespace, session, prompt, request, time.time()))
+
+    def record_outcome(self, run_id: str, outcome: dict[str, Any]) -> None:
+        """Record how a run ended (queued): status, reason, error, timings, model, usage and
+        the answer as it was produced."""
+        self._queue("outcome", (json.dumps(outcome, ensure_ascii=False), run_id))
+
     async def flush(self) -> None:
         """Wait until everything queued so far is written (or failed to be)."""
         target = self._queued
@@ -129,7 +167,32 @@ class SQLiteStore:
 
     # -- the flusher --------------------------------------------------------------------------
 
-    async def _flush_forever(self, *, task_status: trio.TaskStatus[None]) -> None:
+    def check(self) -> None:
+        """Open the file and close it again, synchronously (for a command line, before its
+        event loop starts): creates or migrates it, marks unfinished runs interrupted.
+
+        Raises:
+            StoreUnavailable: the file cannot be used, with a one-line reason.
+        """
+        self._open()
+        self._close()
+
+    async def open(self) -> None:
+        """Open the file (creating or migrating it) and mark unfinished runs interrupted.
+
+        Raises:
+            StoreUnavailable: the file cannot be used, with a one-line reason.
+        """
+        await trio.to_thread.run_sync(self._open)
+
+    async def aclose(self) -> None:
+        """Write what is still queued, and close the file."""
+        if self._writer is not None:
+            await self._write_pending()
+        await trio.to_thread.run_sync(self._close)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write queued items in batches until cancelled (start it with ``nursery.start``)."""
         task_status.started()
         while True:
             await self._something.wait()
@@ -168,15 +231,108 @@ class SQLiteStore:
         with db:
             for kind, item in batch:
                 if kind == "event":
-                    db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?)", item)
+                    db.execute(
+                        "INSERT OR REPLACE INTO events (run_id, seq, data) VALUES (?, ?, ?)", item
+                    )
                 elif kind == "open":
-                    db.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, NULL, 'open')", item)
+                    db.execute(
+                        "INSERT OR IGNORE INTO runs (run_id, session_id, opened_at, state) "
+                        "VALUES (?, ?, ?, 'open')",
+                        item,
+                    )
                 elif kind == "close":
                     db.execute(
                         "UPDATE runs SET state = 'closed', closed_at = ? WHERE run_id = ?", item
                     )
+                elif kind == "describe":
+                    run_id, namespace, session, prompt, request, now = item
+                    db.execute(
+                        "INSERT INTO sessions (namespace, session, created, updated, title) "
+                        "VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT DO UPDATE SET updated = excluded.updated",
+                        (namespace, session, now, now, prompt[:TITLE_LENGTH]),
+                    )
+                    db.execute(
+                        "UPDATE runs SET namespace = ?, session = ?, prompt = ?, request = ? "
+                        "WHERE run_id = ?",
+                        (
+                            namespace,
+                            session,
+                            prompt,
+                            json.dumps(request, ensure_ascii=False),
+                            run_id,
+                        ),
+                    )
+                elif kind == "outcome":
+                    db.execute("UPDATE runs SET outcome = ? WHERE run_id = ?", item)
 
     # -- reading ------------------------------------------------------------------------------
+
+    async def _read(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
+        def read() -> list[Any]:
+            assert self._reader is not None
+            return self._reader.execute(sql, parameters).fetchall()
+
+        return await trio.to_thread.run_sync(read)
+
+    async def latest_run(self, namespace: str, session: str) -> StoredRun | None:
+        """The session's latest stored run, ``None`` if there is none."""
+        rows = await self._read(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE namespace = ? AND session = ? "
+            "ORDER BY opened_at DESC LIMIT 1",
+            (namespace, session),
+        )
+        return _stored_run(rows[0]) if rows else None
+
+    async def sessions(
+        self, namespace: str, *, limit: int, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The namespace's sessions, most recently updated first, updated before ``before``."""
+        rows = await self._read(
+            "SELECT session, created, updated, title FROM sessions WHERE namespace = ? "
+            "AND updated < ? ORDER BY updated DESC LIMIT ?",
+            (namespace, before if before is not None else float("inf"), limit),
+        )
+        return [
+            {"id": session, "created_at": created, "updated_at": updated, "title": title}
+            for session, created, updated, title in rows
+        ]
+
+    async def conversation(self, namespace: str, session: str) -> list[StoredRun]:
+        """The session's runs, oldest first: each the prompt it answered and how."""
+        rows = await self._read(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE namespace = ? AND session = ? "
+            "ORDER BY opened_at",
+            (namespace, session),
+        )
+        return [_stored_run(row) for row in rows]
+
+    async def delete_session(self, namespace: str, session: str) -> bool:
+        """Delete the session, its runs and their events (after what is queued is written).
+        Returns whether there was such a session."""
+        await self.flush()
+
+        def delete() -> bool:
+            db = self._writer
+            assert db is not None
+            with db:
+                db.execute(
+                    "DELETE FROM events WHERE run_id IN "
+                    "(SELECT run_id FROM runs WHERE namespace = ? AND session = ?)",
+                    (namespace, session),
+                )
+                db.execute(
+                    "DELETE FROM runs WHERE namespace = ? AND session = ?", (namespace, session)
+                )
+                return bool(
+                    db.execute(
+                        "DELETE FROM sessions WHERE namespace = ? AND session = ?",
+                        (namespace, session),
+                    ).rowcount
+                )
+
+        async with self._write_lock:
+            return await trio.to_thread.run_sync(delete)
 
     async def events(self, run_id: str, after: int = -1) -> list[Event]:
         """The stored events of ``run_id`` with ``seq > after``, in order."""
@@ -189,6 +345,11 @@ class SQLiteStore:
             "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
             (run_id, after),
         ).fetchall()
+
+    async def event_count(self, run_id: str) -> int:
+        """How many events of ``run_id`` are stored."""
+        [(count,)] = await self._read("SELECT count(*) FROM events WHERE run_id = ?", (run_id,))
+        return int(count)
 
     async def run_state(self, run_id: str) -> str | None:
         """``"open"``, ``"closed"`` or ``"interrupted"``; ``None`` for a run it never saw."""
@@ -262,6 +423,49 @@ class SQLiteStore:
         self._writer = self._reader = None
 
 
+#: How much of a session's first prompt is kept as its title.
+TITLE_LENGTH = 80
+
+_RUN_COLUMNS = "run_id, state, opened_at, closed_at, prompt, request, outcome"
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A run as the store keeps it.
+
+    Attributes:
+        id: the run's id.
+        state: ``"open"`` (running, in this process), ``"closed"`` or ``"interrupted"`` (its
+            process died before it ended).
+        opened_at, closed_at: wall-clock times.
+        prompt: the user message it answered.
+        request: the rest of the request.
+        outcome: how it ended (``status``, ``reason``, ``error``, ``model``, ``usage``,
+            ``answer``...), as the server recorded it; ``None`` for an interrupted run.
+    """
+
+    id: str
+    state: str
+    opened_at: float
+    closed_at: float | None
+    prompt: str | None
+    request: dict[str, Any] | None
+    outcome: dict[str, Any] | None
+
+
+def _stored_run(row: Sequence[Any]) -> StoredRun:
+    run_id, state, opened_at, closed_at, prompt, request, outcome = row
+    return StoredRun(
+        run_id,
+        state,
+        opened_at,
+        closed_at,
+        prompt,
+        json.loads(request) if request else None,
+        json.loads(outcome) if outcome else None,
+    )
+
+
 class SQLiteRunLog(MemoryRunLog):
     """A run's log in memory (what live readers follow), each event also queued for the
     store's file. ``aclose()`` waits until the whole log is written."""
@@ -298,23 +502,21 @@ async def open_sqlite_store(
                 ...
 
     Close the relay first (its runs' logs are flushed as they end); on exit, anything still
-    queued is written and the file is closed.
+    queued is written and the file is closed. (Or, in your own nursery: ``await
+    store.open()``, ``await nursery.start(store.serve)``, then ``await store.aclose()``.)
 
     Raises:
         StoreUnavailable: the file cannot be used (see the class), with a one-line reason.
     """
-    if not flush_interval > 0 or flush_events < 1:
-        raise ValueError("flush_interval must be > 0 seconds and flush_events >= 1")
     store = SQLiteStore(path, flush_interval=flush_interval, flush_events=flush_events)
-    await trio.to_thread.run_sync(store._open)
+    await store.open()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store._flush_forever)
+            await nursery.start(store.serve)
             try:
                 yield store
             finally:
-                with trio.CancelScope(shield=True):
-                    await store._write_pending()
                 nursery.cancel_scope.cancel()
     finally:
-        await trio.to_thread.run_sync(store._close)
+        with trio.CancelScope(shield=True):
+            await store.aclose()

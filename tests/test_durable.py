@@ -1,0 +1,182 @@
+"""Sessions that survive their server: ``tokenrelay serve --db FILE`` as a real process, killed
+with SIGKILL mid-stream and started again on the same file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import trio
+
+from _helpers import bounded
+from _server_helpers import SSEReader, chat, seqs, start_served
+from test_cli import Server
+from tokenrelay.stores import open_sqlite_store
+from tokenrelay.stores._sqlite import _MIGRATIONS, APPLICATION_ID, SCHEMA_VERSION
+from tokenrelay.testing import FakeModelServer
+
+DEMO = ["--demo-prefill", "0.01", "--demo-token-delay", "0.01"]
+
+
+async def serve(db: Path, *args: str) -> tuple[Server, str]:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", str(db), *args],
+        stderr=subprocess.PIPE,
+    )
+    server = Server(process)
+    found = await server.wait_for(r"tokenrelay listening on (http://127\.0\.0\.1:\d+)")
+    return server, found.group(1)
+
+
+def stored_events(db: Path, run_id: str) -> int:
+    with sqlite3.connect(db) as connection:
+        return int(
+            connection.execute(
+                "SELECT count(*) FROM events WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+        )
+
+
+async def until_stored(db: Path, run_id: str, count: int) -> None:
+    """Wait until another process has written ``count`` events of the run to the file (there
+    is no event to wait on across processes: the file is looked at every 20 ms)."""
+    while stored_events(db, run_id) < count:  # noqa: ASYNC110
+        await trio.sleep(0.02)
+
+
+def data_lines(events: list[object]) -> list[str]:
+    return [e.data for e in events]  # type: ignore[attr-defined]
+
+
+@bounded(60)
+async def test_answers_survive_a_kill_9_and_replay_identically(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    server, url = await serve(db, *DEMO)
+    try:
+        async with httpx2.AsyncClient(base_url=url, timeout=20) as client:
+            async with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json=chat("hello there"),
+                headers={"X-Session-Id": "done"},
+            ) as response:
+                finished = await SSEReader(response).all()
+            async with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json=chat("write 5000 words"),
+                headers={"X-Session-Id": "long"},
+            ) as response:
+                long_run = response.headers["x-run-id"]
+                async with SSEReader(response) as reader:
+                    await reader.content_events(5)  # then hang up: it goes on detached
+            await until_stored(db, long_run, 50)
+            produced = (await client.get("/v1/sessions/long")).json()["events"]
+        server.process.send_signal(signal.SIGKILL)
+        assert await server.process.wait() == -signal.SIGKILL
+    finally:
+        server.process.kill()
+    kept = stored_events(db, long_run)
+    assert produced - kept <= 256  # the crash window: at most the batch being gathered
+
+    server, url = await serve(db, *DEMO)
+    try:
+        async with httpx2.AsyncClient(base_url=url, timeout=20) as client:
+            async with client.stream("GET", "/v1/sessions/done/stream") as response:
+                replayed = await SSEReader(response).all()
+            async with client.stream(
+                "GET", "/v1/sessions/done/stream", headers={"Last-Event-ID": "3"}
+            ) as response:
+                rest = await SSEReader(response).all()
+            status = (await client.get("/v1/sessions/long")).json()
+            messages = (await client.get("/v1/sessions/long/messages")).json()["data"]
+            listed = (await client.get("/v1/sessions")).json()["data"]
+            async with client.stream("GET", "/v1/sessions/long/stream") as response:
+                interrupted = await SSEReader(response).all()
+            deleted = await client.delete("/v1/sessions/done")
+            gone = await client.get("/v1/sessions/done")
+        server.process.send_signal(signal.SIGTERM)
+        await server.drain()
+        assert await server.process.wait() == 0
+    finally:
+        server.process.kill()
+    # The finished answer replays exactly as it was streamed: same seqs, same data, same end.
+    content = [e for e in finished if e.id is not None]
+    assert [(e.id, e.data) for e in replayed if e.id is not None] == [
+        (e.id, e.data) for e in content
+    ]
+    assert replayed[-1].data == finished[-1].data == "[DONE]"
+    assert seqs(rest) == [s for s in seqs(finished) if s > 3]
+    # The run cut off by the kill is an error, "interrupted", its partial answer kept.
+    assert (status["status"], status["reason"]) == ("error", "interrupted")
+    assert status["events"] == kept
+    user, assistant = messages
+    assert user == {"role": "user", "content": "write 5000 words", "run_id": long_run}
+    assert (assistant["status"], assistant["reason"]) == ("error", "interrupted")
+    assert assistant["content"].startswith('You said: "write 5000 words".')
+    assert len(assistant["content"].split()) >= 45
+    assert interrupted[-2].event == "error"
+    assert json.loads(interrupted[-2].data)["error"]["code"] == "interrupted"
+    assert [session["id"] for session in listed] == ["long", "done"]
+    assert [session["title"] for session in listed] == ["write 5000 words", "hello there"]
+    assert deleted.status_code == 204
+    assert gone.status_code == 404
+
+
+@bounded(30)
+async def test_a_database_it_cannot_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 50)
+    result = await trio.run_process(
+        [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", str(garbage)],
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    said = result.stderr.decode()
+    assert said.startswith("tokenrelay: ")
+    assert "is not a tokenrelay database" in said
+    assert said.count("\n") == 1
+
+
+@bounded(20)
+async def test_a_store_that_fails_to_write_degrades_but_serving_goes_on(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "relay.db"
+    served = await start_served(nursery, fake_server, db=str(db))
+    with sqlite3.connect(db) as connection:  # injected: the events table is gone
+        connection.execute("DROP TABLE events")
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        answer = await client.post(
+            "/v1/chat/completions", json=chat(stream=False), headers={"X-Session-Id": "s"}
+        )
+        await served.run("s").wait_finished()  # its log was flushed (and failed) by then
+        health = (await client.get("/healthz")).json()
+        metrics = (await client.get("/metrics")).text
+    assert answer.status_code == 200
+    assert answer.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
+    assert health["status"] == "degraded"
+    assert health["store"]["write_errors"] >= 1
+    assert "tokenrelay_store_errors_total 1.0" in metrics
+
+
+async def test_a_first_version_database_is_migrated_forward(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as connection:
+        for statement in _MIGRATIONS[1]:
+            connection.execute(statement)
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute("INSERT INTO runs VALUES ('r', 'ns/s', 1.0, 2.0, 'closed')")
+        connection.execute("INSERT INTO events VALUES ('r', 0, '\"kept\"')")
+    async with open_sqlite_store(db) as store:
+        assert [e.data for e in await store.events("r")] == ['"kept"']
+        assert await store.run_state("r") == "closed"
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx2
 import trio
 
+import tokenrelay
 from _helpers import bounded
 from _server_helpers import SSEReader, chat, seqs, start_served
 from test_cli import Server
@@ -180,3 +181,77 @@ async def test_a_first_version_database_is_migrated_forward(tmp_path: Path) -> N
         assert await store.run_state("r") == "closed"
     with sqlite3.connect(db) as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+@bounded(20)
+async def test_finished_runs_events_expire_but_their_answers_stay(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "relay.db"
+    served = await start_served(nursery, fake_server, db=str(db), keep_events=0.3, grace=0)
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        await client.post(
+            "/v1/chat/completions", json=chat("old", stream=False), headers={"X-Session-Id": "s"}
+        )
+        run = served.run("s")
+        await run.wait_finished()
+        assert stored_events(db, run.id) == 7  # five tokens, the finish, the usage
+        # The expiry task deletes them 0.3 s after the run ended (the relay, with no grace,
+        # has let go of the run already).
+        while stored_events(db, run.id):  # noqa: ASYNC110 (another connection's writes)
+            await trio.sleep(0.05)
+        replay = await client.get("/v1/sessions/s/stream")
+        status = (await client.get("/v1/sessions/s")).json()
+        messages = (await client.get("/v1/sessions/s/messages")).json()["data"]
+    assert replay.status_code == 404
+    assert replay.json()["error"]["code"] == "events_expired"
+    assert (status["status"], status["events"]) == ("done", 0)
+    assert [m["content"] for m in messages] == ["old", "tok0 tok1 tok2 tok3 tok4 "]
+
+
+async def test_expire_deletes_in_batches_and_never_touches_a_running_run(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    release = trio.Event()
+
+    async def short(emit: tokenrelay.Emit) -> None:
+        await emit('"x"')
+
+    async def running(emit: tokenrelay.Emit) -> None:
+        await emit('"y"')
+        await release.wait()
+
+    async with open_sqlite_store(db) as store, tokenrelay.open_relay(store=store) as relay:
+        done = [await relay.start(f"s{i}", short) for i in range(5)]
+        for run in done:
+            await run.wait_finished()
+        live = await relay.start("live", running)
+        await store.flush()
+        assert await store.expire(0.0, batch=2) == 5
+        assert [stored_events(db, run.id) for run in done] == [0] * 5
+        assert stored_events(db, live.id) == 1
+        assert await store.next_expiry(60.0) is None
+        release.set()
+
+
+@bounded(20)
+async def test_each_key_sees_only_its_own_stored_sessions(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    served = await start_served(
+        nursery, fake_server, db=str(tmp_path / "relay.db"), api_keys=("a", "b")
+    )
+    a, b = {"Authorization": "Bearer a"}, {"Authorization": "Bearer b"}
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        await client.post(
+            "/v1/chat/completions",
+            json=chat("mine", stream=False),
+            headers={**a, "X-Session-Id": "s"},
+        )
+        await served.run("s", served.service.keys.require("Bearer a")).wait_finished()
+        assert [s["id"] for s in (await client.get("/v1/sessions", headers=a)).json()["data"]] == [
+            "s"
+        ]
+        assert (await client.get("/v1/sessions", headers=b)).json()["data"] == []
+        assert (await client.get("/v1/sessions/s/messages", headers=b)).status_code == 404
+        assert (await client.delete("/v1/sessions/s", headers=b)).status_code == 404
+        assert (await client.get("/v1/sessions/s/messages", headers=a)).status_code == 200

@@ -39,6 +39,28 @@ def seconds_or_none(text: str) -> float | None:
     return None if text.strip().lower() in _OFF else seconds(text)
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_or_none(text: str) -> float | None:
+    """A duration: seconds, or a number with ``s``, ``m``, ``h`` or ``d`` (``7d``); or
+    ``none`` (``off``, ``0``) for forever."""
+    value = text.strip().lower()
+    if value in _OFF:
+        return None
+    unit = value[-1:] if value[-1:] in _DURATION_UNITS else "s"
+    number = value.removesuffix(unit) if value[-1:] in _DURATION_UNITS else value
+    return seconds(number) * _DURATION_UNITS[unit]
+
+
+def show_duration(value: float) -> str:
+    """``value`` seconds as the options take them back: ``7d``, ``12h``, ``90``."""
+    for unit in "dhm":
+        if value >= _DURATION_UNITS[unit] and value % _DURATION_UNITS[unit] == 0:
+            return f"{value / _DURATION_UNITS[unit]:g}{unit}"
+    return f"{value:g}"
+
+
 def count(text: str) -> int:
     """A positive whole number."""
     try:
@@ -210,6 +232,13 @@ class ServerConfig:
         "':memory:' keeps nothing",
         metavar="PATH",
     )
+    keep_events: float | None = _option(
+        7 * 86400.0,
+        "how long a finished run's events are kept in the file for replay (e.g. 7d, 12h); "
+        "its session and answer are kept until deleted; 'none': forever",
+        duration_or_none,
+        "TIME",
+    )
     upstream_connections: int = _option(256, "connections to the upstream at once", count, "N")
     keepalive: float = _option(
         15.0, "seconds between keep-alive comments on a quiet stream", seconds, "S"
@@ -226,7 +255,7 @@ class ServerConfig:
                 "use your model server. Give --api-keys-file (or TOKENRELAY_API_KEY), or "
                 "--insecure-open if that is really what you want."
             )
-        for name in ("first_token_timeout", "token_timeout", "stall_timeout"):
+        for name in ("first_token_timeout", "token_timeout", "stall_timeout", "keep_events"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds (or none), not {value}")

@@ -113,6 +113,8 @@ class RelayService:
             self.store = SQLiteStore(cfg.db)
             await self.store.open()
             await nursery.start(self.store.serve)
+            if cfg.keep_events is not None:
+                await nursery.start(self._expire_events, self.store, cfg.keep_events)
         self.relay = await start_relay(
             nursery,
             store=self.store,
@@ -124,6 +126,19 @@ class RelayService:
         )
         if cfg.stall_timeout is not None:
             await nursery.start(self._stalls.run)
+
+    @staticmethod
+    async def _expire_events(
+        store: SQLiteStore, keep: float, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Delete finished runs' events ``keep`` seconds after they ended: sleep until the
+        oldest is due (or, with none due, for ``keep``: no run ending from now on is due
+        sooner), then expire every run that is due, in small batches."""
+        task_status.started()
+        while True:
+            due = await store.next_expiry(keep)
+            await trio.sleep(keep if due is None else max(0.0, due - time.time()))
+            await store.expire(keep)
 
     async def drain(self) -> None:
         """Stop every run (reason ``"shutdown"``), wait for their ``on_finish``; streams then

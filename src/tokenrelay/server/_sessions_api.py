@@ -34,6 +34,14 @@ async def resume(session_id: str) -> Response:
     if run is None:
         stored = await _stored_run(session_id)
         assert service.store is not None
+        if stored.expired:
+            fail(
+                404,
+                f"the events of session {session_id!r}'s last run have expired (the server "
+                "keeps them for --keep-events); its messages are still there",
+                "not_found_error",
+                "events_expired",
+            )
         events = await service.store.events(stored.id, after)
         headers = {"X-Session-Id": session_id, "X-Run-Id": stored.id}
         return stored_response(stored, events, after, headers)

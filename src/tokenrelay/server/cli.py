@@ -18,7 +18,17 @@ from hypercorn.config import Config as HypercornConfig
 from .._exceptions import StoreUnavailable
 from ..stores._sqlite import SQLiteStore
 from ._app import create_app
-from ._config import Option, ServerConfig, flag, options, show_size, size, size_or_none
+from ._config import (
+    Option,
+    ServerConfig,
+    duration_or_none,
+    flag,
+    options,
+    show_duration,
+    show_size,
+    size,
+    size_or_none,
+)
 from ._serve import CannotListen, leaves
 from ._serve import serve as serve_app
 
@@ -57,6 +67,8 @@ def _shown(option: Option, value: Any) -> str:
         return "none"
     if option.parse in (size, size_or_none):
         return show_size(value)
+    if option.parse is duration_or_none:
+        return show_duration(value)
     return str(value)
 
 

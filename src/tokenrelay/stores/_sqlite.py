@@ -72,6 +72,7 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE runs ADD COLUMN prompt TEXT",
         "ALTER TABLE runs ADD COLUMN request TEXT",
         "ALTER TABLE runs ADD COLUMN outcome TEXT",
+        "ALTER TABLE runs ADD COLUMN expired INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX runs_by_conversation ON runs (namespace, session, opened_at)",
     ),
 }
@@ -307,6 +308,45 @@ class SQLiteStore:
         )
         return [_stored_run(row) for row in rows]
 
+    async def next_expiry(self, keep: float) -> float | None:
+        """When (wall clock) the oldest finished run's events are due to expire, ``keep``
+        seconds after it ended; ``None`` if no run's events are due ever."""
+        [(oldest,)] = await self._read(
+            "SELECT min(closed_at) FROM runs WHERE state != 'open' AND NOT expired", ()
+        )
+        return None if oldest is None else float(oldest) + keep
+
+    async def expire(self, keep: float, *, batch: int = 500) -> int:
+        """Delete the events of runs that ended more than ``keep`` seconds ago (their runs,
+        sessions and answers are kept), ``batch`` runs per transaction, yielding in between
+        so the event loop never stalls. Returns how many runs' events were deleted."""
+        deadline = time.time() - keep
+
+        def expire_batch() -> int:
+            db = self._writer
+            assert db is not None
+            with db:
+                due = [
+                    row[0]
+                    for row in db.execute(
+                        "SELECT run_id FROM runs WHERE state != 'open' AND NOT expired "
+                        "AND closed_at < ? LIMIT ?",
+                        (deadline, batch),
+                    )
+                ]
+                for run_id in due:
+                    db.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+                    db.execute("UPDATE runs SET expired = 1 WHERE run_id = ?", (run_id,))
+            return len(due)
+
+        total = 0
+        while True:
+            async with self._write_lock:
+                done = await trio.to_thread.run_sync(expire_batch)
+            total += done
+            if done < batch:
+                return total
+
     async def delete_session(self, namespace: str, session: str) -> bool:
         """Delete the session, its runs and their events (after what is queued is written).
         Returns whether there was such a session."""
@@ -426,7 +466,7 @@ class SQLiteStore:
 #: How much of a session's first prompt is kept as its title.
 TITLE_LENGTH = 80
 
-_RUN_COLUMNS = "run_id, state, opened_at, closed_at, prompt, request, outcome"
+_RUN_COLUMNS = "run_id, state, opened_at, closed_at, prompt, request, outcome, expired"
 
 
 @dataclass(frozen=True)
@@ -442,6 +482,7 @@ class StoredRun:
         request: the rest of the request.
         outcome: how it ended (``status``, ``reason``, ``error``, ``model``, ``usage``,
             ``answer``...), as the server recorded it; ``None`` for an interrupted run.
+        expired: its events were deleted (:meth:`SQLiteStore.expire`); the rest is kept.
     """
 
     id: str
@@ -451,10 +492,11 @@ class StoredRun:
     prompt: str | None
     request: dict[str, Any] | None
     outcome: dict[str, Any] | None
+    expired: bool = False
 
 
 def _stored_run(row: Sequence[Any]) -> StoredRun:
-    run_id, state, opened_at, closed_at, prompt, request, outcome = row
+    run_id, state, opened_at, closed_at, prompt, request, outcome, expired = row
     return StoredRun(
         run_id,
         state,
@@ -463,6 +505,7 @@ def _stored_run(row: Sequence[Any]) -> StoredRun:
         prompt,
         json.loads(request) if request else None,
         json.loads(outcome) if outcome else None,
+        bool(expired),
     )
 
 

@@ -227,3 +227,17 @@ async def test_a_reader_that_stops_reading_is_dropped_after_the_stall_timeout(
     await run.wait_finished()  # the run was not held back: it finished on its own
     assert run.status is tokenrelay.RunStatus.DONE
     await conn.aclose()
+
+
+@bounded(20)
+async def test_a_request_the_upstream_refuses_before_any_io_does_not_use_up_a_slot(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    served = await start_served(nursery, fake_server, upstream="demo", max_runs_per_key=1)
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        for _ in range(3):  # the demo gives one choice: n=2 is a 400, each time
+            refused = await client.post("/v1/chat/completions", json=chat(stream=False, n=2))
+            assert refused.status_code == 400
+        assert (
+            await client.post("/v1/chat/completions", json=chat(stream=False))
+        ).status_code == 200

@@ -18,8 +18,9 @@ from quart import Response, g, request
 
 from .._events import Event, RunStatus
 from .._exceptions import RelayClosed, RelayFull, SessionBusy
+from .._guard import ClosableAsyncIterator
 from .._relay import OnBusy, Run
-from ..upstreams._chat import ChatRequest
+from ..upstreams._chat import ChatRequest, Delta
 from ._asgi import at_request_end
 from ._errors import fail, invalid, run_error_response, too_large
 from ._responses import complete, sse_response
@@ -49,9 +50,12 @@ async def chat_completions() -> Response:
     call = await parse_chat(service)
     namespace: str = g.tokenrelay_namespace
     key = session_key(call.session_id)
+    assert service.upstream is not None
+    # No I/O yet; it may raise InvalidRequest, so before the run is counted against a limit.
+    stream = service.upstream.stream(call.chat)
     service.admit(namespace, key, call.on_busy)
     accepted = trio.Event()
-    run, watch = await start_run(service, call, namespace, key, accepted)
+    run, watch = await start_run(service, call, stream, namespace, key, accepted)
     return await respond(service, call, run, watch, accepted)
 
 
@@ -77,13 +81,16 @@ async def parse_chat(service: RelayService) -> ChatCall:
 
 
 async def start_run(
-    service: RelayService, call: ChatCall, namespace: str, key: str, accepted: trio.Event
+    service: RelayService,
+    call: ChatCall,
+    stream: ClosableAsyncIterator[Delta],
+    namespace: str,
+    key: str,
+    accepted: trio.Event,
 ) -> tuple[Run, Watch]:
     """Start the call's run (superseding, refusing or queueing behind the session's run) and
     hold it for the request. ``accepted`` is set once the upstream has accepted the request,
     or the run has ended before that."""
-    assert service.upstream is not None
-    stream = service.upstream.stream(call.chat)  # no I/O yet; may raise InvalidRequest
 
     async def on_finish(run: Run, events: list[Event]) -> None:
         accepted.set()  # it ended before the upstream accepted it: stop waiting too

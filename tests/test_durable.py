@@ -4,6 +4,7 @@ with SIGKILL mid-stream and started again on the same file."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx2
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 import tokenrelay
 from _helpers import bounded
@@ -19,15 +21,17 @@ from _server_helpers import SSEReader, chat, seqs, start_served
 from test_cli import Server
 from tokenrelay.stores import open_sqlite_store
 from tokenrelay.stores._sqlite import _MIGRATIONS, APPLICATION_ID, SCHEMA_VERSION
-from tokenrelay.testing import FakeModelServer
+from tokenrelay.testing import FakeModelServer, FakeScript
 
 DEMO = ["--demo-prefill", "0.01", "--demo-token-delay", "0.01"]
 
 
-async def serve(db: Path, *args: str) -> tuple[Server, str]:
+async def serve(db: Path, *args: str, key: str | None = None) -> tuple[Server, str]:
+    env = {**os.environ, "TOKENRELAY_API_KEY": key} if key else None
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", str(db), *args],
         stderr=subprocess.PIPE,
+        env=env,
     )
     server = Server(process)
     found = await server.wait_for(r"tokenrelay listening on (http://127\.0\.0\.1:\d+)")
@@ -188,16 +192,16 @@ async def test_finished_runs_events_expire_but_their_answers_stay(
     nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
 ) -> None:
     db = tmp_path / "relay.db"
-    served = await start_served(nursery, fake_server, db=str(db), keep_events=0.3, grace=0)
+    served = await start_served(nursery, fake_server, db=str(db), keep_events=0.3)
     async with httpx2.AsyncClient(base_url=served.url) as client:
         await client.post(
             "/v1/chat/completions", json=chat("old", stream=False), headers={"X-Session-Id": "s"}
         )
         run = served.run("s")
         await run.wait_finished()
+        await served.relay.forget("-/s")  # as when its grace is over: only the file has it
         assert stored_events(db, run.id) == 7  # five tokens, the finish, the usage
-        # The expiry task deletes them 0.3 s after the run ended (the relay, with no grace,
-        # has let go of the run already).
+        # The expiry task deletes them 0.3 s after the run ended.
         while stored_events(db, run.id):  # noqa: ASYNC110 (another connection's writes)
             await trio.sleep(0.05)
         replay = await client.get("/v1/sessions/s/stream")
@@ -225,6 +229,7 @@ async def test_expire_deletes_in_batches_and_never_touches_a_running_run(tmp_pat
         for run in done:
             await run.wait_finished()
         live = await relay.start("live", running)
+        await wait_all_tasks_blocked()  # its first event is queued
         await store.flush()
         assert await store.expire(0.0, batch=2) == 5
         assert [stored_events(db, run.id) for run in done] == [0] * 5
@@ -255,3 +260,93 @@ async def test_each_key_sees_only_its_own_stored_sessions(
         assert (await client.get("/v1/sessions/s/messages", headers=b)).status_code == 404
         assert (await client.delete("/v1/sessions/s", headers=b)).status_code == 404
         assert (await client.get("/v1/sessions/s/messages", headers=a)).status_code == 200
+
+
+@bounded(60)
+async def test_with_api_keys_stored_sessions_are_still_theirs_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "relay.db"
+    auth = {"Authorization": "Bearer sk-1"}
+    for round_ in range(2):
+        server, url = await serve(db, *DEMO, key="sk-1")
+        try:
+            async with httpx2.AsyncClient(base_url=url, headers=auth, timeout=20) as client:
+                if round_ == 0:
+                    await client.post(
+                        "/v1/chat/completions",
+                        json=chat("remember me", stream=False),
+                        headers={"X-Session-Id": "s"},
+                    )
+                listed = (await client.get("/v1/sessions")).json()["data"]
+                messages = await client.get("/v1/sessions/s/messages")
+            server.process.send_signal(signal.SIGTERM)
+            await server.drain()
+            assert await server.process.wait() == 0
+        finally:
+            server.process.kill()
+        assert [session["id"] for session in listed] == ["s"], round_
+        assert messages.status_code == 200, round_
+
+
+@bounded(60)
+async def test_a_second_server_on_the_same_file_is_refused_and_harms_nothing(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "relay.db"
+    server, url = await serve(db, *DEMO)
+    try:
+        async with httpx2.AsyncClient(base_url=url, timeout=20) as client:
+            async with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json=chat("write 5000 words"),
+                headers={"X-Session-Id": "long"},
+            ) as response:
+                run_id = response.headers["x-run-id"]
+                async with SSEReader(response) as reader:
+                    await reader.content_events(3)
+            await until_stored(db, run_id, 3)
+            second = await trio.run_process(
+                [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", str(db)],
+                capture_stderr=True,
+                check=False,
+            )
+            assert second.returncode == 2
+            said = second.stderr.decode()
+            assert "is in use by another process" in said
+            assert said.count("\n") == 1
+            with sqlite3.connect(db) as connection:
+                [(state,)] = connection.execute(
+                    "SELECT state FROM runs WHERE run_id = ?", (run_id,)
+                ).fetchall()
+            assert state == "open"  # still the first server's, running
+            assert (await client.get("/v1/sessions/long")).json()["status"] == "running"
+        server.process.send_signal(signal.SIGTERM)
+        await server.drain()
+        assert await server.process.wait() == 0
+    finally:
+        server.process.kill()
+
+
+@bounded(20)
+async def test_a_lone_surrogate_in_reasoning_is_stored_mended_and_serving_goes_on(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    fake_server.default = FakeScript(reasoning=["\ud83d"], tokens=["ok"])
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"))
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        for session in ("a", "b"):
+            answer = await client.post(
+                "/v1/chat/completions",
+                json=chat(stream=False),
+                headers={"X-Session-Id": session},
+            )
+            assert answer.status_code == 200, session
+            message = answer.json()["choices"][0]["message"]
+            assert message["reasoning_content"] == "\ufffd"
+            await served.run(session).wait_finished()
+        messages = (await client.get("/v1/sessions/a/messages")).json()["data"]
+    assert messages[1]["reasoning_content"] == "\ufffd"
+    assert served.service.store is not None
+    assert served.service.store.write_errors == 0

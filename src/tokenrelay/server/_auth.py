@@ -21,10 +21,12 @@ OPEN = "-"
 
 
 class Keyring:
-    """The server's API keys, and the session namespace of each."""
+    """The server's API keys, and the session namespace of each: an HMAC of the key with
+    ``secret`` (a store keeps one, so that namespaces stay the same across restarts; without
+    one, a random secret of this process)."""
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        secret = secrets.token_bytes(32)
+    def __init__(self, keys: Iterable[str], secret: bytes | None = None) -> None:
+        secret = secret or secrets.token_bytes(32)
         self._namespaces = {
             key: "k" + hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:12]
             for key in keys

@@ -79,6 +79,8 @@ class RelayService:
         self._stack = AsyncExitStack()
         #: Runs running or waiting, by namespace (for ``max_runs_per_key``).
         self._runs_by_namespace: dict[str, int] = {}
+        self._store_scope = trio.CancelScope()
+        self._store_done = trio.Event()
         #: The upstream's model list, and until when (trio clock) it is reused.
         self.models_cache: tuple[float, list[dict[str, Any]]] | None = None
         self._stalls: Reaper[Watch] = Reaper(self._check_stall)
@@ -112,9 +114,10 @@ class RelayService:
         if cfg.db != ":memory:":
             self.store = SQLiteStore(cfg.db)
             await self.store.open()
-            await nursery.start(self.store.serve)
-            if cfg.keep_events is not None:
-                await nursery.start(self._expire_events, self.store, cfg.keep_events)
+            # Namespaces from a secret kept in the file: the same after a restart.
+            self.keys = Keyring(cfg.api_keys, self.store.secret)
+            lifecycle("store_opened", path=cfg.db, interrupted=self.store.interrupted)
+            await nursery.start(self._store_tasks, self.store, cfg.keep_events)
         self.relay = await start_relay(
             nursery,
             store=self.store,
@@ -127,17 +130,37 @@ class RelayService:
         if cfg.stall_timeout is not None:
             await nursery.start(self._stalls.run)
 
+    async def _store_tasks(
+        self, store: SQLiteStore, keep: float | None, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """The store's tasks (its flusher, and the expiry of old events), in a scope of their
+        own, and the store's closing once they are over: :meth:`stop` cancels the scope (after
+        the relay has drained), and so does the app's nursery being cancelled."""
+        try:
+            with self._store_scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store.serve)
+                    if keep is not None:
+                        await nursery.start(self._expire_events, store, keep)
+                    task_status.started()
+        finally:
+            with trio.move_on_after(self.config.finish_timeout, shield=True):
+                await store.aclose()
+            self._store_done.set()
+
     @staticmethod
     async def _expire_events(
         store: SQLiteStore, keep: float, *, task_status: trio.TaskStatus[None]
     ) -> None:
         """Delete finished runs' events ``keep`` seconds after they ended: sleep until the
         oldest is due (or, with none due, for ``keep``: no run ending from now on is due
-        sooner), then expire every run that is due, in small batches."""
+        sooner; and at least a minute, or ``keep``, apart), then expire every run that is due,
+        in small batches."""
         task_status.started()
         while True:
             due = await store.next_expiry(keep)
-            await trio.sleep(keep if due is None else max(0.0, due - time.time()))
+            wait = keep if due is None else due - time.time()
+            await trio.sleep(max(wait, min(keep, 60.0)))
             await store.expire(keep)
 
     async def drain(self) -> None:
@@ -147,10 +170,11 @@ class RelayService:
             await self.relay.aclose()
 
     async def stop(self) -> None:
-        """Drain, then close the store and the upstream's HTTP client."""
+        """Drain, then close the store (its tasks first) and the upstream's HTTP client."""
         await self.drain()
         if self.store is not None:
-            await self.store.aclose()
+            self._store_scope.cancel()  # its tasks end, then it closes
+            await self._store_done.wait()
         await self._stack.aclose()
 
     def running_relay(self) -> Relay:

@@ -16,22 +16,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None  # type: ignore[assignment]
 
 import trio
 
 from .._events import Event
 from .._exceptions import StoreUnavailable
-from .._lifecycle import lifecycle
 from .._log import ByteBudget, RunLog
 from ._memory import MemoryRunLog
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRunLog", "SQLiteStore", "StoredRun", "open_sqlite_store"]
+
+logger = logging.getLogger("tokenrelay")
+
+#: Whether this platform has ``flock`` (everywhere but Windows).
+_CAN_LOCK: bool = fcntl is not None
 
 #: The schema this code writes (``PRAGMA user_version``); older ones are migrated forward.
 SCHEMA_VERSION = 2
@@ -74,6 +84,8 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE runs ADD COLUMN outcome TEXT",
         "ALTER TABLE runs ADD COLUMN expired INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX runs_by_conversation ON runs (namespace, session, opened_at)",
+        "CREATE INDEX runs_due ON runs (closed_at) WHERE state != 'open' AND NOT expired",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
 }
 
@@ -111,9 +123,10 @@ class SQLiteStore:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._pending: list[tuple[str, Any]] = []
-        self._queued = 0  # items ever queued
-        self._written = 0  # items ever written (or given up on)
-        self._waiters: list[tuple[int, trio.Event]] = []
+        self._lock_file: Any = None  # the OS lock held while the store is open
+        #: A secret kept in the file (for the server's key namespaces, so that they are the
+        #: same after a restart).
+        self.secret = b""
         self._write_lock = trio.Lock()  # one batch at a time on the writer connection
         self._something = trio.Event()  # set when the first item of a batch is queued
         self._full = trio.Event()  # set when a batch should be written at once
@@ -138,7 +151,6 @@ class SQLiteStore:
 
     def _queue(self, kind: str, item: Any) -> None:
         self._pending.append((kind, item))
-        self._queued += 1
         self._something.set()
         if len(self._pending) >= self.flush_events:
             self._full.set()
@@ -156,26 +168,20 @@ class SQLiteStore:
         self._queue("outcome", (json.dumps(outcome, ensure_ascii=False), run_id))
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is written (or failed to be)."""
-        target = self._queued
-        if self._written >= target:
-            await trio.lowlevel.checkpoint()
-            return
-        done = trio.Event()
-        self._waiters.append((target, done))
-        self._full.set()
-        await done.wait()
+        """Write everything queued so far now (batches are written one at a time, in order:
+        when this returns, so is everything queued before it)."""
+        await self._write_pending()
 
     # -- the flusher --------------------------------------------------------------------------
 
     def check(self) -> None:
         """Open the file and close it again, synchronously (for a command line, before its
-        event loop starts): creates or migrates it, marks unfinished runs interrupted.
+        event loop starts): creates or migrates it; marks nothing interrupted.
 
         Raises:
             StoreUnavailable: the file cannot be used, with a one-line reason.
         """
-        self._open()
+        self._open(mark_interrupted=False)
         self._close()
 
     async def open(self) -> None:
@@ -187,10 +193,12 @@ class SQLiteStore:
         await trio.to_thread.run_sync(self._open)
 
     async def aclose(self) -> None:
-        """Write what is still queued, and close the file."""
-        if self._writer is not None:
-            await self._write_pending()
-        await trio.to_thread.run_sync(self._close)
+        """Write what is still queued, and close the file. (Cancel :meth:`serve` first.)"""
+        async with self._write_lock:
+            if self._writer is not None and self._pending:
+                batch, self._pending = self._pending, []
+                await trio.to_thread.run_sync(self._write_batch, batch)
+            await trio.to_thread.run_sync(self._close)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued items in batches until cancelled (start it with ``nursery.start``)."""
@@ -205,25 +213,26 @@ class SQLiteStore:
         async with self._write_lock:
             batch, self._pending = self._pending, []
             self._something, self._full = trio.Event(), trio.Event()
-            if not batch:
+            if not batch or self._writer is None:
+                await trio.lowlevel.checkpoint()
                 return
             self.batches += 1
             self.last_batch_at = trio.current_time()
-            try:
-                await trio.to_thread.run_sync(self._write, batch)
-            except sqlite3.Error as exc:
-                self.write_errors += 1
-                if self.write_errors == 1:
-                    # Once, one line: serving goes on in memory; write_errors counts the rest.
-                    lifecycle("store_write_failed", logging.ERROR, path=self.path, error=exc)
-            self._written += len(batch)
-        waiting = []
-        for target, done in self._waiters:
-            if self._written >= target:
-                done.set()
-            else:
-                waiting.append((target, done))
-        self._waiters = waiting
+            await trio.to_thread.run_sync(self._write_batch, batch)
+
+    def _write_batch(self, batch: list[tuple[str, Any]]) -> None:
+        """(In a worker thread.) One transaction for the batch; if it fails, each item on its
+        own, so that one item that cannot be written (or a full disk) costs only itself."""
+        try:
+            self._write(batch)
+        except Exception as exc:
+            self.write_errors += 1
+            if self.write_errors == 1:
+                # Once, one line: serving goes on in memory; write_errors counts the rest.
+                logger.error("store_write_failed path=%s error=%s", self.path, exc)  # noqa: TRY400
+            for item in batch:
+                with suppress(Exception):
+                    self._write([item])
 
     def _write(self, batch: list[tuple[str, Any]]) -> None:
         """(In the writer's thread.) One transaction for the whole batch."""
@@ -402,25 +411,60 @@ class SQLiteStore:
 
     # -- opening and closing --------------------------------------------------------------
 
-    def _open(self) -> None:
-        """(In a worker thread.) Open both connections, check and migrate the schema, mark
-        unfinished runs interrupted."""
+    def _open(self, *, mark_interrupted: bool = True) -> None:
+        """(In a worker thread.) Take the file's lock, open both connections, check and
+        migrate the schema, mark unfinished runs interrupted."""
+        self._lock()
         try:
             writer = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
         except sqlite3.Error as exc:
+            self._unlock()
             raise StoreUnavailable(f"cannot open the database {self.path!r}: {exc}") from None
         try:
             self._migrate(writer)
             with writer:
-                self.interrupted = writer.execute(
-                    "UPDATE runs SET state = 'interrupted', closed_at = ? WHERE state = 'open'",
-                    (time.time(),),
-                ).rowcount
+                writer.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('namespace_secret', ?)",
+                    (secrets.token_bytes(32),),
+                )
+                self.secret = writer.execute(
+                    "SELECT value FROM meta WHERE key = 'namespace_secret'"
+                ).fetchone()[0]
+                if mark_interrupted:
+                    self.interrupted = writer.execute(
+                        "UPDATE runs SET state = 'interrupted', closed_at = ? WHERE state = 'open'",
+                        (time.time(),),
+                    ).rowcount
             reader = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
         except BaseException:
             writer.close()
+            self._unlock()
             raise
         self._writer, self._reader = writer, reader
+
+    def _lock(self) -> None:
+        """Hold an OS lock on ``PATH-lock`` while open: a second process (another server on
+        the same file) is refused, and never marks the first one's runs interrupted."""
+        if not _CAN_LOCK:  # pragma: no cover (Windows: SQLite's own locking only)
+            return
+        try:
+            handle = open(self.path + "-lock", "a")  # noqa: SIM115 (held while open)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open the database {self.path!r}: {exc}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StoreUnavailable(
+                f"the database {self.path!r} is in use by another process (another tokenrelay "
+                "serve?): give each its own --db"
+            ) from None
+        self._lock_file = handle
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases the lock
+            self._lock_file = None
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         try:
@@ -461,7 +505,11 @@ class SQLiteStore:
             if db is not None:
                 db.close()
         self._writer = self._reader = None
+        self._unlock()
 
+
+#: The longest closing a store (its last batch, then the file) may take.
+CLOSE_TIMEOUT = 10.0
 
 #: How much of a session's first prompt is kept as its title.
 TITLE_LENGTH = 80
@@ -561,5 +609,5 @@ async def open_sqlite_store(
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await store.aclose()

@@ -18,6 +18,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
@@ -33,7 +34,7 @@ from .._exceptions import (
 )
 from .._guard import ClosableAsyncIterator
 from ._chat import ChatRequest, Delta
-from ._lines import LineSplitter, SurrogateJoiner
+from ._lines import LineSplitter, SurrogateJoiner, mend_surrogates
 from ._transport import use_lean_backend
 
 __all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "HTTPUpstream", "Upstream", "http_client"]
@@ -220,7 +221,8 @@ class HTTPDeltaStream:
         self._upstream = upstream
         self._content_type = content_type
         self._splitter = LineSplitter(max_line)
-        self._text = SurrogateJoiner()
+        self._text = SurrogateJoiner()  # choice 0's; other choices' in _joiners
+        self._joiners: dict[int, SurrogateJoiner] = {}
         self._stack = AsyncExitStack()
         self._chunks: AsyncGenerator[bytes, None] | None = None
         self._pending: deque[Delta] = deque()
@@ -262,10 +264,21 @@ class HTTPDeltaStream:
             self._done = ended or decoder.finished
         self._deltas += 1
         delta = self._pending.popleft()
-        text = self._text.feed(delta.text)
+        joiner = self._text if delta.choice == 0 else self._joiner(delta.choice)
+        text = joiner.feed(delta.text)
         if delta.finish_reason is not None:
-            text += self._text.flush()
-        return delta if text is delta.text else delta._replace(text=text)
+            text += joiner.flush()
+        if text is not delta.text:
+            delta = delta._replace(text=text)
+        if delta.reasoning or delta.refusal or delta.tool_calls:
+            delta = _mend(delta)
+        return delta
+
+    def _joiner(self, choice: int) -> SurrogateJoiner:
+        joiner = self._joiners.get(choice)
+        if joiner is None:
+            joiner = self._joiners[choice] = SurrogateJoiner()
+        return joiner
 
     async def open(self) -> None:
         """Send the request and wait for the response headers (what the first ``__anext__``
@@ -380,6 +393,22 @@ def _retry_after(value: str | None) -> float | None:
 def _host_and_port(url: httpx2.URL) -> str:
     host = f"[{url.host}]" if ":" in url.host else url.host
     return host if url.port is None else f"{host}:{url.port}"
+
+
+def _mend(delta: Delta) -> Delta:
+    """``delta`` with no lone surrogate in its reasoning, refusal or tool call arguments
+    (U+FFFD instead): nothing downstream (an SSE write, a store) can encode one."""
+    calls = tuple(
+        replace(call, arguments=mend_surrogates(call.arguments))
+        if not call.arguments.isascii()
+        else call
+        for call in delta.tool_calls
+    )
+    return delta._replace(
+        reasoning=mend_surrogates(delta.reasoning),
+        refusal=mend_surrogates(delta.refusal),
+        tool_calls=calls,
+    )
 
 
 @contextmanager

@@ -9,6 +9,14 @@ from ._memory import MemoryRunLog as MemoryRunLog
 from ._memory import MemoryStore as MemoryStore
 from ._sqlite import SQLiteRunLog as SQLiteRunLog
 from ._sqlite import SQLiteStore as SQLiteStore
+from ._sqlite import StoredRun as StoredRun
 from ._sqlite import open_sqlite_store as open_sqlite_store
 
-__all__ = ["MemoryRunLog", "MemoryStore", "SQLiteRunLog", "SQLiteStore", "open_sqlite_store"]
+__all__ = [
+    "MemoryRunLog",
+    "MemoryStore",
+    "SQLiteRunLog",
+    "SQLiteStore",
+    "StoredRun",
+    "open_sqlite_store",
+]

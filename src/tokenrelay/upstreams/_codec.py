@@ -82,10 +82,10 @@ def encode_text(text: str) -> str:
 def encode_delta(delta: Delta) -> list[str]:
     """The events one delta becomes (its ``model`` and ``system_fingerprint`` are not
     events: see the module's docstring)."""
-    if delta[1:] == _PLAIN:  # text of choice 0 and nothing else: the common case
+    if delta[1:] == _PLAIN:  # the common case, in one tuple comparison
         return [_compact(delta.text)] if delta.text else []
     events = []
-    if (
+    plain = (  # the same, but for names, or usage, riding along
         delta.choice == 0
         and not delta.reasoning
         and not delta.tool_calls
@@ -93,7 +93,8 @@ def encode_delta(delta: Delta) -> list[str]:
         and delta.logprobs is None
         and delta.extra is None
         and delta.finish_reason is None
-    ):
+    )
+    if plain:
         if delta.text:
             events.append(_compact(delta.text))
     elif delta.is_output or delta.logprobs is not None or delta.extra is not None:

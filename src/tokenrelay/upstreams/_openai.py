@@ -125,7 +125,7 @@ class OpenAIDecoder:
         raise UpstreamDisconnected("the upstream ended its stream before finishing the answer")
 
     def _event(self, name: str, data: str) -> list[Delta]:
-        if data.strip() == "[DONE]":
+        if data[:1] != "{" and data.strip() == "[DONE]":
             self.finished = True
             return []
         try:

@@ -38,6 +38,13 @@ async def serve(db: Path, *args: str, key: str | None = None) -> tuple[Server, s
     return server, found.group(1)
 
 
+async def stopped(server: Server) -> None:
+    """Stop the server as an operator would (SIGTERM); it must exit cleanly."""
+    server.process.send_signal(signal.SIGTERM)
+    await server.drain()
+    assert await server.process.wait() == 0
+
+
 def stored_events(db: Path, run_id: str) -> int:
     with sqlite3.connect(db) as connection:
         return int(
@@ -105,9 +112,7 @@ async def test_answers_survive_a_kill_9_and_replay_identically(tmp_path: Path) -
                 interrupted = await SSEReader(response).all()
             deleted = await client.delete("/v1/sessions/done")
             gone = await client.get("/v1/sessions/done")
-        server.process.send_signal(signal.SIGTERM)
-        await server.drain()
-        assert await server.process.wait() == 0
+        await stopped(server)
     finally:
         server.process.kill()
     # The finished answer replays exactly as it was streamed: same seqs, same data, same end.
@@ -280,9 +285,7 @@ async def test_with_api_keys_stored_sessions_are_still_theirs_after_a_restart(
                     )
                 listed = (await client.get("/v1/sessions")).json()["data"]
                 messages = await client.get("/v1/sessions/s/messages")
-            server.process.send_signal(signal.SIGTERM)
-            await server.drain()
-            assert await server.process.wait() == 0
+            await stopped(server)
         finally:
             server.process.kill()
         assert [session["id"] for session in listed] == ["s"], round_
@@ -322,9 +325,7 @@ async def test_a_second_server_on_the_same_file_is_refused_and_harms_nothing(
                 ).fetchall()
             assert state == "open"  # still the first server's, running
             assert (await client.get("/v1/sessions/long")).json()["status"] == "running"
-        server.process.send_signal(signal.SIGTERM)
-        await server.drain()
-        assert await server.process.wait() == 0
+        await stopped(server)
     finally:
         server.process.kill()
 

@@ -1,7 +1,8 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--json PATH]``.
 
 Every comparison runs side by side in this one invocation, on this machine: tokenrelay
-against the reference-style asyncio design (and raw trio memory channels for fan-out). The
+against the reference-style asyncio design (and raw trio memory channels for fan-out), and
+``tokenrelay serve`` keeping its sessions in a SQLite file against keeping nothing. The
 table shows medians and p99 over repeated trials, and each row's median as a ratio to the
 first row of its benchmark. Nothing here asserts a time.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import trio
 
-from . import encoding, fanout, latency, memory, soak, throughput
+from . import encoding, fanout, latency, memory, soak, store, throughput
 from ._stats import Result, table
 
 
@@ -134,6 +135,30 @@ async def run(quick: bool) -> list[Result]:
         results.append(Result(bench, "asyncio.Queue per subscriber", "/s", ref))
 
     results += await throughput.run(quick)
+
+    print("SQLite store ...", file=sys.stderr)
+    stored_runs = 20 if quick else 200
+    bench = "SQLite file per 1,000-token run"
+    results.append(
+        Result(bench, "its events (open_relay)", "B", [await store.bytes_per_run(stored_runs)])
+    )
+    results.append(
+        Result(
+            bench,
+            "+ session, request, outcome",
+            "B",
+            [await store.bytes_per_run(stored_runs, as_server=True)],
+        )
+    )
+    clean, marked = await store.time_to_mark_interrupted(10_000, 3 if quick else 7)
+    bench = "open a SQLite file of 10,000 runs"
+    results.append(Result(bench, "none left open", "s", clean))
+    results.append(Result(bench, "all left open, then marked", "s", marked))
+    big, label = (50 << 20, "50 MB") if quick else (1 << 30, "1 GB")
+    reopened, size = await store.time_to_reopen(big, 3 if quick else 7)
+    bench = f"reopen a {label} SQLite file"
+    results.append(Result(bench, "100 runs left open", "s", reopened))
+    results.append(Result(bench, "its size", "B", [size]))
 
     print("event encoding ...", file=sys.stderr)
     timings, sizes = [], []

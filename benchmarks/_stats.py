@@ -42,8 +42,8 @@ class Result:
 def table(results: list[Result]) -> str:
     """Medians and p99s, with each row's ratio to the first implementation of its bench."""
     lines = [
-        f"{'benchmark':<34} {'implementation':<28} {'n':>5} {'median':>12} {'p99':>12}  ratio",
-        "-" * 104,
+        f"{'benchmark':<40} {'implementation':<30} {'n':>5} {'median':>12} {'p99':>12}  ratio",
+        "-" * 112,
     ]
     first: dict[str, Result] = {}
     for result in results:
@@ -51,7 +51,7 @@ def table(results: list[Result]) -> str:
         comparable = base is not result and base.unit == result.unit and base.median != 0
         ratio = f"{result.median / base.median:8.2f}x" if comparable else ""
         lines.append(
-            f"{result.bench:<34} {result.impl:<28} {len(result.samples):>5} "
+            f"{result.bench:<40} {result.impl:<30} {len(result.samples):>5} "
             f"{_fmt(result.median, result.unit):>12} {_fmt(result.p99, result.unit):>12}  {ratio}"
         )
     return "\n".join(lines)
@@ -59,9 +59,9 @@ def table(results: list[Result]) -> str:
 
 def _fmt(value: float, unit: str) -> str:
     if unit == "s":
-        if value < 1e-3:
+        if abs(value) < 1e-3:
             return f"{value * 1e6:.0f} us"
-        if value < 1:
+        if abs(value) < 1:
             return f"{value * 1e3:.2f} ms"
         return f"{value:.2f} s"
     if unit == "B":
@@ -72,4 +72,6 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.0f} B"
     if unit == "/s":
         return f"{value:,.0f}/s"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:g} {unit}"

@@ -1,13 +1,18 @@
 """Time to first token and streaming throughput: the fake model directly, through
-``tokenrelay serve``, and through a FastAPI + sse-starlette proxy, each in its own process,
-driven by the load generator in another."""
+``tokenrelay serve`` (keeping nothing, ``--db :memory:``, and keeping everything in a SQLite
+file, ``--db FILE``), and through a FastAPI + sse-starlette proxy, each in its own process,
+driven by the load generator in another. The SQLite relay's cost is also given against the
+memory-only one's, from the same rounds: its tokens/s and CPU per token as ratios, and its
+added token delay (its median and p99 minus the memory-only relay's)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from functools import partial
 from typing import Any
 
@@ -17,14 +22,18 @@ import trio
 from ._stats import Result
 
 
-async def _start(nursery: trio.Nursery, argv: list[str], *, url_on: str) -> tuple[str, int]:
-    """Start a server process (killed when ``nursery`` is cancelled); return its URL, which it
-    prints first on stdout, or in tokenrelay's startup line on stderr, and its pid."""
+async def _start(
+    nursery: trio.Nursery, argv: list[str], *, url_on: str, cwd: str | None = None
+) -> tuple[str, int]:
+    """Start a server process (killed when ``nursery`` is cancelled) in ``cwd``; return its
+    URL, which it prints first on stdout, or in tokenrelay's startup line on stderr, and its
+    pid."""
     process: trio.Process = await nursery.start(
         partial(
             trio.run_process,
             argv,
             check=False,
+            cwd=cwd,
             stdout=subprocess.PIPE if url_on == "stdout" else subprocess.DEVNULL,
             stderr=subprocess.PIPE if url_on == "stderr" else None,
         )
@@ -79,11 +88,14 @@ async def run(quick: bool) -> list[Result]:
     repeats = 1 if quick else 3
     ttft_rounds = 10 if quick else 100
     python = sys.executable
-    async with trio.open_nursery() as nursery:
-        fake, fake_pid = await _start(nursery, [python, "-m", "benchmarks._fake"], url_on="stdout")
-        relay, relay_pid = await _start(
-            nursery,
-            [
+    # The relays run in a temporary directory, and are always told where their database is:
+    # none of them may leave a tokenrelay.db (the default --db) in the working directory.
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-bench-") as directory:
+        async with trio.open_nursery() as nursery:
+            fake, fake_pid = await _start(
+                nursery, [python, "-m", "benchmarks._fake"], url_on="stdout"
+            )
+            serve = [
                 python,
                 "-m",
                 "tokenrelay",
@@ -96,51 +108,97 @@ async def run(quick: bool) -> list[Result]:
                 "5000",
                 "--upstream-connections",
                 "2000",
-            ],
-            url_on="stderr",
-        )
-        proxy, proxy_pid = await _start(
-            nursery, [python, "-m", "benchmarks.baselines.fastapi_proxy", fake], url_on="stdout"
-        )
-        # The CPU a server process spends per token it delivers (the fake model's own, for
-        # the direct row): the measure least disturbed by the other processes on the machine.
-        targets = [
-            ("the fake model, directly", fake, fake_pid),
-            ("tokenrelay serve", relay, relay_pid),
-            ("FastAPI + sse-starlette proxy", proxy, proxy_pid),
-        ]
-        print("time to first token ...", file=sys.stderr)
-        per_request = []
+            ]
+            memory, memory_pid = await _start(
+                nursery, [*serve, "--db", ":memory:"], url_on="stderr", cwd=directory
+            )
+            db = os.path.join(directory, "relay.db")
+            sqlite, sqlite_pid = await _start(
+                nursery, [*serve, "--db", db], url_on="stderr", cwd=directory
+            )
+            proxy, proxy_pid = await _start(
+                nursery,
+                [python, "-m", "benchmarks.baselines.fastapi_proxy", fake],
+                url_on="stdout",
+            )
+            # The CPU a server process spends per token it delivers (the fake model's own, for
+            # the direct row): the measure least disturbed by the other processes on the machine.
+            targets = [
+                ("the fake model, directly", fake, fake_pid),
+                (MEMORY, memory, memory_pid),
+                (SQLITE, sqlite, sqlite_pid),
+                ("FastAPI + sse-starlette proxy", proxy, proxy_pid),
+            ]
+            results += await _first_token(targets, ttft_rounds)
+            for streams in levels:
+                print(f"{streams} streams ...", file=sys.stderr)
+                results += await _paced(targets, streams, repeats)
+            nursery.cancel_scope.cancel()
+    return results
+
+
+MEMORY = "tokenrelay serve --db :memory:"
+SQLITE = "tokenrelay serve --db FILE"
+RATIO = "--db FILE / :memory:"
+
+
+async def _first_token(targets: list[tuple[str, str, int]], rounds: int) -> list[Result]:
+    print("time to first token ...", file=sys.stderr)
+    ttft, per_request = [], []
+    for name, url, pid in targets:
+        before = _cpu_seconds(pid)
+        done = await _load(url, 1, "first", rounds)
+        used = _cpu_seconds(pid) - before
+        ttft.append(Result("time to first token", name, "s", [t for r in done for t in r["ttfts"]]))
+        per_request.append(Result("CPU per 1-token request", name, "s", [used / len(done)]))
+    return ttft + per_request
+
+
+async def _paced(targets: list[tuple[str, str, int]], streams: int, repeats: int) -> list[Result]:
+    """``streams`` paced streams at once through each target in turn, ``repeats`` times over
+    (interleaved, so that the machine's mood drifts over all of them alike)."""
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+    cpu_per_token: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    for _ in range(repeats):
         for name, url, pid in targets:
             before = _cpu_seconds(pid)
-            rounds = await _load(url, 1, "first", ttft_rounds)
-            used = _cpu_seconds(pid) - before
-            results.append(
-                Result("time to first token", name, "s", [t for r in rounds for t in r["ttfts"]])
-            )
-            per_request.append(Result("CPU per 1-token request", name, "s", [used / len(rounds)]))
-        results += per_request
-        for streams in levels:
-            print(f"{streams} streams ...", file=sys.stderr)
-            rates, delays, cpu = [], [], []
-            bench = f"{streams} streams x 50 tok/s"
-            for name, url, pid in targets:
-                rounds, cpu_per_token = [], []
-                for _ in range(repeats):
-                    before = _cpu_seconds(pid)
-                    (one,) = await _load(url, streams, "paced", 1)
-                    cpu_per_token.append((_cpu_seconds(pid) - before) / max(1, one["tokens"]))
-                    rounds.append(one)
-                rates.append(
-                    Result(f"{bench}: tokens/s", name, "/s", [r["tokens_per_s"] for r in rounds])
-                )
-                delays.append(
-                    Result(
-                        f"{bench}: token delay", name, "s", [d for r in rounds for d in r["delays"]]
-                    )
-                )
-                if streams > 1:  # one stream's few tokens are below the CPU clock's tick
-                    cpu.append(Result(f"{bench}: CPU per token", name, "s", cpu_per_token))
-            results += rates + delays + cpu
-        nursery.cancel_scope.cancel()
-    return results
+            (one,) = await _load(url, streams, "paced", 1)
+            cpu_per_token[name].append((_cpu_seconds(pid) - before) / max(1, one["tokens"]))
+            rounds[name].append(one)
+    bench = f"{streams} streams x 50 tok/s"
+    rates, delays, cpu = {}, {}, {}
+    for name, _, _ in targets:
+        done = rounds[name]
+        rates[name] = Result(f"{bench}: tokens/s", name, "/s", [r["tokens_per_s"] for r in done])
+        delays[name] = Result(
+            f"{bench}: token delay", name, "s", [d for r in done for d in r["delays"]]
+        )
+        if streams > 1:  # one stream's few tokens are below the CPU clock's tick
+            cpu[name] = Result(f"{bench}: CPU per token", name, "s", cpu_per_token[name])
+    # The store's cost: the SQLite relay against the memory-only one, from the rows above.
+    rows = [*rates.values()]
+    rows.append(
+        Result(
+            f"{bench}: tokens/s",
+            RATIO,
+            "x",
+            [rates[SQLITE].median / rates[MEMORY].median],
+            "SQLite >= 0.9x memory",
+        )
+    )
+    rows += delays.values()
+    rows.append(
+        Result(
+            f"{bench}: delay FILE adds",
+            "median, FILE - :memory:",
+            "s",
+            [delays[SQLITE].median - delays[MEMORY].median],
+            "median added delay <= 1 ms",
+        )
+    )
+    if cpu:
+        rows += cpu.values()
+        rows.append(
+            Result(f"{bench}: CPU per token", RATIO, "x", [cpu[SQLITE].median / cpu[MEMORY].median])
+        )
+    return rows

@@ -85,6 +85,7 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE runs ADD COLUMN expired INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX runs_by_conversation ON runs (namespace, session, opened_at)",
         "CREATE INDEX runs_due ON runs (closed_at) WHERE state != 'open' AND NOT expired",
+        "CREATE INDEX runs_open ON runs (state) WHERE state = 'open'",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
 }

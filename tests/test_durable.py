@@ -351,3 +351,29 @@ async def test_a_lone_surrogate_in_reasoning_is_stored_mended_and_serving_goes_o
     assert messages[1]["reasoning_content"] == "\ufffd"
     assert served.service.store is not None
     assert served.service.store.write_errors == 0
+
+
+@bounded(20)
+async def test_a_stored_replay_is_the_live_stream_byte_for_byte(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    fake_server.default = FakeScript(
+        reasoning=["hm "], system_fingerprint="fp_1", served_model="fake-v2", logprobs=True
+    )
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"))
+    body = chat(stream_options={"include_usage": True}, logprobs=True)
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"X-Session-Id": "s"}
+        ) as response:
+            live = await SSEReader(response).all()
+        await served.run("s").wait_finished()
+        await served.relay.forget("-/s")  # from here on, only the file has it
+        async with client.stream("GET", "/v1/sessions/s/stream") as response:
+            stored = await SSEReader(response).all()
+    assert [(e.id, e.data) for e in stored if e.id is not None] == [
+        (e.id, e.data) for e in live if e.id is not None
+    ]
+    last = json.loads([e for e in stored if e.id is not None][-1].data)
+    assert (last["model"], last["system_fingerprint"], last["choices"]) == ("fake-v2", "fp_1", [])
+    assert stored[-1].data == "[DONE]"

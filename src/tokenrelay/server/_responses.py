@@ -143,7 +143,9 @@ def stored_response(
         int(stored.opened_at),
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
-    renderer.name(outcome.get("model") or request.get("model") or "", None)
+    renderer.name(
+        outcome.get("model") or request.get("model") or "", outcome.get("system_fingerprint")
+    )
     body = sse_comment(f"tokenrelay run {stored.id}") + sse_retry()
     body += renderer.events(events) if events else b""
     body += _stored_ending(stored, renderer)

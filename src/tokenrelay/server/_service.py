@@ -353,6 +353,7 @@ def outcome(run: Run, events: list[Event]) -> dict[str, Any]:
         "started_at": None if run.started_at is None else round(wall + run.started_at, 3),
         "finished_at": None if run.finished_at is None else round(wall + run.finished_at, 3),
         "model": run.info.get("model"),
+        "system_fingerprint": run.info.get("system_fingerprint"),
         "usage": answer.usage,
         "choices": answer.choices(),
     }

@@ -208,12 +208,14 @@ class SQLiteStore:
             await self._something.wait()
             with trio.move_on_after(self.flush_interval):
                 await self._full.wait()
+            # Only this task renews the events it waits on: items queued from now on wake it
+            # again (those that make it into this batch as well: one spare wake-up).
+            self._something, self._full = trio.Event(), trio.Event()
             await self._write_pending()
 
     async def _write_pending(self) -> None:
         async with self._write_lock:
             batch, self._pending = self._pending, []
-            self._something, self._full = trio.Event(), trio.Event()
             if not batch or self._writer is None:
                 await trio.lowlevel.checkpoint()
                 return
@@ -280,6 +282,11 @@ class SQLiteStore:
     # -- reading ------------------------------------------------------------------------------
 
     async def _read(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
+        """Read, after writing whatever is queued: readers see everything recorded so far
+        (a run that has just ended has its outcome, never "interrupted")."""
+        if self._pending:
+            await self._write_pending()
+
         def read() -> list[Any]:
             assert self._reader is not None
             return self._reader.execute(sql, parameters).fetchall()
@@ -385,16 +392,13 @@ class SQLiteStore:
             return await trio.to_thread.run_sync(delete)
 
     async def events(self, run_id: str, after: int = -1) -> list[Event]:
-        """The stored events of ``run_id`` with ``seq > after``, in order."""
-        rows = await trio.to_thread.run_sync(self._read_events, run_id, after)
-        return [Event(seq, data, run_id) for seq, data in rows]
-
-    def _read_events(self, run_id: str, after: int) -> list[tuple[int, str]]:
-        assert self._reader is not None
-        return self._reader.execute(
+        """The stored events of ``run_id`` with ``seq > after``, in order (what is queued
+        included)."""
+        rows = await self._read(
             "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
             (run_id, after),
-        ).fetchall()
+        )
+        return [Event(seq, data, run_id) for seq, data in rows]
 
     async def event_count(self, run_id: str) -> int:
         """How many events of ``run_id`` are stored."""
@@ -403,12 +407,8 @@ class SQLiteStore:
 
     async def run_state(self, run_id: str) -> str | None:
         """``"open"``, ``"closed"`` or ``"interrupted"``; ``None`` for a run it never saw."""
-        return await trio.to_thread.run_sync(self._read_state, run_id)
-
-    def _read_state(self, run_id: str) -> str | None:
-        assert self._reader is not None
-        row = self._reader.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else str(row[0])
+        rows = await self._read("SELECT state FROM runs WHERE run_id = ?", (run_id,))
+        return str(rows[0][0]) if rows else None
 
     # -- opening and closing --------------------------------------------------------------
 

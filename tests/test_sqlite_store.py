@@ -197,3 +197,26 @@ async def test_a_failing_write_is_counted_and_serving_goes_on(
         assert store.write_errors >= 1
     assert run.status is tokenrelay.RunStatus.DONE
     assert [r.getMessage().split()[0] for r in caplog.records].count("store_write_failed") == 1
+
+
+@bounded(20)
+async def test_a_run_withdrawn_before_its_turn_leaves_nothing_in_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "relay.db"
+    release = trio.Event()
+
+    async def first(emit: Emit) -> None:
+        await emit('"x"')
+        await release.wait()
+
+    async with (
+        open_sqlite_store(path) as store,
+        tokenrelay.open_relay(store=store, on_busy="enqueue") as relay,
+    ):
+        running = await relay.start("s", first)
+        with trio.move_on_after(0.1):  # the second waits its turn, then gives up
+            await relay.start("s", first)
+        await store.flush()
+        assert states(path) == {running.id: "open"}
+        release.set()

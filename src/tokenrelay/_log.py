@@ -110,6 +110,11 @@ class RunLog(Protocol):
         raises :exc:`ReplayGap`). A durable store may delete the log, or let it expire."""
         ...
 
+    def discard(self) -> None:
+        """The run never existed: it was withdrawn before its turn (its ``start()`` was
+        cancelled). Nothing was appended; a durable store forgets the log."""
+        ...
+
     def held(self) -> list[Event]:
         """Every event still held, oldest first."""
         ...

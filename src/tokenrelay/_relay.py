@@ -515,7 +515,7 @@ class Relay:
         try:
             await run._turn.wait()
         except BaseException:
-            log.close()  # withdrawn: it never existed
+            log.discard()  # withdrawn: it never existed (a store forgets it)
             session.queue.remove(run)
             self._in_progress -= 1
             self._give_turn(session)

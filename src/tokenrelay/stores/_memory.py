@@ -171,6 +171,9 @@ class MemoryRunLog:
             Event(seq, data, run_id) for seq, data in enumerate(self._data[i : i + limit], start)
         ]
 
+    def discard(self) -> None:
+        self.close()
+
     def held(self) -> list[Event]:
         return self.read(self._first, self._next - self._first)
 

@@ -278,6 +278,8 @@ class SQLiteStore:
                     )
                 elif kind == "outcome":
                     db.execute("UPDATE runs SET outcome = ? WHERE run_id = ?", item)
+                elif kind == "discard":
+                    db.execute("DELETE FROM runs WHERE run_id = ?", item)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -581,6 +583,10 @@ class SQLiteRunLog(MemoryRunLog):
     async def aclose(self) -> None:
         self.close()
         await self._store.flush()
+
+    def discard(self) -> None:
+        super().close()
+        self._store._queue("discard", (self.run_id,))
 
 
 @asynccontextmanager

@@ -32,20 +32,22 @@ def sse_response(
     service: RelayService, watch: Watch, after: int, headers: Mapping[str, str]
 ) -> Response:
     """A ``text/event-stream`` response following ``watch``'s run from ``after`` on."""
-    response = Response(_stream(service, watch, after), status=200, mimetype="text/event-stream")
-    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    response = _event_stream(_stream(service, watch, after), headers)
     response.timeout = None  # Quart's RESPONSE_TIMEOUT must not cut a long stream
+    return response
+
+
+def _event_stream(body: bytes | AsyncIterator[bytes], headers: Mapping[str, str]) -> Response:
+    """A ``text/event-stream`` response that no proxy buffers or caches."""
+    response = Response(body, status=200, mimetype="text/event-stream")
+    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
     return response
 
 
 def gap_response(gap: ReplayGap, headers: Mapping[str, str]) -> Response:
     """The stream answering a resume from events no longer held: the error, then the end."""
     comment = sse_comment(f"tokenrelay run {gap.run_id}")
-    response = Response(
-        comment + sse_retry() + _gap_event(gap) + DONE, status=200, mimetype="text/event-stream"
-    )
-    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-    return response
+    return _event_stream(comment + sse_retry() + _gap_event(gap) + DONE, headers)
 
 
 async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncIterator[bytes]:
@@ -101,8 +103,13 @@ async def complete(service: RelayService, watch: Watch, headers: Mapping[str, st
     the client leaves first: a non-streaming run is cancelled when unwatched.)"""
     run, sub = watch.run, watch.sub
     answer = Answer()
-    async for event in sub:
-        answer.add(event.data)
+    while True:
+        try:
+            batch = await sub.receive_batch()  # what is ready at once, not event by event
+        except trio.EndOfChannel:
+            break
+        for event in batch:
+            answer.add(event.data)
     watch.ended = True
     service.unwatch(watch)
     if run.status is RunStatus.ERROR:
@@ -149,9 +156,7 @@ def stored_response(
     body = sse_comment(f"tokenrelay run {stored.id}") + sse_retry()
     body += renderer.events(events) if events else b""
     body += _stored_ending(stored, renderer)
-    response = Response(body, status=200, mimetype="text/event-stream")
-    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
-    return response
+    return _event_stream(body, headers)
 
 
 def stored_status(stored: StoredRun) -> tuple[str, str | None, dict[str, Any] | None]:

@@ -84,12 +84,12 @@ def _run_rows(runs: int, start: int = 0, state: str = "open") -> Iterator[tuple[
     request = json.dumps(REQUEST)
     for i in range(start, start + runs):
         session = f"session-{i}"
-        yield (f"run-{i}", session, now, closed_at, state, "", session, PROMPT, request)
+        yield (i + 1, f"run-{i}", session, now, closed_at, state, "", session, PROMPT, request)
 
 
 _INSERT_RUN = (
-    "INSERT INTO runs (run_id, session_id, opened_at, closed_at, state, namespace, session, "
-    "prompt, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO runs (key, run_id, session_id, opened_at, closed_at, state, namespace, "
+    "session, prompt, request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -129,8 +129,8 @@ async def time_to_mark_interrupted(
         with closing(sqlite3.connect(path)) as db, db:
             db.executemany(_INSERT_RUN, _run_rows(runs))
             db.executemany(
-                "INSERT INTO events (run_id, seq, data) VALUES (?, 0, ?)",
-                ((f"run-{i}", encode_text(" t0")) for i in range(runs)),
+                "INSERT INTO events (run, seq, data) VALUES (?, 0, ?)",
+                ((i + 1, encode_text(" t0")) for i in range(runs)),
             )
         clean: list[float] = []
         marked: list[float] = []
@@ -159,9 +159,9 @@ def build_big_file(path: str, size: int, event_bytes: int = 900, per_run: int = 
             with db:
                 db.executemany(_INSERT_RUN, _run_rows(batch, runs, "closed"))
                 db.executemany(
-                    "INSERT INTO events (run_id, seq, data) VALUES (?, ?, ?)",
+                    "INSERT INTO events (run, seq, data) VALUES (?, ?, ?)",
                     (
-                        (f"run-{i}", seq, text)
+                        (i + 1, seq, text)
                         for i in range(runs, runs + batch)
                         for seq in range(per_run)
                     ),

@@ -49,7 +49,7 @@ def stored_events(db: Path, run_id: str) -> int:
     with sqlite3.connect(db) as connection:
         return int(
             connection.execute(
-                "SELECT count(*) FROM events WHERE run_id = ?", (run_id,)
+                "SELECT count(*) FROM events JOIN runs ON run = key WHERE run_id = ?", (run_id,)
             ).fetchone()[0]
         )
 
@@ -189,7 +189,7 @@ async def test_a_first_version_database_is_migrated_forward(tmp_path: Path) -> N
         assert [e.data for e in await store.events("r")] == ['"kept"']
         assert await store.run_state("r") == "closed"
     with sqlite3.connect(db) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 @bounded(20)
@@ -214,7 +214,7 @@ async def test_finished_runs_events_expire_but_their_answers_stay(
         messages = (await client.get("/v1/sessions/s/messages")).json()["data"]
     assert replay.status_code == 404
     assert replay.json()["error"]["code"] == "events_expired"
-    assert (status["status"], status["events"]) == ("done", 0)
+    assert (status["status"], status["events"]) == ("done", 7)  # it had 7; none are kept
     assert [m["content"] for m in messages] == ["old", "tok0 tok1 tok2 tok3 tok4 "]
 
 

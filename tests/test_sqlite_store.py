@@ -14,13 +14,15 @@ import tokenrelay
 from _helpers import bounded
 from tokenrelay import Emit, StoreUnavailable
 from tokenrelay.stores import open_sqlite_store
+from tokenrelay.stores._sqlite import _MIGRATIONS, APPLICATION_ID, SCHEMA_VERSION
 
 
 def on_disk(path: Path, run_id: str) -> list[tuple[int, str]]:
     """What another connection reads from the file now."""
     with sqlite3.connect(path) as db:
         return db.execute(
-            "SELECT seq, data FROM events WHERE run_id = ? ORDER BY seq", (run_id,)
+            "SELECT seq, data FROM events JOIN runs ON run = key WHERE run_id = ? ORDER BY seq",
+            (run_id,),
         ).fetchall()
 
 
@@ -220,3 +222,83 @@ async def test_a_run_withdrawn_before_its_turn_leaves_nothing_in_the_file(
         await store.flush()
         assert states(path) == {running.id: "open"}
         release.set()
+
+
+@bounded(20)
+async def test_an_expired_log_is_a_replay_gap_and_a_deleted_run_is_unknown(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "relay.db"
+
+    async def three(emit: Emit) -> None:
+        for text in ("a", "b", "c"):
+            await emit(f'"{text}"')
+
+    async with open_sqlite_store(path) as store:
+        async with tokenrelay.open_relay(store=store) as relay:
+            run = await relay.start("s", three)
+            await run.wait_finished()
+        store.describe_run(run.id, "ns", "s", "hi", {})
+        assert await store.expire(0.0) == 1
+        with pytest.raises(tokenrelay.ReplayGap) as gap:
+            await store.events(run.id, after=0)
+        assert (gap.value.requested, gap.value.first_held) == (1, 3)
+        assert await store.events(run.id, after=2) == []  # nothing after the end: no gap
+        assert await store.event_count(run.id) == 3
+        assert await store.delete_session("ns", "s")
+        with pytest.raises(tokenrelay.UnknownRun):
+            await store.events(run.id)
+        assert await store.event_count(run.id) == 0
+
+
+@bounded(20)
+async def test_events_of_a_run_whose_session_is_deleted_meanwhile_are_not_left_behind(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "relay.db"
+    more = trio.Event()
+
+    async def slow(emit: Emit) -> None:
+        await emit('"before"')
+        await more.wait()
+        await emit('"after"')
+
+    async with open_sqlite_store(path) as store, tokenrelay.open_relay(store=store) as relay:
+        run = await relay.start("ns/s", slow)
+        store.describe_run(run.id, "ns", "s", "hi", {})
+        await wait_all_tasks_blocked()
+        assert await store.delete_session("ns", "s")  # while the run still produces
+        more.set()
+        await run.wait_finished()
+        await store.flush()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+@bounded(20)
+async def test_a_second_version_database_is_migrated_with_its_events(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as db:
+        for version in (1, 2):
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 2")
+        db.execute(
+            "INSERT INTO runs (run_id, session_id, opened_at, closed_at, state, namespace, "
+            "session) VALUES ('done', 'ns/s', 1.0, 2.0, 'closed', 'ns', 's'), "
+            "('cut', 'ns/t', 3.0, NULL, 'open', 'ns', 't')"
+        )
+        db.executemany(
+            "INSERT INTO events VALUES (?, ?, ?)",
+            [("done", 0, '"a"'), ("done", 1, '"b"'), ("cut", 0, '"c"')],
+        )
+    async with open_sqlite_store(path) as store:
+        assert store.interrupted == 1
+        assert [e.data for e in await store.events("done")] == ['"a"', '"b"']
+        assert [e.data for e in await store.events("cut")] == ['"c"']
+        assert await store.event_count("done") == 2
+        assert await store.run_state("cut") == "interrupted"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)

@@ -20,6 +20,7 @@ from ._exceptions import SessionBusy as SessionBusy
 from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import TokenTimeout as TokenTimeout
 from ._exceptions import UnknownEventKind as UnknownEventKind
+from ._exceptions import UnknownRun as UnknownRun
 from ._exceptions import UnknownSession as UnknownSession
 from ._exceptions import UpstreamConnectError as UpstreamConnectError
 from ._exceptions import UpstreamDisconnected as UpstreamDisconnected
@@ -142,6 +143,7 @@ __all__ = [
     "TokenTimeout",
     "ToolCallDelta",
     "UnknownEventKind",
+    "UnknownRun",
     "UnknownSession",
     "Upstream",
     "UpstreamConnectError",

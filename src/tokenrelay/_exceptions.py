@@ -13,6 +13,7 @@
     │   └── UpstreamDisconnected . the connection broke, or the stream ended unfinished
     ├── SessionBusy .............. on_busy="reject" and the session already has a run
     ├── UnknownSession ........... never started, or evicted (also a LookupError)
+    ├── UnknownRun ............... a store has no such run (also a LookupError)
     ├── ReplayGap ................ the events asked for are no longer held
     ├── InvalidRequest ........... a chat request we cannot relay (also a ValueError)
     ├── UnknownEventKind ......... an event of a kind this relay does not know (a ValueError)
@@ -40,6 +41,7 @@ __all__ = [
     "StoreUnavailable",
     "TokenTimeout",
     "UnknownEventKind",
+    "UnknownRun",
     "UnknownSession",
     "UpstreamConnectError",
     "UpstreamDisconnected",
@@ -193,9 +195,22 @@ class UnknownSession(RelayError, LookupError):
         self.session_id = session_id
 
 
+class UnknownRun(RelayError, LookupError):
+    """A store has no run by this id: it never stored one, or it was deleted.
+
+    Attributes:
+        run_id: the run asked for.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"the store has no run {run_id!r} (never stored, or deleted)")
+        self.run_id = run_id
+
+
 class ReplayGap(RelayError):
     """The events asked for were dropped to keep memory bounded (``max_events`` /
-    ``max_bytes``), so they cannot be replayed. Never a silent skip.
+    ``max_bytes``), or a store's retention expired them, so they cannot be replayed. Never a
+    silent skip.
 
     Attributes:
         run_id: the run.

@@ -152,10 +152,14 @@ async def delete(session_id: str) -> Response:
     its messages, runs and events (204)."""
     check_session_id(session_id, fresh=False)
     service = relay_service()
-    held = await service.running_relay().forget(session_key(session_id))
+    relay = service.running_relay()
+    held = await relay.forget(session_key(session_id))
     stored = False
     if service.store is not None:
         stored = await service.store.delete_session(g.tokenrelay_namespace, session_id)
+        # A prompt that raced the delete started a run while the store was deleting: the
+        # delete wins (that run's events were dropped with its session).
+        held = await relay.forget(session_key(session_id)) or held
     if not (held or stored):
         _unknown_session(session_id)
     # A body of b"": quart-trio cannot send Quart's default empty body (docs/upstream-bugs.md).

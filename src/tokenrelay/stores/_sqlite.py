@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover (Windows)
 import trio
 
 from .._events import Event
-from .._exceptions import StoreUnavailable
+from .._exceptions import ReplayGap, StoreUnavailable, UnknownRun
 from .._log import ByteBudget, RunLog
 from ._memory import MemoryRunLog
 
@@ -44,7 +44,7 @@ logger = logging.getLogger("tokenrelay")
 _CAN_LOCK: bool = fcntl is not None
 
 #: The schema this code writes (``PRAGMA user_version``); older ones are migrated forward.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: What makes a database a tokenrelay one: the ``application_id`` pragma ("TRly").
 APPLICATION_ID = 0x54526C79
@@ -88,6 +88,48 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         "CREATE INDEX runs_open ON runs (state) WHERE state = 'open'",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
+    # Events keyed by a small integer per run instead of repeating its 22-character id in
+    # every row (about half of a text token's row), and each run's event count kept when it
+    # ends (what a replay of an expired log reports).
+    3: (
+        """CREATE TABLE runs_v3 (
+            key INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            closed_at REAL,
+            state TEXT NOT NULL CHECK (state IN ('open', 'closed', 'interrupted')),
+            events INTEGER,
+            namespace TEXT,
+            session TEXT,
+            prompt TEXT,
+            request TEXT,
+            outcome TEXT,
+            expired INTEGER NOT NULL DEFAULT 0
+        )""",
+        """INSERT INTO runs_v3 (run_id, session_id, opened_at, closed_at, state, events,
+            namespace, session, prompt, request, outcome, expired)
+        SELECT run_id, session_id, opened_at, closed_at, state,
+            CASE WHEN state = 'closed' AND NOT expired
+                THEN (SELECT count(*) FROM events WHERE events.run_id = runs.run_id) END,
+            namespace, session, prompt, request, outcome, expired
+        FROM runs ORDER BY opened_at""",
+        """CREATE TABLE events_v3 (
+            run INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (run, seq)
+        ) WITHOUT ROWID""",
+        """INSERT INTO events_v3 (run, seq, data)
+        SELECT runs_v3.key, events.seq, events.data FROM events JOIN runs_v3 USING (run_id)""",
+        "DROP TABLE events",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_v3 RENAME TO runs",
+        "ALTER TABLE events_v3 RENAME TO events",
+        "CREATE INDEX runs_by_conversation ON runs (namespace, session, opened_at)",
+        "CREATE INDEX runs_due ON runs (closed_at) WHERE state != 'open' AND NOT expired",
+        "CREATE INDEX runs_open ON runs (state) WHERE state = 'open'",
+    ),
 }
 
 
@@ -124,6 +166,9 @@ class SQLiteStore:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._pending: list[tuple[str, Any]] = []
+        #: The writer's keys of the runs it has seen opened and not yet closed (used only
+        #: under ``_write_lock``: by the writer's thread).
+        self._keys: dict[str, int] = {}
         self._lock_file: Any = None  # the OS lock held while the store is open
         #: A secret kept in the file (for the server's key namespaces, so that they are the
         #: same after a restart).
@@ -229,6 +274,7 @@ class SQLiteStore:
         try:
             self._write(batch)
         except Exception as exc:
+            self._keys.clear()  # what the failed transaction inserted was rolled back
             self.write_errors += 1
             if self.write_errors == 1:
                 # Once, one line: serving goes on in memory; write_errors counts the rest.
@@ -238,25 +284,35 @@ class SQLiteStore:
                     self._write([item])
 
     def _write(self, batch: list[tuple[str, Any]]) -> None:
-        """(In the writer's thread.) One transaction for the whole batch."""
+        """(In the writer's thread.) One transaction for the whole batch; its events go in
+        with one ``executemany``."""
         db = self._writer
         assert db is not None
+        events: list[tuple[int, int, str]] = []
         with db:
             for kind, item in batch:
                 if kind == "event":
-                    db.execute(
-                        "INSERT OR REPLACE INTO events (run_id, seq, data) VALUES (?, ?, ?)", item
-                    )
+                    run_id, seq, data = item
+                    key = self._keys.get(run_id)
+                    if key is None:
+                        key = self._key(db, run_id)
+                    if key is not None:  # else its run was deleted: so are its events
+                        events.append((key, seq, data))
                 elif kind == "open":
-                    db.execute(
+                    cursor = db.execute(
                         "INSERT OR IGNORE INTO runs (run_id, session_id, opened_at, state) "
                         "VALUES (?, ?, ?, 'open')",
                         item,
                     )
+                    if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                        self._keys[item[0]] = cursor.lastrowid
                 elif kind == "close":
                     db.execute(
-                        "UPDATE runs SET state = 'closed', closed_at = ? WHERE run_id = ?", item
+                        "UPDATE runs SET state = 'closed', closed_at = ?, events = ? "
+                        "WHERE run_id = ?",
+                        item,
                     )
+                    self._keys.pop(item[2], None)
                 elif kind == "describe":
                     run_id, namespace, session, prompt, request, now = item
                     db.execute(
@@ -280,6 +336,21 @@ class SQLiteStore:
                     db.execute("UPDATE runs SET outcome = ? WHERE run_id = ?", item)
                 elif kind == "discard":
                     db.execute("DELETE FROM runs WHERE run_id = ?", item)
+                    self._keys.pop(item[0], None)
+            if events:
+                db.executemany(
+                    "INSERT OR REPLACE INTO events (run, seq, data) VALUES (?, ?, ?)", events
+                )
+
+    def _key(self, db: sqlite3.Connection, run_id: str) -> int | None:
+        """(In the writer's thread.) The key of a run whose ``open`` was written by an
+        earlier batch, or ``None`` if there is no such run (any more)."""
+        row = db.execute("SELECT key FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        key: int = row[0]
+        self._keys[run_id] = key
+        return key
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -348,14 +419,19 @@ class SQLiteStore:
                 due = [
                     row[0]
                     for row in db.execute(
-                        "SELECT run_id FROM runs WHERE state != 'open' AND NOT expired "
+                        "SELECT key FROM runs WHERE state != 'open' AND NOT expired "
                         "AND closed_at < ? LIMIT ?",
                         (deadline, batch),
                     )
                 ]
-                for run_id in due:
-                    db.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
-                    db.execute("UPDATE runs SET expired = 1 WHERE run_id = ?", (run_id,))
+                for key in due:
+                    # An interrupted run's count was never recorded: keep it, for ReplayGap.
+                    db.execute(
+                        "UPDATE runs SET expired = 1, events = coalesce(events, "
+                        "(SELECT count(*) FROM events WHERE run = ?)) WHERE key = ?",
+                        (key, key),
+                    )
+                    db.execute("DELETE FROM events WHERE run = ?", (key,))
             return len(due)
 
         total = 0
@@ -376,10 +452,13 @@ class SQLiteStore:
             assert db is not None
             with db:
                 db.execute(
-                    "DELETE FROM events WHERE run_id IN "
-                    "(SELECT run_id FROM runs WHERE namespace = ? AND session = ?)",
+                    "DELETE FROM events WHERE run IN "
+                    "(SELECT key FROM runs WHERE namespace = ? AND session = ?)",
                     (namespace, session),
                 )
+                # A run of the session still going loses its key: its later events are
+                # dropped, not left behind without their run.
+                self._keys.clear()
                 db.execute(
                     "DELETE FROM runs WHERE namespace = ? AND session = ?", (namespace, session)
                 )
@@ -395,17 +474,52 @@ class SQLiteStore:
 
     async def events(self, run_id: str, after: int = -1) -> list[Event]:
         """The stored events of ``run_id`` with ``seq > after``, in order (what is queued
-        included)."""
-        rows = await self._read(
-            "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
-            (run_id, after),
-        )
+        included): what a reader of the run's log would have replayed.
+
+        Raises:
+            UnknownRun: the store has no such run (never stored, or deleted).
+            ReplayGap: the run's events have expired (:meth:`expire`) and some of those
+                asked for existed.
+        """
+        if self._pending:
+            await self._write_pending()
+
+        def read() -> tuple[bool, int | None, list[Any]] | None:
+            db = self._reader
+            assert db is not None
+            db.execute("BEGIN")  # one snapshot: the run and its events agree
+            try:
+                found = db.execute(
+                    "SELECT key, expired, events FROM runs WHERE run_id = ?", (run_id,)
+                ).fetchone()
+                if found is None:
+                    return None
+                key, expired, count = found
+                rows = db.execute(
+                    "SELECT seq, data FROM events WHERE run = ? AND seq > ? ORDER BY seq",
+                    (key, after),
+                ).fetchall()
+                return bool(expired), count, rows
+            finally:
+                db.execute("COMMIT")
+
+        found = await trio.to_thread.run_sync(read)
+        if found is None:
+            raise UnknownRun(run_id)
+        expired, count, rows = found
+        if expired and count is not None and after + 1 < count:
+            raise ReplayGap(run_id, after + 1, count)
         return [Event(seq, data, run_id) for seq, data in rows]
 
     async def event_count(self, run_id: str) -> int:
-        """How many events of ``run_id`` are stored."""
-        [(count,)] = await self._read("SELECT count(*) FROM events WHERE run_id = ?", (run_id,))
-        return int(count)
+        """How many events ``run_id`` has had (expired ones included); 0 for a run the store
+        does not know."""
+        rows = await self._read(
+            "SELECT coalesce(runs.events, (SELECT count(*) FROM events WHERE run = runs.key)) "
+            "FROM runs WHERE run_id = ?",
+            (run_id,),
+        )
+        return int(rows[0][0]) if rows else 0
 
     async def run_state(self, run_id: str) -> str | None:
         """``"open"``, ``"closed"`` or ``"interrupted"``; ``None`` for a run it never saw."""
@@ -577,7 +691,7 @@ class SQLiteRunLog(MemoryRunLog):
 
     def close(self) -> None:
         if not self.closed:
-            self._store._queue("close", (time.time(), self.run_id))
+            self._store._queue("close", (time.time(), self.next_seq, self.run_id))
         super().close()
 
     async def aclose(self) -> None:

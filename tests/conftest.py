@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import httpx2
@@ -7,6 +8,7 @@ import pytest
 import trio
 
 import tokenrelay
+from _redis_helpers import RedisServer
 from tokenrelay.testing import FakeModelServer, FakeScript, LifecycleCapture, capture_lifecycle
 
 
@@ -31,3 +33,18 @@ async def client() -> AsyncIterator[httpx2.AsyncClient]:
     client = tokenrelay.http_client(max_connections=10)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server shared by the tests (each uses keys of its own)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of the test's own, on the shared redis-server."""
+    return f"test-{secrets.token_hex(6)}"

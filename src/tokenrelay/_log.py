@@ -9,11 +9,23 @@ stand in for :class:`tokenrelay.stores.MemoryStore` without touching the relay.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ._events import Event
 
-__all__ = ["MAX_BATCH", "ByteBudget", "LogReader", "RunLog", "Store", "event_size"]
+if TYPE_CHECKING:
+    from ._relay import Run
+
+__all__ = [
+    "MAX_BATCH",
+    "ByteBudget",
+    "Claim",
+    "LogReader",
+    "RunLog",
+    "SharedStore",
+    "Store",
+    "event_size",
+]
 
 #: A reader hands out at most this many events per batch.
 MAX_BATCH = 512
@@ -139,4 +151,40 @@ class Store(Protocol):
     ) -> RunLog:
         """A new, empty log for one run. ``max_events`` / ``max_bytes`` cap what it holds in
         memory; it counts the bytes it holds in ``budget``."""
+        ...
+
+
+class Claim(Protocol):
+    """A run's hold on its session across every process sharing a store (see
+    :class:`SharedStore`), from its start until :meth:`release`."""
+
+    async def release(self, run: Run) -> None:
+        """The run is over (its log flushed, its ``on_finish`` done): record how it ended,
+        where every process's readers see it, and free the session for the next run."""
+        ...
+
+
+@runtime_checkable
+class SharedStore(Store, Protocol):
+    """A store that several relays (processes, hosts) share, making them act as one: a
+    session has one producer cluster-wide, and stop and supersede reach the run wherever it
+    runs. The relay calls :meth:`claim` once a run has its turn in this process, and
+    :meth:`stop` for a session that has no run here."""
+
+    async def claim(self, run: Run, on_busy: str) -> Claim:
+        """Wait until ``run`` holds its session cluster-wide, and return that hold. If another
+        process's run holds it: ``"supersede"`` cancels that run and waits until it has
+        ended, ``"enqueue"`` waits until it has ended, ``"reject"`` raises
+        :exc:`SessionBusy`. The run is cancelled (``run.cancel(reason)``) if its hold is
+        lost or the store is told to stop it.
+
+        Raises:
+            SessionBusy: ``on_busy="reject"`` and another process's run holds the session.
+            StoreUnavailable: the store cannot be reached.
+        """
+        ...
+
+    async def stop(self, session_id: str, reason: str) -> bool:
+        """Cancel the session's run wherever it runs (with ``reason``) and wait until it has
+        ended. Returns ``False`` when no run held the session."""
         ...

@@ -32,7 +32,7 @@ import trio
 from ._events import Event, RunStatus
 from ._exceptions import RelayClosed, RelayFull, SessionBusy, UnknownSession, UpstreamError
 from ._lifecycle import lifecycle, logger
-from ._log import MAX_BATCH, ByteBudget, LogReader, RunLog, Store
+from ._log import MAX_BATCH, ByteBudget, Claim, LogReader, RunLog, SharedStore, Store
 from ._reaper import Reaper
 from .stores import MemoryStore
 
@@ -122,6 +122,9 @@ class Run:
         self._subscribers = 0
         self._evict_at: float | None = None
         self._unwatched_reason: str | None = None
+        #: With a shared store: the run's hold on its session, and the scope it waits in.
+        self._claim: Claim | None = None
+        self._claim_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         reason = f" reason={self.reason}" if self.reason else ""
@@ -162,6 +165,8 @@ class Run:
             if self.started_at is not None:
                 lifecycle("stream_cancelled", run=self.id, session=self.session_id, reason=reason)
             self._scope.cancel(reason=reason)
+            if self._claim_scope is not None:
+                self._claim_scope.cancel(reason=reason)
         return True
 
     def cancel_when_unwatched(self, reason: str = "client_disconnect") -> None:
@@ -372,6 +377,8 @@ class Relay:
     def __init__(self, *, store: Store | None = None, **settings: Unpack[RelaySettings]) -> None:
         self.config = RelayConfig(**settings)
         self.store: Store = store if store is not None else MemoryStore()
+        #: The store, if it is shared with other relays (sessions are then held through it).
+        self._shared = self.store if isinstance(self.store, SharedStore) else None
         self._sessions: dict[str, _Session] = {}
         self._reaper: Reaper[weakref.ref[Run]] = Reaper(self._evict)
         self._nursery: trio.Nursery | None = None
@@ -514,6 +521,11 @@ class Relay:
         self._give_turn(session)
         try:
             await run._turn.wait()
+            if self._shared is not None and run._cancel_reason is None:
+                # Its turn here; now its turn everywhere (a cancel meanwhile ends the wait).
+                run._claim_scope = trio.CancelScope()
+                with run._claim_scope:
+                    run._claim = await self._shared.claim(run, policy)
         except BaseException:
             log.discard()  # withdrawn: it never existed (a store forgets it)
             session.queue.remove(run)
@@ -588,6 +600,14 @@ class Relay:
                     await run._on_finish(run, run._log.held())
                 except Exception:
                     logger.exception("on_finish_failed run=%s session=%s", run.id, run.session_id)
+        if run._claim is not None:  # after on_finish: the next run starts once it is saved
+            with trio.move_on_after(timeout, shield=True):
+                try:
+                    await run._claim.release(run)
+                except Exception:
+                    logger.exception(
+                        "claim_release_failed run=%s session=%s", run.id, run.session_id
+                    )
         if scope.cancelled_caught:
             lifecycle(
                 "on_finish_timeout",
@@ -710,7 +730,8 @@ class Relay:
     async def stop(self, session_id: str) -> bool:
         """Stop the session's run (reason ``"stopped"``), and any waiting their turn, and wait
         until they have fully finished, ``on_finish`` included. Returns ``False`` when nothing
-        was running."""
+        was running. With a shared store, a run of the session in another process is stopped
+        too (and waited for until it has ended)."""
         session = self._sessions.get(session_id)
         runs = list(session.queue) if session is not None else []
         for run in runs:
@@ -718,6 +739,8 @@ class Relay:
         for run in runs:
             await run.wait_finished()
         if not runs:
+            if self._shared is not None:  # it may run in another process
+                return await self._shared.stop(session_id, "stopped")
             await trio.lowlevel.checkpoint()
         return bool(runs)
 

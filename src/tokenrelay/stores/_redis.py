@@ -1,0 +1,793 @@
+"""A store shared by several relays: Redis (through coredis), so that N worker processes on
+M hosts act as one relay.
+
+What Redis holds, per run and per session (every key under ``prefix``):
+
+- ``{prefix}:run:{run_id}``: the run's log, a stream whose entry ids are ``0-{seq + 1}``, so
+  that ``Last-Event-ID`` is the same number on every worker. Event entries have one field,
+  ``d`` (the event's data); the last entry, written when the run has ended, has one field
+  ``end`` (how it ended, JSON). It expires ``keep`` seconds after the run ended.
+- ``{prefix}:info:{run_id}``: the run's ``info`` (model, creation time...), JSON.
+- ``{prefix}:lease:{session}``: the session's lease, ``"{token}:{run_id}:{worker}"``, set
+  with ``NX PX`` and renewed by its owner while the run produces. ``token`` comes from
+  ``{prefix}:fence:{session}``, incremented for every run: every append and the run's ending
+  check that the lease is still exactly theirs (in one Lua script with the write), so a
+  producer that lost its lease can never write into the log or end it.
+- ``{prefix}:current:{session}``: the session's latest run id.
+- ``{prefix}:control:{worker}``: the channel on which a worker is told to cancel a run.
+
+A run's events are also kept in a local log (any :class:`Store`'s, memory by default), which
+feeds the readers in the producer's own process, exactly as without Redis. Appends are queued,
+never awaited, and sent in one pipelined round trip per ``flush_interval`` for every run of
+the process at once.
+
+A run whose lease expired without its ending (its process died) is ended as ``orphaned`` by
+whichever process notices first: a reader that waited ``lease / 2`` for its next event, or a
+new run of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import coredis
+import coredis.exceptions
+import trio
+
+from .._events import Event
+from .._exceptions import ReplayGap, SessionBusy, StoreUnavailable
+from .._log import MAX_BATCH, ByteBudget, LogReader, RunLog, Store
+from ._memory import MemoryStore
+
+if TYPE_CHECKING:
+    from .._relay import Run
+
+__all__ = ["RedisRunLog", "RedisStore", "RemoteRun", "open_redis_store"]
+
+logger = logging.getLogger("tokenrelay")
+
+#: What coredis raises when Redis cannot be reached or answers an error.
+REDIS_ERRORS: tuple[type[Exception], ...] = (coredis.exceptions.RedisError, OSError)
+
+# KEYS: lease, fence, current. ARGV: run id, worker, lease ms, keep ms, prefix, orphan JSON.
+# Takes the lease if it is free; a previous run of the session that never ended (its owner
+# died) is ended as orphaned first.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder then return {0, holder} end
+local previous = redis.call('GET', KEYS[3])
+if previous then
+  local stream = ARGV[5] .. ':run:' .. previous
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  if #last == 0 or last[1][2][1] ~= 'end' then
+    local seq = 1
+    if #last > 0 then seq = tonumber(string.sub(last[1][1], 3)) + 1 end
+    redis.call('XADD', stream, '0-' .. seq, 'end', ARGV[6])
+    redis.call('PEXPIRE', stream, ARGV[4])
+  end
+end
+local token = redis.call('INCR', KEYS[2])
+local value = token .. ':' .. ARGV[1] .. ':' .. ARGV[2]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[1])
+return {1, value}
+"""
+
+# KEYS: lease, stream, info. ARGV: lease value, maxlen ('' for none), info JSON ('' if
+# unchanged), then seq, data, seq, data... Returns 0 if the lease is not ours (nothing
+# written). An id already written (a batch sent again) is skipped.
+_APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3]) end
+for i = 4, #ARGV, 2 do
+  local id = '0-' .. (tonumber(ARGV[i]) + 1)
+  if ARGV[2] ~= '' then
+    redis.pcall('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 'd', ARGV[i + 1])
+  else
+    redis.pcall('XADD', KEYS[2], id, 'd', ARGV[i + 1])
+  end
+end
+return 1
+"""
+
+# KEYS: lease. ARGV: lease value, lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: lease, stream, info, current. ARGV: lease value, end seq, end JSON, keep ms, info JSON.
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.pcall('XADD', KEYS[2], '0-' .. (tonumber(ARGV[2]) + 1), 'end', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: lease, stream. ARGV: ':{run_id}:', orphan JSON, keep ms. Ends the run as orphaned
+# if its lease is gone and it has no ending. Returns 1 if it did.
+_ORPHAN = """
+local holder = redis.call('GET', KEYS[1])
+if holder and string.find(holder, ARGV[1], 1, true) then return 0 end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if #last > 0 and last[1][2][1] == 'end' then return 0 end
+local seq = 1
+if #last > 0 then seq = tonumber(string.sub(last[1][1], 3)) + 1 end
+redis.call('XADD', KEYS[2], '0-' .. seq, 'end', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+#: How a run whose process died is recorded as having ended.
+ORPHANED: dict[str, Any] = {
+    "status": "error",
+    "reason": "orphaned",
+    "error": {
+        "message": "the run was orphaned: the process running it stopped renewing its lease "
+        "(it died, or lost Redis) before the run ended",
+        "type": "server_error",
+        "param": None,
+        "code": "orphaned",
+    },
+}
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _describe_error(run: Run) -> dict[str, Any] | None:
+    if run.error is None:
+        return None
+    return {"message": str(run.error), "type": type(run.error).__name__, "code": run.reason}
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """A session's latest run as Redis has it (it may run in any process).
+
+    Attributes:
+        id: the run's id.
+        session_id: its session.
+        info: its ``Run.info`` as its owner last sent it.
+        ending: how it ended (``status``, ``reason``, ``error``, ``info``), ``None`` while it
+            runs.
+        events: how many events it has had (those Redis has been sent so far).
+    """
+
+    id: str
+    session_id: str
+    info: dict[str, Any]
+    ending: dict[str, Any] | None
+    events: int
+
+
+class RedisStore:
+    """A :class:`~tokenrelay.SharedStore` on Redis: run logs as streams, one producer per
+    session across every process, stop and supersede from anywhere. Open one with
+    :func:`open_redis_store`.
+
+    Attributes:
+        url: where Redis is (as given; :func:`redact` it before showing it).
+        worker: this store's (this process's) id in Redis, random.
+        lease: seconds a session's lease lasts without renewal.
+        round_trips: round trips made to Redis (pipelines count once).
+        errors: round trips that failed.
+        healthy: whether the last round trip worked.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        local: Store | None = None,
+        lease: float = 10.0,
+        keep: float = 180.0,
+        flush_interval: float = 0.005,
+        prefix: str = "tokenrelay",
+        describe_error: Callable[[Run], dict[str, Any] | None] = _describe_error,
+    ) -> None:
+        if not lease > 0 or not keep > 0 or not flush_interval > 0:
+            raise ValueError("lease, keep and flush_interval must be > 0 seconds")
+        self.url = url
+        self.local: Store = local if local is not None else MemoryStore()
+        self.lease = lease
+        self.keep = keep
+        self.flush_interval = flush_interval
+        self.prefix = prefix
+        self.describe_error = describe_error
+        self.worker = secrets.token_urlsafe(9)
+        self.round_trips = 0
+        self.errors = 0
+        self.healthy = True
+        self._client: coredis.Redis[str] | None = None
+        self._claims: dict[str, _RedisClaim] = {}  # by run id: the runs held here
+        self._pending: list[tuple[str, int, str]] = []  # (run id, seq, data)
+        self._something = trio.Event()
+        self._flushed = 0  # batches sent (for flush(): wait until the current one is)
+        self._flush_lock = trio.Lock()
+        self._scripts: dict[str, Any] = {}
+        self._logs: weakref.WeakValueDictionary[str, RedisRunLog] = weakref.WeakValueDictionary()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({redact(self.url)!r})"
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    # -- Redis --------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> coredis.Redis[str]:
+        """The coredis client (while the store is open)."""
+        if self._client is None:
+            raise StoreUnavailable("the Redis store is not open: use open_redis_store()")
+        return self._client
+
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of the Lua scripts (one round trip), counting it."""
+        self.round_trips += 1
+        try:
+            result = await self._scripts[script](keys=keys, args=args)
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        self.healthy = True
+        return result
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        if self.healthy:
+            logger.error("redis_unavailable url=%s error=%s", redact(self.url), exc)
+        self.healthy = False
+
+    # -- RunLog side --------------------------------------------------------------------------
+
+    def open_log(
+        self,
+        run_id: str,
+        session_id: str,
+        *,
+        max_events: int | None,
+        max_bytes: int | None,
+        budget: ByteBudget,
+    ) -> RunLog:
+        """The run's local log (from ``local``), its events also sent to the run's stream."""
+        inner = self.local.open_log(
+            run_id, session_id, max_events=max_events, max_bytes=max_bytes, budget=budget
+        )
+        log = self._logs[run_id] = RedisRunLog(self, inner, run_id, max_events)
+        return log
+
+    def _queue(self, run_id: str, seq: int, data: str) -> None:
+        self._pending.append((run_id, seq, data))
+        self._something.set()
+
+    async def flush(self) -> None:
+        """Send everything queued so far now (one round trip for every run)."""
+        async with self._flush_lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                await trio.lowlevel.checkpoint()
+                return
+            by_run: dict[str, list[Any]] = {}
+            for run_id, seq, data in batch:
+                by_run.setdefault(run_id, []).extend((seq, data))
+            sent: list[tuple[_RedisClaim, Any]] = []
+            self.round_trips += 1
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for run_id, pairs in by_run.items():
+                        claim = self._claims.get(run_id)
+                        if claim is None:
+                            continue  # not (or no longer) held: nothing of it may be written
+                        info = claim.info_update()
+                        request = self._scripts["append"](
+                            keys=[claim.lease_key, claim.stream, self._key("info", run_id)],
+                            args=[claim.value, claim.maxlen, info, *pairs],
+                            client=pipe,
+                        )
+                        sent.append((claim, request))
+                results = [await request for _, request in sent]
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
+                # What was not sent cannot be sent in order any more: the runs end now, with
+                # their local readers unharmed (and other processes' readers told why).
+                for claim, _ in sent:
+                    claim.run.cancel("store_unavailable")
+                return
+            self.healthy = True
+            for (claim, _), written in zip(sent, results, strict=True):
+                if not written:
+                    claim.lost()
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def claim(self, run: Run, on_busy: str) -> _RedisClaim:
+        """Hold ``run``'s session cluster-wide (see :class:`~tokenrelay.SharedStore`)."""
+        session = run.session_id
+        lease_key = self._key("lease", session)
+        while True:
+            taken, value = await self._call(
+                "claim",
+                [lease_key, self._key("fence", session), self._key("current", session)],
+                [
+                    run.id,
+                    self.worker,
+                    _ms(self.lease),
+                    _ms(self.keep),
+                    self.prefix,
+                    json.dumps(ORPHANED),
+                ],
+            )
+            if taken:
+                log = self._logs.get(run.id)
+                maxlen = log.max_events if log is not None else None
+                claim = _RedisClaim(self, run, value, maxlen)
+                self._claims[run.id] = claim
+                return claim
+            _token, holder, worker = value.split(":", 2)
+            if on_busy == "reject":
+                raise SessionBusy(session, holder)
+            if on_busy == "supersede":
+                await self._cancel(holder, worker, "superseded")
+            await self.wait_ended(session, holder)
+
+    async def stop(self, session_id: str, reason: str) -> bool:
+        """Cancel the session's run wherever it runs, and wait until it has ended."""
+        try:
+            value = await self.client.get(self._key("lease", session_id))
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        if value is None:
+            return False
+        _token, holder, worker = value.split(":", 2)
+        await self._cancel(holder, worker, reason)
+        await self.wait_ended(session_id, holder)
+        return True
+
+    async def _cancel(self, run_id: str, worker: str, reason: str) -> None:
+        claim = self._claims.get(run_id)
+        if claim is not None:
+            claim.run.cancel(reason)
+            await trio.lowlevel.checkpoint()
+            return
+        self.round_trips += 1
+        try:
+            await self.client.publish(
+                self._key("control", worker), json.dumps({"cancel": run_id, "reason": reason})
+            )
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+
+    async def wait_ended(self, session_id: str, run_id: str) -> dict[str, Any]:
+        """Wait until the run has its ending (ending it as orphaned if its lease expires
+        first), and return the ending."""
+        reader = RedisReader(self, run_id, session_id, -1, skip=True)
+        while True:
+            try:
+                await reader.receive_batch()
+            except trio.EndOfChannel:
+                assert reader.ending is not None
+                return reader.ending
+
+    async def current(self, session_id: str) -> RemoteRun | None:
+        """The session's latest run, as Redis has it (``None`` if it has none)."""
+        client = self.client
+        self.round_trips += 1
+        try:
+            run_id = await client.get(self._key("current", session_id))
+            if run_id is None:
+                return None
+            async with client.pipeline(transaction=False) as pipe:
+                info = pipe.get(self._key("info", run_id))
+                last = pipe.xrevrange(self._key("run", run_id), count=1)
+            info_json, entries = await info, await last
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        ending = None
+        count = 0
+        if entries:
+            entry = entries[0]
+            count = _seq(_text(entry.identifier)) + 1
+            if "end" in entry.field_values:
+                ending = json.loads(_text(entry.field_values["end"]))
+                count -= 1
+        return RemoteRun(
+            run_id, session_id, json.loads(info_json) if info_json else {}, ending, count
+        )
+
+    def open_reader(self, session_id: str, run_id: str, after: int = -1) -> RedisReader:
+        """A reader of the run's stream (wherever it runs) from ``after`` on, to its end."""
+        return RedisReader(self, run_id, session_id, after)
+
+    async def _orphan(self, session_id: str, run_id: str) -> bool:
+        """End the run as orphaned if its lease is gone and it has no ending."""
+        return bool(
+            await self._call(
+                "orphan",
+                [self._key("lease", session_id), self._key("run", run_id)],
+                [f":{run_id}:", json.dumps(ORPHANED), _ms(self.keep)],
+            )
+        )
+
+    # -- the store's tasks --------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send queued appends, renew leases and listen for cancellations, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._listen)
+            nursery.start_soon(self._flusher)
+            nursery.start_soon(self._renewer)
+            task_status.started()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._something.wait()
+            self._something = trio.Event()
+            await trio.sleep(self.flush_interval)  # gather: one round trip for all of them
+            await self.flush()
+
+    async def _renewer(self) -> None:
+        """Renew the leases of the runs held here, all in one round trip, three times a lease.
+        A lease found lost cancels its run; Redis failing for a whole lease does too (the
+        leases are gone by then)."""
+        last_renewed = trio.current_time()
+        while True:
+            await trio.sleep(self.lease / 3)
+            claims = list(self._claims.values())
+            if not claims:
+                last_renewed = trio.current_time()
+                continue
+            self.round_trips += 1
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    requests = [
+                        self._scripts["renew"](
+                            keys=[claim.lease_key], args=[claim.value, _ms(self.lease)], client=pipe
+                        )
+                        for claim in claims
+                    ]
+                results = [await request for request in requests]
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
+                if trio.current_time() - last_renewed >= self.lease:
+                    for claim in claims:
+                        claim.run.cancel("store_unavailable")
+                continue
+            self.healthy = True
+            last_renewed = trio.current_time()
+            for claim, renewed in zip(claims, results, strict=True):
+                if not renewed:
+                    claim.lost()
+
+    async def _listen(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Cancel the runs that other processes ask this one to cancel."""
+        channel = self._key("control", self.worker)
+        async with self.client.pubsub(channels=[channel], ignore_subscribe_messages=True) as sub:
+            task_status.started()
+            async for message in sub:
+                try:
+                    order = json.loads(_text(message["data"]))
+                    claim = self._claims.get(order["cancel"])
+                except (ValueError, TypeError, KeyError):
+                    logger.warning("redis_control_ignored message=%r", message)
+                    continue
+                if claim is not None:
+                    claim.run.cancel(str(order.get("reason", "stopped")))
+
+    async def check(self) -> None:
+        """Reach Redis and load the scripts.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached (or refused us), with one line.
+        """
+        try:
+            with trio.fail_after(5):
+                await self.client.ping()
+        except trio.TooSlowError:
+            raise StoreUnavailable(f"Redis at {redact(self.url)} did not answer in 5 s") from None
+        except REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"cannot reach Redis at {redact(self.url)}: {exc}") from None
+        client = self.client
+        self._scripts = {
+            "claim": client.register_script(_CLAIM),
+            "append": client.register_script(_APPEND),
+            "renew": client.register_script(_RENEW),
+            "finish": client.register_script(_FINISH),
+            "orphan": client.register_script(_ORPHAN),
+        }
+
+
+class _RedisClaim:
+    """A run's lease on its session, held by this process."""
+
+    __slots__ = ("_info", "lease_key", "maxlen", "run", "store", "stream", "value")
+
+    def __init__(self, store: RedisStore, run: Run, value: str, max_events: int | None) -> None:
+        self.store = store
+        self.run = run
+        self.value = value
+        self.lease_key = store._key("lease", run.session_id)
+        self.stream = store._key("run", run.id)
+        # The stream holds what the local log holds (MAXLEN = the relay's max_events).
+        self.maxlen = "" if max_events is None else str(max_events)
+        self._info = ""  # the info last sent
+
+    def info_update(self) -> str:
+        """The run's info as JSON if it changed since it was last sent, else ``""``."""
+        info = json.dumps(self.run.info, default=str, sort_keys=True)
+        if info == self._info:
+            return ""
+        self._info = info
+        return info
+
+    def lost(self) -> None:
+        """The lease is no longer ours (it expired, and maybe another run has it)."""
+        logger.warning("redis_lease_lost run=%s session=%s", self.run.id, self.run.session_id)
+        self.store._claims.pop(self.run.id, None)
+        self.run.cancel("lease_lost")
+
+    async def release(self, run: Run) -> None:
+        """Write the run's ending (if the lease is still ours) and free the session."""
+        store = self.store
+        if store._claims.pop(run.id, None) is None:
+            await trio.lowlevel.checkpoint()
+            return  # lost: the ending is not ours to write
+        await store.flush()  # its events first (the log's aclose() did: this is cheap)
+        ending = {
+            "status": run.status.value,
+            "reason": run.reason,
+            "error": store.describe_error(run),
+        }
+        info = json.dumps(run.info, default=str, sort_keys=True)
+        await store._call(
+            "finish",
+            [
+                self.lease_key,
+                self.stream,
+                store._key("info", run.id),
+                store._key("current", run.session_id),
+            ],
+            [self.value, run.event_count, json.dumps(ending), _ms(store.keep), info],
+        )
+
+
+class RedisRunLog:
+    """A run's log: its local log (what readers in this process follow), each event also
+    queued for the run's Redis stream."""
+
+    __slots__ = ("__weakref__", "_inner", "_store", "max_events", "run_id")
+
+    def __init__(
+        self, store: RedisStore, inner: RunLog, run_id: str, max_events: int | None
+    ) -> None:
+        self._store = store
+        self._inner = inner
+        self.run_id = run_id
+        self.max_events = max_events
+
+    @property
+    def next_seq(self) -> int:
+        return self._inner.next_seq
+
+    @property
+    def first_seq(self) -> int:
+        return self._inner.first_seq
+
+    @property
+    def nbytes(self) -> int:
+        return self._inner.nbytes
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+    def append(self, data: str) -> Event:
+        event = self._inner.append(data)
+        self._store._queue(self.run_id, event.seq, data)
+        return event
+
+    def close(self) -> None:
+        self._inner.close()
+
+    async def aclose(self) -> None:
+        self._inner.close()
+        await self._inner.aclose()
+        await self._store.flush()
+
+    def release(self) -> None:
+        self._inner.release()
+
+    def discard(self) -> None:
+        self._inner.discard()
+
+    def held(self) -> list[Event]:
+        return self._inner.held()
+
+    def open_reader(self, after: int = -1) -> LogReader:
+        return self._inner.open_reader(after)
+
+
+class RedisReader:
+    """Follows a run's stream in Redis, from any process: replays from ``after``, follows
+    live (``XREAD BLOCK``), ends at the run's ending (``ending``). A wait of ``lease / 2``
+    with nothing new checks that the run's owner is alive (ending the run as orphaned if
+    not), so a reader never hangs on a dead run."""
+
+    def __init__(
+        self, store: RedisStore, run_id: str, session_id: str, after: int, *, skip: bool = False
+    ) -> None:
+        self._store = store
+        self.run_id = run_id
+        self.session_id = session_id
+        self._next = after + 1
+        self._stream = store._key("run", run_id)
+        self._skip = skip  # only the ending matters (wait_ended)
+        self._last_id = "0-0" if skip else f"0-{after + 1}"
+        self.ending: dict[str, Any] | None = None
+        self._closed = False
+
+    @property
+    def position(self) -> int:
+        return self._next
+
+    async def receive(self) -> Event:
+        return (await self.receive_batch(1))[0]
+
+    async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
+        store = self._store
+        block = _ms(store.lease / 2)
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError
+            if self.ending is not None:
+                raise trio.EndOfChannel
+            store.round_trips += 1
+            try:
+                found = await store.client.xread(
+                    {self._stream: self._last_id}, count=max_events, block=block
+                )
+            except REDIS_ERRORS as exc:
+                store._failed(exc)
+                self.ending = _unavailable(store, exc)
+                raise trio.EndOfChannel from None
+            store.healthy = True
+            if not found:
+                await store._orphan(self.session_id, self.run_id)
+                continue
+            events: list[Event] = []
+            for entry in found[self._stream]:
+                self._last_id = _text(entry.identifier)
+                fields = entry.field_values
+                if "end" in fields:
+                    self.ending = json.loads(_text(fields["end"]))
+                    break
+                seq = _seq(self._last_id)
+                if self._skip:
+                    continue
+                if seq != self._next:
+                    raise ReplayGap(self.run_id, self._next, seq)
+                events.append(Event(seq, _text(fields["d"]), self.run_id))
+                self._next = seq + 1
+            if events:
+                return events
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+
+def _unavailable(store: RedisStore, exc: BaseException) -> dict[str, Any]:
+    return {
+        "status": "error",
+        "reason": "store_unavailable",
+        "error": {
+            "message": f"lost Redis at {redact(store.url)} while following the run: {exc}",
+            "type": "server_error",
+            "param": None,
+            "code": "store_unavailable",
+        },
+    }
+
+
+def _text(value: object) -> str:
+    """A value from Redis: a ``str``, the client decoding responses."""
+    if not isinstance(value, str):
+        raise StoreUnavailable(f"Redis answered {type(value).__name__} where text was due")
+    return value
+
+
+def _seq(identifier: str) -> int:
+    return int(identifier.partition("-")[2]) - 1
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+@asynccontextmanager
+async def open_redis_store(url: str, **options: Any) -> AsyncIterator[RedisStore]:
+    """Open a Redis store (checking that Redis answers), with its tasks::
+
+        async with tokenrelay.stores.open_redis_store("redis://localhost:6379/0") as store:
+            async with tokenrelay.open_relay(store=store) as relay:
+                ...
+
+    Options as for :class:`RedisStore`. Close the relay first: on exit, what is still
+    queued is sent, and the connection closed.
+
+    Raises:
+        StoreUnavailable: Redis cannot be reached, with a one-line reason.
+    """
+    store = RedisStore(url, **options)
+    try:
+        client: coredis.Redis[str] = coredis.Redis.from_url(url, decode_responses=True)
+    except (ValueError, coredis.exceptions.RedisError) as exc:
+        raise StoreUnavailable(f"not a Redis URL ({redact(url)}): {exc}") from None
+    try:
+        async with client:
+            store._client = client
+            await store.check()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.serve)
+                try:
+                    yield store
+                finally:
+                    with trio.move_on_after(5, shield=True):
+                        await store.flush()
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Redis unreachable at the start: coredis's task group wraps what was raised.
+        unavailable = _why_unavailable(group, url)
+        if unavailable is None:
+            raise
+        raise unavailable from None
+    finally:
+        store._client = None
+
+
+def _why_unavailable(group: BaseExceptionGroup[BaseException], url: str) -> StoreUnavailable | None:
+    """The one :exc:`StoreUnavailable` to raise for a group of nothing but Redis failures."""
+    leaves: list[BaseException] = []
+
+    def flatten(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                flatten(inner)
+        else:
+            leaves.append(error)
+
+    flatten(group)
+    for leaf in leaves:
+        if not isinstance(leaf, (StoreUnavailable, *REDIS_ERRORS)):
+            return None
+    first = leaves[0]
+    if isinstance(first, StoreUnavailable):
+        return first
+    return StoreUnavailable(f"cannot reach Redis at {redact(url)}: {first}")

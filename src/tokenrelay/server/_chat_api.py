@@ -17,7 +17,7 @@ import trio
 from quart import Response, g, request
 
 from .._events import Event, RunStatus
-from .._exceptions import RelayClosed, RelayFull, SessionBusy
+from .._exceptions import RelayClosed, RelayFull, SessionBusy, StoreUnavailable
 from .._guard import ClosableAsyncIterator
 from .._relay import OnBusy, Run
 from ..upstreams._chat import ChatRequest, Delta
@@ -121,6 +121,8 @@ async def start_run(
             fail(503, str(exc), "server_error", "relay_full", Retry_After="1")
         if isinstance(exc, RelayClosed):
             fail(503, "the relay is shutting down", "server_error", "shutting_down")
+        if isinstance(exc, StoreUnavailable):
+            fail(503, str(exc), "server_error", "store_unavailable", Retry_After="2")
         raise
     run.info = info  # the producer's names (it has not run yet) and the request's
     if service.store is not None:

@@ -39,6 +39,16 @@ def seconds_or_none(text: str) -> float | None:
     return None if text.strip().lower() in _OFF else seconds(text)
 
 
+def redis_url(text: str) -> str | None:
+    """A ``redis://`` / ``rediss://`` / ``unix://`` URL, or ``none``."""
+    value = text.strip()
+    if value.lower() in _OFF:
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected redis://HOST:PORT/DB, rediss://... or unix://PATH")
+    return value
+
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -239,6 +249,20 @@ class ServerConfig:
         duration_or_none,
         "TIME",
     )
+    redis: str | None = _option(
+        None,
+        "Redis shared by every worker and host that serve as one relay (redis://HOST:PORT/DB, "
+        "rediss:// for TLS, user and password in the URL); 'none': this process alone",
+        redis_url,
+        "URL",
+    )
+    lease: float = _option(
+        10.0,
+        "with --redis: seconds a run's hold on its session lasts unrenewed (a dead worker's "
+        "sessions are free again after it)",
+        seconds,
+        "S",
+    )
     upstream_connections: int = _option(256, "connections to the upstream at once", count, "N")
     keepalive: float = _option(
         15.0, "seconds between keep-alive comments on a quiet stream", seconds, "S"
@@ -264,6 +288,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0 seconds")
         if not self.finish_timeout > 0:
             raise ValueError("finish_timeout must be > 0 seconds")
+        if not self.lease > 0:
+            raise ValueError("lease must be > 0 seconds")
         for name in ("max_body", "max_runs", "upstream_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

@@ -25,6 +25,7 @@ class Metrics:
         self,
         statistics: Callable[[], RelayStatistics | None],
         store_errors: Callable[[], int] = lambda: 0,
+        redis: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -60,7 +61,7 @@ class Metrics:
             registry=r,
         )
 
-        r.register(_RelayCollector(statistics, store_errors))
+        r.register(_RelayCollector(statistics, store_errors, redis))
 
     def run_ended(self, run: Run) -> None:
         """Count a run's ending."""
@@ -87,10 +88,14 @@ class _RelayCollector(Collector):
     session, so it is taken once, not once per gauge)."""
 
     def __init__(
-        self, statistics: Callable[[], RelayStatistics | None], store_errors: Callable[[], int]
+        self,
+        statistics: Callable[[], RelayStatistics | None],
+        store_errors: Callable[[], int],
+        redis: Callable[[], tuple[int, int] | None],
     ) -> None:
         self._statistics = statistics
         self._store_errors = store_errors
+        self._redis = redis
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._statistics()
@@ -102,3 +107,16 @@ class _RelayCollector(Collector):
             "Batches the store could not write (serving went on in memory).",
             value=float(self._store_errors()),
         )
+        redis = self._redis()
+        if redis is not None:
+            round_trips, errors = redis
+            yield CounterMetricFamily(
+                "tokenrelay_redis_round_trips",
+                "Round trips to Redis (a pipeline of many commands counts once).",
+                value=float(round_trips),
+            )
+            yield CounterMetricFamily(
+                "tokenrelay_redis_errors",
+                "Round trips to Redis that failed (it was unreachable, or answered an error).",
+                value=float(errors),
+            )

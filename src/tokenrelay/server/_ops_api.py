@@ -13,7 +13,8 @@ __all__ = ["healthz", "metrics"]
 
 
 async def healthz() -> dict[str, Any]:
-    """Liveness, open to anyone: ``ok``, or ``degraded`` when the store failed to write. It
+    """Liveness, open to anyone: ``ok``, or ``degraded`` when the store failed to write or
+    Redis cannot be reached. It
     says more only to a caller with a key (or when the server has no keys): the upstream
     (kind and host, never its credentials), the runs, the store."""
     service = relay_service()
@@ -28,6 +29,14 @@ async def healthz() -> dict[str, Any]:
     }
     if service.store is not None:
         details["store"] = {"path": service.store.path, "write_errors": service.store.write_errors}
+    if service.shared is not None:
+        shared = service.shared
+        details["redis"] = {
+            "reachable": shared.healthy,
+            "worker": shared.worker,
+            "round_trips": shared.round_trips,
+            "errors": shared.errors,
+        }
     return details
 
 

@@ -12,6 +12,7 @@ from quart import Response
 
 from .._events import Event, RunStatus
 from .._exceptions import ReplayGap
+from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._errors import error_body, run_error_response
@@ -22,6 +23,7 @@ __all__ = [
     "INTERRUPTED",
     "complete",
     "gap_response",
+    "remote_response",
     "sse_response",
     "stored_response",
     "stored_status",
@@ -174,8 +176,80 @@ INTERRUPTED = error_body(
 )["error"]
 
 
+def remote_response(
+    service: RelayService, remote: RemoteRun, reader: RedisReader, headers: Mapping[str, str]
+) -> Response:
+    """The stream of a run that another worker produces (or produced): read from Redis, the
+    same events under the same seqs, then the same ending, as its own worker streams it."""
+    response = _event_stream(_remote_stream(service, remote, reader), headers)
+    response.timeout = None
+    return response
+
+
+async def _remote_stream(
+    service: RelayService, remote: RemoteRun, reader: RedisReader
+) -> AsyncIterator[bytes]:
+    shared = service.shared
+    assert shared is not None
+    # The bytes are those its own worker writes (one write there is sometimes two here).
+    yield sse_comment(f"tokenrelay run {remote.id}")
+    opening = sse_retry()
+    role = reader.position == 0  # from the start: the role chunk opens the answer
+    renderer: ChunkRenderer | None = None
+    info = remote.info
+    try:
+        while True:
+            batch: list[Event] | None = None
+            try:
+                with trio.move_on_after(service.config.keepalive):
+                    batch = await reader.receive_batch()
+            except trio.EndOfChannel:
+                break
+            except ReplayGap as gap:
+                yield opening + _gap_event(gap) + DONE
+                return
+            if batch is None:
+                yield b": keep-alive\n\n"
+                continue
+            if renderer is None:
+                # Named as its owner named it with its first events (which may not have been
+                # in Redis yet when the run was looked up).
+                info = await shared.info(remote.id) or info
+                renderer = _remote_renderer(remote.id, info)
+            renderer.name(str(info.get("model") or ""), info.get("system_fingerprint"))
+            if role:
+                opening += renderer.role()
+                role = False
+            yield opening + renderer.events(batch)
+            opening = b""
+        if renderer is None:
+            renderer = _remote_renderer(remote.id, await shared.info(remote.id) or info)
+        if role:
+            opening += renderer.role()
+        ending = reader.ending or {}
+        yield opening + _ending(
+            renderer, ending.get("status", "error"), ending.get("reason"), ending.get("error")
+        )
+    finally:
+        reader.close()
+
+
+def _remote_renderer(run_id: str, info: dict[str, Any]) -> ChunkRenderer:
+    renderer = ChunkRenderer(
+        run_id, int(info.get("created", 0)), include_usage=info.get("include_usage") is True
+    )
+    renderer.name(str(info.get("model") or ""), info.get("system_fingerprint"))
+    return renderer
+
+
 def _stored_ending(stored: StoredRun, renderer: ChunkRenderer) -> bytes:
-    status, reason, error = stored_status(stored)
+    return _ending(renderer, *stored_status(stored))
+
+
+def _ending(
+    renderer: ChunkRenderer, status: str, reason: str | None, error: dict[str, Any] | None
+) -> bytes:
+    """What follows a run's last event, from its status, reason and error body."""
     if status == "error":
         return sse_error({"error": error or INTERRUPTED}) + DONE
     if status == "stopped" or not renderer.finished:

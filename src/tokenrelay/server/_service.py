@@ -21,6 +21,7 @@ from .._guard import ClosableAsyncIterator, pump
 from .._lifecycle import lifecycle
 from .._reaper import Reaper
 from .._relay import Emit, Produce, Relay, RelayStatistics, Run, Subscription, start_relay
+from ..stores._redis import RedisStore, open_redis_store
 from ..stores._sqlite import SQLiteStore
 from ..upstreams._chat import Delta
 from ..upstreams._codec import Answer, encode_delta
@@ -75,12 +76,16 @@ class RelayService:
         self.upstream: Upstream | None = None
         #: Where sessions are kept for good (``None``: ``db=":memory:"``, nothing is).
         self.store: SQLiteStore | None = None
-        self.metrics = Metrics(self._statistics, self._store_errors)
+        #: The Redis store shared with the other workers (``None``: this process alone).
+        self.shared: RedisStore | None = None
+        self.metrics = Metrics(self._statistics, self._store_errors, self._redis_counts)
         self._stack = AsyncExitStack()
         #: Runs running or waiting, by namespace (for ``max_runs_per_key``).
         self._runs_by_namespace: dict[str, int] = {}
         self._store_scope = trio.CancelScope()
         self._store_done = trio.Event()
+        self._redis_scope = trio.CancelScope()
+        self._redis_done = trio.Event()
         #: The upstream's model list, and until when (trio clock) it is reused.
         self.models_cache: tuple[float, list[dict[str, Any]]] | None = None
         self._stalls: Reaper[Watch] = Reaper(self._check_stall)
@@ -88,10 +93,15 @@ class RelayService:
     def _store_errors(self) -> int:
         return self.store.write_errors if self.store is not None else 0
 
+    def _redis_counts(self) -> tuple[int, int] | None:
+        shared = self.shared
+        return None if shared is None else (shared.round_trips, shared.errors)
+
     @property
     def degraded(self) -> bool:
-        """Whether the store has failed to write (answers are then kept in memory only)."""
-        return self._store_errors() > 0
+        """Whether the store has failed to write (answers are then kept in memory only), or
+        Redis cannot be reached now."""
+        return self._store_errors() > 0 or (self.shared is not None and not self.shared.healthy)
 
     def _statistics(self) -> RelayStatistics | None:
         return self.relay.statistics() if self.relay is not None else None
@@ -118,9 +128,14 @@ class RelayService:
             self.keys = Keyring(cfg.api_keys, self.store.secret)
             lifecycle("store_opened", path=cfg.db, interrupted=self.store.interrupted)
             await nursery.start(self._store_tasks, self.store, cfg.keep_events)
+        relay_store: RedisStore | SQLiteStore | None = self.store
+        if cfg.redis is not None:
+            self.shared = relay_store = await nursery.start(self._redis_tasks, cfg.redis)
+            # Namespaces the same on every worker (they replace the file's: Redis is shared).
+            self.keys = Keyring(cfg.api_keys, await self.shared.secret())
         self.relay = await start_relay(
             nursery,
-            store=self.store,
+            store=relay_store,
             grace=cfg.grace,
             max_events=cfg.max_events,
             max_bytes=cfg.max_bytes,
@@ -148,6 +163,24 @@ class RelayService:
                 await store.aclose()
             self._store_done.set()
 
+    async def _redis_tasks(self, url: str, *, task_status: trio.TaskStatus[RedisStore]) -> None:
+        """The Redis store, open (its tasks running) until :meth:`stop` cancels its scope,
+        after the relay has drained. Raises :exc:`StoreUnavailable` if Redis cannot be
+        reached at the start."""
+        try:
+            with self._redis_scope:
+                async with open_redis_store(
+                    url,
+                    local=self.store,
+                    lease=self.config.lease,
+                    keep=max(self.config.grace, 1.0),
+                    describe_error=_error_body,
+                ) as store:
+                    task_status.started(store)
+                    await trio.sleep_forever()
+        finally:
+            self._redis_done.set()
+
     @staticmethod
     async def _expire_events(
         store: SQLiteStore, keep: float, *, task_status: trio.TaskStatus[None]
@@ -172,6 +205,9 @@ class RelayService:
     async def stop(self) -> None:
         """Drain, then close the store (its tasks first) and the upstream's HTTP client."""
         await self.drain()
+        if self.shared is not None:
+            self._redis_scope.cancel()  # what is queued is sent, then it closes
+            await self._redis_done.wait()
         if self.store is not None:
             self._store_scope.cancel()  # its tasks end, then it closes
             await self._store_done.wait()
@@ -358,6 +394,11 @@ def outcome(run: Run, events: list[Event]) -> dict[str, Any]:
         "choices": answer.choices(),
     }
     return record
+
+
+def _error_body(run: Run) -> dict[str, Any] | None:
+    """How a failed run's error reads in its stream (the same on every worker)."""
+    return run_error(run)[1]["error"] if run.status is RunStatus.ERROR else None
 
 
 def _too_many(message: str) -> NoReturn:

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import re
-from typing import Any, NoReturn
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
 
 from quart import Response, g, request
 
 from .._events import Event
-from .._exceptions import ReplayGap
+from .._exceptions import ReplayGap, StoreUnavailable
 from .._relay import Run
+from ..stores._redis import RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._asgi import at_request_end
 from ._chat_api import check_session_id, session_key
 from ._errors import fail, invalid
-from ._responses import gap_response, sse_response, stored_response, stored_status
+from ._responses import (
+    gap_response,
+    remote_response,
+    sse_response,
+    stored_response,
+    stored_status,
+)
 from ._service import relay_service
 
 __all__ = ["delete", "messages", "resume", "sessions", "status", "stop"]
+
+T = TypeVar("T")
 
 #: A resume point: a seq (or -1, from the start), in ASCII digits.
 RESUME_POINT = re.compile(r"-1|[0-9]{1,20}")
@@ -30,8 +40,13 @@ async def resume(session_id: str) -> Response:
     replayed from the store, exactly as it was streamed."""
     service = relay_service()
     after = _resume_point()
-    run = _running_relay_run(session_id)
+    run, remote = await _session_run(session_id)
     if run is None:
+        if remote is not None:
+            assert service.shared is not None
+            reader = service.shared.open_reader(session_key(session_id), remote.id, after)
+            headers = {"X-Session-Id": session_id, "X-Run-Id": remote.id}
+            return remote_response(service, remote, reader, headers)
         stored = await _stored_run(session_id)
         assert service.store is not None
         if stored.expired:
@@ -58,21 +73,29 @@ async def stop(session_id: str) -> dict[str, Any]:
     """``POST /v1/sessions/{id}/stop``: stop the session's run; answer once it has finished
     (its partial answer saved)."""
     service = relay_service()
-    run = _held_run(session_id)
+    run = _running_relay_run(session_id)
     relay = service.running_relay()
     key = session_key(session_id)
-    stopped = await relay.stop(key)
-    run = relay.get(key) or run
-    return {"stopped": stopped, **service.run_status(session_id, run)}
+    if run is None and service.shared is None:
+        _unknown_session(session_id)
+    stopped = await _unavailable_is_503(relay.stop(key))  # wherever it runs
+    run, remote = await _session_run(session_id)
+    if run is not None:
+        return {"stopped": stopped, **service.run_status(session_id, run)}
+    if remote is None:
+        _unknown_session(session_id)
+    return {"stopped": stopped, **_remote_status(session_id, remote)}
 
 
 async def status(session_id: str) -> dict[str, Any]:
     """``GET /v1/sessions/{id}``: the session's run: status, reason, counts, timings (from
     the store, for a run the relay no longer holds)."""
     service = relay_service()
-    run = _running_relay_run(session_id)
+    run, remote = await _session_run(session_id)
     if run is not None:
         return service.run_status(session_id, run)
+    if remote is not None:
+        return _remote_status(session_id, remote)
     stored = await _stored_run(session_id)
     assert service.store is not None
     state, reason, error = stored_status(stored)
@@ -153,7 +176,9 @@ async def delete(session_id: str) -> Response:
     check_session_id(session_id, fresh=False)
     service = relay_service()
     relay = service.running_relay()
-    held = await relay.forget(session_key(session_id))
+    held = await _unavailable_is_503(relay.forget(session_key(session_id)))
+    if service.shared is not None:
+        held = await _unavailable_is_503(service.shared.forget(session_key(session_id))) or held
     stored = False
     if service.store is not None:
         stored = await service.store.delete_session(g.tokenrelay_namespace, session_id)
@@ -164,6 +189,52 @@ async def delete(session_id: str) -> Response:
         _unknown_session(session_id)
     # A body of b"": quart-trio cannot send Quart's default empty body (docs/upstream-bugs.md).
     return Response(b"", status=204)
+
+
+async def _session_run(session_id: str) -> tuple[Run | None, RemoteRun | None]:
+    """The session's latest run: this relay's (first), or another worker's (second)."""
+    run = _running_relay_run(session_id)
+    if run is not None and run.finished_at is None:
+        return run, None  # running here: no other worker can have a later one
+    remote = await _remote_run(session_id)
+    if remote is None or (run is not None and remote.id == run.id):
+        return run, None
+    return None, remote
+
+
+async def _remote_run(session_id: str) -> RemoteRun | None:
+    """The session's latest run as Redis has it (with ``--redis``; else ``None``)."""
+    shared = relay_service().shared
+    if shared is None:
+        return None
+    return await _unavailable_is_503(shared.current(session_key(session_id)))
+
+
+async def _unavailable_is_503(pending: Awaitable[T]) -> T:
+    """``pending``'s result; Redis unreachable is a 503 (retry shortly)."""
+    try:
+        return await pending
+    except StoreUnavailable as exc:
+        fail(503, str(exc), "server_error", "store_unavailable", Retry_After="2")
+
+
+def _remote_status(session_id: str, remote: RemoteRun) -> dict[str, Any]:
+    ending = remote.ending
+    error = (ending or {}).get("error")
+    return {
+        "session_id": session_id,
+        "run_id": remote.id,
+        "status": ending["status"] if ending is not None else "running",
+        "reason": ending.get("reason") if ending is not None else None,
+        "model": remote.info.get("model"),
+        "events": remote.events,
+        "bytes_held": 0,
+        "subscribers": 0,
+        "started_at": None,
+        "finished_at": None,
+        "duration_ms": None,
+        "error": error.get("message") if isinstance(error, dict) else None,
+    }
 
 
 def _answer(events: list[Event]) -> list[dict[str, Any]]:

@@ -14,8 +14,10 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.utils import LifespanFailureError
 
 from .._exceptions import StoreUnavailable
+from ..stores._redis import open_redis_store
 from ..stores._sqlite import SQLiteStore
 from ._app import create_app
 from ._config import (
@@ -178,6 +180,11 @@ async def serve(
         task_status.started(binds[0])
 
 
+async def _check_redis(url: str) -> None:
+    async with open_redis_store(url):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``tokenrelay`` command."""
     args = _parser().parse_args(argv)
@@ -186,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.check()
         if config.db != ":memory:":
             SQLiteStore(config.db).check()  # a file it cannot use is one line, before serving
+        if config.redis is not None:
+            trio.run(_check_redis, config.redis)  # likewise, a Redis it cannot reach
     except (ValueError, StoreUnavailable) as exc:
         print(f"tokenrelay: {exc}", file=sys.stderr)
         return 2
@@ -201,9 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(serve, config)
     except BaseExceptionGroup as group:
-        cannot, rest = group.split(CannotListen)
+        cannot, rest = group.split((CannotListen, LifespanFailureError))
         if cannot is None or rest is not None:
             raise
-        print(f"tokenrelay: {leaves(cannot)[0]}", file=sys.stderr)
+        error = leaves(cannot)[0]
+        # A store that failed while the app started (Redis lost since the check above).
+        print(f"tokenrelay: {error}", file=sys.stderr)
         return 2
     return 0

@@ -419,6 +419,46 @@ class RedisStore:
             run_id, session_id, json.loads(info_json) if info_json else {}, ending, count
         )
 
+    async def secret(self) -> bytes:
+        """A secret shared by every process on this Redis (made by the first to ask): what the
+        server derives API keys' namespaces from, so they are the same on every worker."""
+        key = self._key("secret", "namespaces")
+        self.round_trips += 1
+        try:
+            await self.client.set(key, secrets.token_hex(32), condition=coredis.PureToken.NX)
+            value = await self.client.get(key)
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        return bytes.fromhex(_text(value))
+
+    async def forget(self, session_id: str) -> bool:
+        """Delete what Redis holds of the session's latest run (stop it first). Returns
+        whether it held anything."""
+        client = self.client
+        self.round_trips += 1
+        try:
+            run_id = await client.get(self._key("current", session_id))
+            if run_id is None:
+                return False
+            keys = [self._key(kind, run_id) for kind in ("run", "info")]
+            deleted = await client.delete([self._key("current", session_id), *keys])
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        return deleted > 0
+
+    async def info(self, run_id: str) -> dict[str, Any]:
+        """The run's ``info`` as its owner last sent it (``{}`` before it did)."""
+        self.round_trips += 1
+        try:
+            found = await self.client.get(self._key("info", run_id))
+        except REDIS_ERRORS as exc:
+            self._failed(exc)
+            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        info: dict[str, Any] = json.loads(found) if found else {}
+        return info
+
     def open_reader(self, session_id: str, run_id: str, after: int = -1) -> RedisReader:
         """A reader of the run's stream (wherever it runs) from ``after`` on, to its end."""
         return RedisReader(self, run_id, session_id, after)

@@ -1,0 +1,209 @@
+"""Two ``tokenrelay serve`` processes on one real redis-server act as one relay: resume, stop,
+supersede and enqueue through the worker that does not run the session's run, and a worker
+killed with SIGKILL mid-run."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx2
+import trio
+
+from _helpers import bounded
+from _redis_helpers import RedisServer
+from _server_helpers import SSEReader, chat, seqs, text_of
+from test_cli import Server
+from tokenrelay.testing import FakeModelServer, FakeScript
+
+SLOW = FakeScript(tokens=[f"t{i} " for i in range(2000)], interval=0.01)
+
+
+async def detached(client: httpx2.AsyncClient, url: str, session_id: str) -> str:
+    """Start a streaming run on ``url``, read its first tokens, hang up (it goes on)."""
+    async with client.stream(
+        "POST", url + "/v1/chat/completions", json=chat(), headers={"X-Session-Id": session_id}
+    ) as response:
+        assert response.status_code == 200
+        async with SSEReader(response) as reader:
+            await reader.content_events(2)
+        return response.headers["x-run-id"]
+
+
+@asynccontextmanager
+async def worker(redis: RedisServer, *args: str) -> AsyncIterator[tuple[Server, str]]:
+    """One ``tokenrelay serve --redis`` process (nothing kept on disk), killed at the end."""
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", ":memory:",
+            "--redis", redis.url, *args,
+        ],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    server = Server(process)
+    try:
+        found = await server.wait_for(r"tokenrelay listening on (http://127\.0\.0\.1:\d+)")
+        yield server, found.group(1)
+    finally:
+        process.kill()
+        await process.wait()
+
+
+def session() -> str:
+    return "s-" + secrets.token_hex(6)
+
+
+@bounded(60)
+async def test_a_run_started_on_one_worker_resumes_on_the_other(
+    redis_server: RedisServer,
+) -> None:
+    demo = ["--demo-prefill", "0.01", "--demo-token-delay", "0.01"]
+    name = session()
+    async with (
+        worker(redis_server, *demo) as (_, url_a),
+        worker(redis_server, *demo) as (_, url_b),
+        httpx2.AsyncClient(timeout=20) as client,
+    ):
+        headers = {"X-Session-Id": name}
+        async with client.stream(
+            "POST", url_a + "/v1/chat/completions", json=chat("count slowly"), headers=headers
+        ) as response:
+            run_id = response.headers["x-run-id"]
+            async with SSEReader(response) as reader:
+                first = await reader.content_events(5)  # then hang up: it goes on detached
+        last = seqs(first)[-1]
+        async with client.stream(
+            "GET", f"{url_b}/v1/sessions/{name}/stream", headers={"Last-Event-ID": str(last)}
+        ) as response:
+            assert response.headers["x-run-id"] == run_id
+            rest = await SSEReader(response).all()
+        async with client.stream("GET", f"{url_a}/v1/sessions/{name}/stream") as response:
+            whole = await SSEReader(response).all()
+        status_b = (await client.get(f"{url_b}/v1/sessions/{name}")).json()
+    # Exactly the continuation: the seqs after the last one read, the same data, then the end.
+    assert seqs(rest) == [s for s in seqs(whole) if s > last]
+    assert [e.data for e in rest if e.id] == [e.data for e in whole if e.id and int(e.id) > last]
+    assert rest[-1].data == "[DONE]"
+    assert text_of(first + rest) == text_of(whole)
+    assert (status_b["run_id"], status_b["status"]) == (run_id, "done")
+
+
+@bounded(60)
+async def test_stop_and_supersede_through_the_other_worker(
+    redis_server: RedisServer, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = SLOW
+    upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
+    name = session()
+    async with (
+        worker(redis_server, *upstream) as (_, url_a),
+        worker(redis_server, *upstream) as (_, url_b),
+        httpx2.AsyncClient(timeout=20) as client,
+    ):
+        await detached(client, url_a, name)
+        first = fake_server.requests[0]
+        stop = await client.post(f"{url_b}/v1/sessions/{name}/stop")
+        assert stop.status_code == 200, stop.text
+        assert (stop.json()["stopped"], stop.json()["status"], stop.json()["reason"]) == (
+            True,
+            "stopped",
+            "stopped",
+        )
+        assert first.closed_at is not None  # the model's connection closed before B answered
+
+        await detached(client, url_a, name)
+        old = fake_server.requests[1]
+        # A new prompt through B supersedes A's run: B's upstream request arrives only after
+        # A's closed.
+        async with client.stream(
+            "POST",
+            url_b + "/v1/chat/completions",
+            json=chat("instead"),
+            headers={"X-Session-Id": name},
+        ) as response:
+            new_run = response.headers["x-run-id"]
+            async with SSEReader(response) as reader:
+                await reader.content_events(2)
+        new = fake_server.requests[2]
+        assert old.closed_at is not None
+        assert old.closed_at <= new.received_at
+        old_status = (await client.get(f"{url_a}/v1/sessions/{name}")).json()
+        assert old_status["run_id"] == new_run  # A sees B's run as the session's run now
+        assert await client.post(f"{url_b}/v1/sessions/{name}/stop")
+
+
+@bounded(60)
+async def test_enqueue_and_reject_through_the_other_worker(
+    redis_server: RedisServer, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(30)], interval=0.01)
+    upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
+    name = session()
+    async with (
+        worker(redis_server, *upstream) as (_, url_a),
+        worker(redis_server, *upstream) as (_, url_b),
+        httpx2.AsyncClient(timeout=20) as client,
+    ):
+        await detached(client, url_a, name)
+        busy = await client.post(
+            url_b + "/v1/chat/completions",
+            json=chat(),
+            headers={"X-Session-Id": name, "X-Relay-On-Busy": "reject"},
+        )
+        assert busy.status_code == 409
+        queued = await client.post(
+            url_b + "/v1/chat/completions",
+            json=chat("next", stream=False),
+            headers={"X-Session-Id": name, "X-Relay-On-Busy": "enqueue"},
+        )
+        assert queued.status_code == 200
+        first, second = fake_server.requests
+        assert first.completed  # A's run ended on its own, whole, before B's began
+        assert first.closed_at is not None
+        assert first.closed_at <= second.received_at
+        assert queued.json()["choices"][0]["message"]["content"] == "".join(SLOW.tokens[:30])
+
+
+@bounded(60)
+async def test_a_killed_worker_s_run_is_orphaned_and_its_session_freed(
+    redis_server: RedisServer, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = SLOW
+    upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
+    name = session()
+    async with (
+        worker(redis_server, *upstream, "--lease", "1") as (server_a, url_a),
+        worker(redis_server, *upstream, "--lease", "1") as (_, url_b),
+        httpx2.AsyncClient(timeout=20) as client,
+    ):
+        headers = {"X-Session-Id": name}
+        async with client.stream(
+            "POST", url_a + "/v1/chat/completions", json=chat(), headers=headers
+        ) as response:
+            async with SSEReader(response) as reader:
+                await reader.content_events(3)
+            server_a.process.send_signal(signal.SIGKILL)
+            await server_a.process.wait()
+        killed_at = trio.current_time()
+        # A follower on B ends with the orphaned error (it does not hang) ...
+        async with client.stream("GET", f"{url_b}/v1/sessions/{name}/stream") as response:
+            events = await SSEReader(response).all()
+        noticed = trio.current_time() - killed_at
+        error = json.loads(events[-2].data)["error"]
+        assert (events[-2].event, error["code"]) == ("error", "orphaned")
+        assert noticed < 3.0  # a lease (1 s) for the lease to lapse, half one to notice
+        # ... and the session is B's to use.
+        fake_server.add_model("quick", FakeScript(tokens=["done"]))
+        new = await client.post(
+            url_b + "/v1/chat/completions",
+            json=chat("again", stream=False, model="quick"),
+            headers={"X-Session-Id": name, "X-Relay-On-Busy": "reject"},
+        )
+        assert new.status_code == 200, new.text
+        status = (await client.get(f"{url_b}/v1/sessions/{name}")).json()
+        assert status["status"] == "done"

@@ -3,7 +3,9 @@ of its own, as two worker processes would have)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -232,3 +234,58 @@ async def test_the_url_password_never_shows(redis_server: RedisServer) -> None:
 
 
 _ = coredis  # the client the store uses (its errors are what the tests provoke)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@bounded(60)
+async def test_random_starts_stops_and_resumes_from_both_sides_never_overlap(
+    redis_server: RedisServer, redis_prefix: str, seed: int
+) -> None:
+    """Random prompts (superseding, queueing or refused), stops and resumes through either of
+    two relays, many at once: no two producers of the session ever overlap, and every
+    follower's events are gap-free from where it asked, to the run's ending."""
+    rng = random.Random(seed)
+    producers = Producers()
+    followed: list[tuple[int, list[int], dict[str, object] | None]] = []
+
+    async with (
+        worker(redis_server.url, redis_prefix) as a,
+        worker(redis_server.url, redis_prefix) as b,
+        trio.open_nursery() as nursery,
+    ):
+        relays = (a, b)
+
+        async def prompt(relay: Relay, name: str, on_busy: str) -> None:
+            with contextlib.suppress(tokenrelay.SessionBusy):
+                await relay.start(
+                    "s", producers.counting(name, rng.randint(1, 30), 0.002), on_busy=on_busy
+                )
+
+        async def follow(relay: Relay) -> None:
+            remote = await store_of(relay).current("s")
+            if remote is None:
+                return
+            after = rng.randint(-1, 3)
+            reader = store_of(relay).open_reader("s", remote.id, after)
+            got: list[int] = []
+            with contextlib.suppress(trio.EndOfChannel):
+                while True:
+                    got += [event.seq for event in await reader.receive_batch()]
+            followed.append((after, got, reader.ending))
+
+        for step in range(40):
+            relay = rng.choice(relays)
+            action = rng.random()
+            if action < 0.5:
+                policy = rng.choice(["supersede", "supersede", "enqueue", "reject"])
+                nursery.start_soon(prompt, relay, f"p{step}-", policy)
+            elif action < 0.7:
+                nursery.start_soon(relay.stop, "s")
+            else:
+                nursery.start_soon(follow, relay)
+            await trio.sleep(rng.uniform(0, 0.02))
+    producers.check_no_overlap()
+    assert len(producers.intervals) >= 5
+    for after, got, ending in followed:
+        assert got == list(range(after + 1, after + 1 + len(got)))
+        assert ending is not None

@@ -115,18 +115,20 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# KEYS: lease, stream. ARGV: ':{run_id}:', orphan JSON, keep ms. Ends the run as orphaned
-# if its lease is gone and it has no ending. Returns 1 if it did.
-_ORPHAN = """
-local holder = redis.call('GET', KEYS[1])
-if holder and string.find(holder, ARGV[1], 1, true) then return 0 end
+# KEYS: lease, stream. ARGV: ':{run_id}:', orphan JSON, keep ms. The run's ending, as
+# {entry id, JSON}: the one it has, or, if its lease is gone and it has none, orphaned (which
+# this writes). {} while it runs.
+_ENDING = """
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #last > 0 and last[1][2][1] == 'end' then return 0 end
+if #last > 0 and last[1][2][1] == 'end' then return {last[1][1], last[1][2][2]} end
+local holder = redis.call('GET', KEYS[1])
+if holder and string.find(holder, ARGV[1], 1, true) then return {} end
 local seq = 1
 if #last > 0 then seq = tonumber(string.sub(last[1][1], 3)) + 1 end
-redis.call('XADD', KEYS[2], '0-' .. seq, 'end', ARGV[2])
+local id = '0-' .. seq
+redis.call('XADD', KEYS[2], id, 'end', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
+return {id, ARGV[2]}
 """
 
 #: How a run whose process died is recorded as having ended.
@@ -327,18 +329,26 @@ class RedisStore:
         session = run.session_id
         lease_key = self._key("lease", session)
         while True:
-            taken, value = await self._call(
-                "claim",
-                [lease_key, self._key("fence", session), self._key("current", session)],
-                [
-                    run.id,
-                    self.worker,
-                    _ms(self.lease),
-                    _ms(self.keep),
-                    self.prefix,
-                    json.dumps(ORPHANED),
-                ],
-            )
+            # Shielded: once Redis has given it the lease, the run must know it has, so that
+            # its ending frees the session (a cancel meanwhile stops it right after).
+            found = None
+            with trio.CancelScope(shield=True), trio.move_on_after(self.lease):
+                found = await self._call(
+                    "claim",
+                    [lease_key, self._key("fence", session), self._key("current", session)],
+                    [
+                        run.id,
+                        self.worker,
+                        _ms(self.lease),
+                        _ms(self.keep),
+                        self.prefix,
+                        json.dumps(ORPHANED),
+                    ],
+                )
+            if found is None:
+                self._failed(TimeoutError(f"no answer in {self.lease} s"))
+                raise StoreUnavailable(f"Redis at {redact(self.url)} did not answer in time")
+            taken, value = found
             if taken:
                 log = self._logs.get(run.id)
                 maxlen = log.max_events if log is not None else None
@@ -463,15 +473,18 @@ class RedisStore:
         """A reader of the run's stream (wherever it runs) from ``after`` on, to its end."""
         return RedisReader(self, run_id, session_id, after)
 
-    async def _orphan(self, session_id: str, run_id: str) -> bool:
-        """End the run as orphaned if its lease is gone and it has no ending."""
-        return bool(
-            await self._call(
-                "orphan",
-                [self._key("lease", session_id), self._key("run", run_id)],
-                [f":{run_id}:", json.dumps(ORPHANED), _ms(self.keep)],
-            )
+    async def _ending(self, session_id: str, run_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The run's ending (its stream entry id, and how it ended), ending it as orphaned if
+        its lease is gone and it has none; ``None`` while it runs."""
+        found = await self._call(
+            "ending",
+            [self._key("lease", session_id), self._key("run", run_id)],
+            [f":{run_id}:", json.dumps(ORPHANED), _ms(self.keep)],
         )
+        if not found:
+            return None
+        identifier, ending = found
+        return _text(identifier), json.loads(_text(ending))
 
     # -- the store's tasks --------------------------------------------------------------------
 
@@ -557,7 +570,7 @@ class RedisStore:
             "append": client.register_script(_APPEND),
             "renew": client.register_script(_RENEW),
             "finish": client.register_script(_FINISH),
-            "orphan": client.register_script(_ORPHAN),
+            "ending": client.register_script(_ENDING),
         }
 
 
@@ -716,7 +729,11 @@ class RedisReader:
                 raise trio.EndOfChannel from None
             store.healthy = True
             if not found:
-                await store._orphan(self.session_id, self.run_id)
+                # Quiet for half a lease: is its owner alive? (And a resume point past the
+                # run's end never sees the ending come by: it is told here.)
+                ended = await store._ending(self.session_id, self.run_id)
+                if ended is not None and _seq(ended[0]) <= _seq(self._last_id):
+                    self.ending = ended[1]
                 continue
             events: list[Event] = []
             for entry in found[self._stream]:

@@ -4,16 +4,24 @@ client, against the served app (the fake model server, and the demo model)."""
 from __future__ import annotations
 
 import json
+import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import openai
 import pytest
 import trio
+import trio.testing
 
+import tokenrelay
 from _helpers import bounded
 from _server_helpers import Served, start_served
+from test_durable import DEMO, serve, stopped, until_stored
+from test_readme import python_blocks
 from tokenrelay import RunStatus
+from tokenrelay.server._responses_api import _completed_at, _run_ending
 from tokenrelay.server._responses_render import Ending, ResponseRenderer
 from tokenrelay.testing import FakeModelServer, FakeScript
 from tokenrelay.upstreams._chat import Delta, ToolCallDelta, Usage
@@ -519,3 +527,163 @@ def test_the_same_log_renders_the_same_events() -> None:
         {"type": "output_text", "text": "a", "annotations": [], "logprobs": []},
         {"type": "refusal", "refusal": "no"},
     ]
+
+
+# -- the store: after eviction, after a restart --------------------------------------------------
+
+
+@bounded(30)
+async def test_a_response_the_relay_no_longer_holds_comes_from_the_store(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    fake_server.default = FakeScript(tokens=["a ", "b"], reasoning=["r"])
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"))
+    async with sdk(served.url) as client:
+        live = await collect(
+            await client.responses.create(
+                model="fake", input="hi", background=True, stream=True, metadata={"k": "v"}
+            )
+        )
+        response_id = live[0].response.id
+        key = _key(served, response_id)
+        held = served.relay.get(key)
+        assert held is not None
+        await held.wait_finished()
+        await served.relay.forget(key)  # as when its grace is over: only the file has it
+        assert served.relay.get(key) is None
+        stored = await collect(await client.responses.retrieve(response_id, stream=True))
+        polled = await client.responses.retrieve(response_id)
+        items = await client.responses.input_items.list(response_id)
+        follow = await client.responses.create(
+            model="fake", input="more", previous_response_id=response_id
+        )
+    assert [e.model_dump() for e in stored] == [e.model_dump() for e in live]
+    assert polled.model_dump() == live[-1].response.model_dump()
+    assert polled.metadata == {"k": "v"}
+    assert [item.type for item in items.data] == ["message"]
+    assert follow.status == "completed"
+    assert fake_server.requests[-1].body["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a b"},
+        {"role": "user", "content": "more"},
+    ]
+
+
+@bounded(90)
+async def test_responses_survive_a_restart_and_an_interrupted_one_has_failed(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "relay.db"
+    server, url = await serve(db, *DEMO)
+    try:
+        async with sdk(url) as client:
+            done = await collect(
+                await client.responses.create(
+                    model="demo", input="hello there", background=True, stream=True
+                )
+            )
+            long = await client.responses.create(
+                model="demo", input="write 5000 words", background=True, stream=True
+            )
+            seen: list[Any] = []
+            async for event in long:
+                seen.append(event)
+                if len(seen) == 10:
+                    break
+            await long.close()
+            long_id = seen[0].response.id
+            await until_stored(db, long_id.removeprefix("resp_"), 20)
+        server.process.send_signal(signal.SIGKILL)
+        assert await server.process.wait() == -signal.SIGKILL
+    finally:
+        server.process.kill()
+
+    server, url = await serve(db, *DEMO)
+    try:
+        async with sdk(url) as client:
+            done_id = done[0].response.id
+            polled = await client.responses.retrieve(done_id)
+            replay = await collect(await client.responses.retrieve(done_id, stream=True))
+            rest = await collect(
+                await client.responses.retrieve(done_id, stream=True, starting_after=4)
+            )
+            interrupted = await client.responses.retrieve(long_id)
+            interrupted_events = await collect(
+                await client.responses.retrieve(long_id, stream=True)
+            )
+            with pytest.raises(openai.ConflictError):
+                await client.responses.cancel(long_id)
+            follow = await client.responses.create(
+                model="demo", input="and then?", previous_response_id=done_id
+            )
+        await stopped(server)
+    finally:
+        server.process.kill()
+    assert [e.model_dump() for e in replay] == [e.model_dump() for e in done]
+    assert [e.model_dump() for e in rest] == [e.model_dump() for e in done[5:]]
+    assert polled.status == "completed"
+    assert polled.output_text == done[-1].response.output_text != ""
+    assert interrupted.status == "failed"
+    assert interrupted.error is not None
+    assert "interrupted" in interrupted.error.message
+    assert interrupted.output_text.startswith(text_of(seen))  # its partial output is kept
+    assert interrupted_events[-1].type == "response.failed"
+    assert follow.status == "completed"
+
+
+@bounded(30)
+async def test_an_upstream_refusal_is_an_api_error_or_a_failed_background_response(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = FakeScript(fault="status", status=500, message="GPU on fire")
+    served = await start_served(nursery, fake_server)
+    async with sdk(served.url) as client:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.responses.create(model="fake", input="hi")
+        with pytest.raises(openai.InternalServerError):
+            await client.responses.create(model="fake", input="hi", stream=True)
+        background = await client.responses.create(model="fake", input="hi", background=True)
+        run = served.relay.get(_key(served, background.id))
+        assert run is not None
+        await run.wait_finished()
+        polled = await client.responses.retrieve(background.id)
+    assert info.value.status_code == 502
+    assert "GPU on fire" in str(info.value)
+    assert polled.status == "failed"
+    assert polled.error is not None
+    assert "GPU on fire" in polled.error.message
+
+
+async def test_a_response_s_end_time_is_fixed_once(autojump_clock: trio.testing.MockClock) -> None:
+    async def produce(emit: tokenrelay.Emit) -> None:
+        await trio.sleep(1)
+        await emit('"x"')
+
+    async with tokenrelay.open_relay() as relay:
+        run = await relay.start("s", produce)
+        await run.wait_finished()
+        first = _completed_at(run)
+        await trio.sleep(10)
+        assert _completed_at(run) == first
+        assert _run_ending(run) == Ending("done", completed_at=first)
+
+
+@bounded(90)
+async def test_the_readme_example_runs_as_pasted(tmp_path: Path) -> None:
+    [example] = [block for block in python_blocks() if "client.responses" in block]
+    server, url = await serve(tmp_path / "relay.db", *DEMO)
+    try:
+        result = await trio.run_process(
+            [sys.executable, "-c", example.replace("http://localhost:8000", url)],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        await stopped(server)
+    finally:
+        server.process.kill()
+    lines = result.stdout.decode().splitlines()
+    assert lines[0]  # the rest of the answer, after event 20
+    assert lines[1] in ("queued", "in_progress")
+    assert lines[2:4] == ["cancelled", "['message']"]
+    assert lines[4].startswith("get_weather {")
+    assert lines[5]

@@ -687,3 +687,47 @@ async def test_the_readme_example_runs_as_pasted(tmp_path: Path) -> None:
     assert lines[2:4] == ["cancelled", "['message']"]
     assert lines[4].startswith("get_weather {")
     assert lines[5]
+
+
+@pytest.mark.parametrize("db", ["file", ":memory:"])
+@bounded(30)
+async def test_a_response_longer_than_the_relay_holds_is_rendered_from_the_store(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path, db: str
+) -> None:
+    fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(20)])
+    path = str(tmp_path / "relay.db") if db == "file" else db
+    served = await start_served(nursery, fake_server, db=path, max_events=5)
+    async with sdk(served.url) as client:
+        response = await client.responses.create(model="fake", input="hi", background=True)
+        run = served.relay.get(_key(served, response.id))
+        assert run is not None
+        await run.wait_finished()
+        if db == "file":
+            polled = await client.responses.retrieve(response.id)
+            assert polled.output_text == "".join(f"t{i} " for i in range(20))
+        else:
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.responses.retrieve(response.id)
+            assert "no longer held" in info.value.message
+
+
+@bounded(30)
+async def test_resuming_a_live_response_after_its_last_event_is_an_error_event(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = FakeScript(tokens=["a ", "b "], prefill=0.2)
+    served = await start_served(nursery, fake_server)
+    async with sdk(served.url) as client:
+        response = await client.responses.create(
+            model="fake", input="hi", background=True, stream=True
+        )
+        created = await response.__anext__()
+        await response.close()
+        run = served.relay.get(_key(served, created.response.id))
+        assert run is not None
+        assert run.finished_at is None  # still in its prefill: the live path
+        events = await collect(
+            await client.responses.retrieve(created.response.id, stream=True, starting_after=999)
+        )
+    assert [e.type for e in events] == ["error"]
+    assert "'starting_after' is 999" in events[0].message

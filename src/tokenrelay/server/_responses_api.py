@@ -124,10 +124,22 @@ async def _find(response_id: str, *, field: str | None = None) -> _Found:
 
 
 async def _events(found: _Found) -> list[Event]:
-    if found.run is not None:
-        return found.run.events()
-    assert found.stored is not None
+    """Every event of the response's run, from its first: from the relay while it holds
+    them all, else from the store (a 400 when neither has them all any more)."""
     store = relay_service().store
+    run = found.run
+    if run is not None:
+        events = run.events()
+        if len(events) == run.event_count:
+            return events
+        if store is None:
+            invalid(
+                f"response {found.id!r} is too long for this server to render: its first "
+                "events are no longer held (--max-events / --max-bytes)",
+                "events_no_longer_held",
+            )
+        return await store.events(run.id)
+    assert found.stored is not None
     assert store is not None
     return await store.events(found.stored.id)
 
@@ -417,7 +429,10 @@ async def _live_stream(
         ending = _run_ending(run)
         assert ending is not None
         service.writing(watch)
-        yield _sse(renderer.finish(ending), after)
+        end = _sse(renderer.finish(ending), after)
+        if renderer.seq <= after:  # asked to resume after an event that never came
+            end = _sse([renderer.error("invalid_starting_after", _beyond(after, renderer))], -1)
+        yield end
     finally:
         service.unwatch(watch)
 
@@ -460,13 +475,14 @@ async def retrieve_response(response_id: str) -> Response:
         )
     _, events = _render(found.meta["head"], await _events(found), _ending(found))
     if after >= len(events):
-        invalid(
-            f"'starting_after' is {after}, but response {response_id!r} has events 0 to "
-            f"{len(events) - 1}",
-            "invalid_starting_after",
-        )
+        invalid(_beyond(after, len(events)), "invalid_starting_after")
     body = sse_comment(f"tokenrelay response {response_id}") + _sse(events, after)
     return _stream_response(body, headers)
+
+
+def _beyond(after: int, rendered: int | ResponseRenderer) -> str:
+    count = rendered if isinstance(rendered, int) else rendered.seq
+    return f"'starting_after' is {after}, but the response's events are 0 to {count - 1}"
 
 
 def _starting_after() -> int:

@@ -731,3 +731,108 @@ async def test_resuming_a_live_response_after_its_last_event_is_an_error_event(
         )
     assert [e.type for e in events] == ["error"]
     assert "'starting_after' is 999" in events[0].message
+
+
+@bounded(30)
+async def test_fields_reach_the_upstream_translated(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    served = await start_served(nursery, fake_server)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    async with sdk(served.url) as client:
+        await client.responses.create(
+            model="fake",
+            input=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "What is this?"},
+                        {"type": "input_image", "image_url": "data:image/png;base64,AA=="},
+                    ],
+                }
+            ],
+            max_output_tokens=50,
+            temperature=0.5,
+            top_p=0.9,
+            reasoning={"effort": "low"},
+            text={"format": {"type": "json_schema", "name": "answer", "schema": schema}},
+            tools=TOOLS,
+            tool_choice={"type": "function", "name": "get_weather"},
+            parallel_tool_calls=False,
+            user="someone",
+        )
+    sent = fake_server.requests[0].body
+    assert sent["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+            ],
+        }
+    ]
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (50, 0.5, 0.9)
+    assert sent["reasoning_effort"] == "low"
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema},
+    }
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert sent["parallel_tool_calls"] is False
+    assert "user" not in sent  # accepted, not relayed
+
+
+@bounded(30)
+async def test_a_response_in_a_named_session_supersedes_the_running_one(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(1000)], interval=0.01)
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"))
+    session = {"X-Session-Id": "chat-ui"}
+    async with sdk(served.url) as client:
+        old = await client.responses.create(
+            model="fake", input="one", background=True, extra_headers=session
+        )
+        async with served.run("chat-ui").subscribe() as sub:
+            await sub.receive()  # it has produced something
+        fake_server.default = FakeScript(tokens=["new"])
+        new = await client.responses.create(model="fake", input="two", extra_headers=session)
+        old_now = await client.responses.retrieve(old.id)
+    assert fake_server.requests[0].closed_at is not None
+    assert new.output_text == "new"
+    # The superseded one is cancelled, its partial output kept. (The relay freed it when the
+    # newer run replaced it: it is answered from the file. With db=":memory:" it is gone.)
+    assert old_now.status == "cancelled"
+    assert old_now.output_text.startswith("t0 ")
+
+
+@bounded(30)
+async def test_an_ollama_upstream_s_tool_call_is_a_function_call_item(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = FakeScript(
+        tokens=["Let me check."],
+        reasoning=["hm"],
+        tool_calls=[("get_weather", ARGUMENTS)],
+        finish_reason="tool_calls",
+    )
+    served = await start_served(nursery, fake_server, upstream=f"ollama={fake_server.ollama_url}")
+    async with sdk(served.url) as client:
+        events = await collect(
+            await client.responses.create(model="fake", input="hi", tools=TOOLS, stream=True)
+        )
+        fake_server.default = FakeScript(tokens=["Sunny."])
+        call = events[-1].response.output[-1]
+        follow = await client.responses.create(
+            model="fake",
+            previous_response_id=events[-1].response.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        )
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "message", "function_call"]
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", json.loads(ARGUMENTS))
+    assert call.call_id
+    assert follow.output_text == "Sunny."
+    sent = fake_server.requests[1].body["messages"]
+    assert sent[-1] == {"role": "tool", "content": "sunny", "tool_name": "get_weather"}
+    assert sent[-2]["tool_calls"][0]["function"]["name"] == "get_weather"

@@ -313,7 +313,12 @@ async def test_the_demo_model_calls_a_tool_through_the_responses_api(
     nursery: trio.Nursery, fake_server: FakeModelServer
 ) -> None:
     served = await start_served(
-        nursery, fake_server, upstream="demo", model="demo", demo_prefill=0.0
+        nursery,
+        fake_server,
+        upstream="demo",
+        model="demo",
+        demo_prefill=0.0,
+        demo_token_delay=0.001,
     )
     async with sdk(served.url) as client:
         response = await client.responses.create(
@@ -557,6 +562,10 @@ async def test_a_response_the_relay_no_longer_holds_comes_from_the_store(
         follow = await client.responses.create(
             model="fake", input="more", previous_response_id=response_id
         )
+        await client.responses.delete(response_id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(response_id)
+        assert (await client.responses.retrieve(follow.id)).status == "completed"
     assert [e.model_dump() for e in stored] == [e.model_dump() for e in live]
     assert polled.model_dump() == live[-1].response.model_dump()
     assert polled.metadata == {"k": "v"}
@@ -715,7 +724,7 @@ async def test_a_response_longer_than_the_relay_holds_is_rendered_from_the_store
 async def test_resuming_a_live_response_after_its_last_event_is_an_error_event(
     nursery: trio.Nursery, fake_server: FakeModelServer
 ) -> None:
-    fake_server.default = FakeScript(tokens=["a ", "b "], prefill=0.2)
+    fake_server.default = FakeScript(tokens=["a "], fault="hang", fault_after=1)
     served = await start_served(nursery, fake_server)
     async with sdk(served.url) as client:
         response = await client.responses.create(
@@ -723,13 +732,13 @@ async def test_resuming_a_live_response_after_its_last_event_is_an_error_event(
         )
         created = await response.__anext__()
         await response.close()
-        run = served.relay.get(_key(served, created.response.id))
-        assert run is not None
-        assert run.finished_at is None  # still in its prefill: the live path
-        events = await collect(
-            await client.responses.retrieve(created.response.id, stream=True, starting_after=999)
-        )
+        response_id = created.response.id
+        # The stream's headers are there once the server follows the (hanging) run live.
+        stream = await client.responses.retrieve(response_id, stream=True, starting_after=999)
+        await client.responses.cancel(response_id)
+        events = await collect(stream)
     assert [e.type for e in events] == ["error"]
+    assert "'starting_after' is 999" in events[0].message
     assert "'starting_after' is 999" in events[0].message
 
 

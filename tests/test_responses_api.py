@@ -625,9 +625,26 @@ async def test_responses_survive_a_restart_and_an_interrupted_one_has_failed(
             follow = await client.responses.create(
                 model="demo", input="and then?", previous_response_id=done_id
             )
+            going = await client.responses.create(
+                model="demo", input="write 5000 words", background=True, stream=True
+            )
+            started = [await going.__anext__() for _ in range(6)]
+            await going.close()
+        await stopped(server)  # SIGTERM while it runs: it is stopped, its outcome recorded
+    finally:
+        server.process.kill()
+
+    server, url = await serve(db, *DEMO)
+    try:
+        async with sdk(url) as client:
+            shut = await client.responses.retrieve(started[0].response.id)
         await stopped(server)
     finally:
         server.process.kill()
+    assert shut.status == "failed"
+    assert shut.error is not None
+    assert "shut down" in shut.error.message
+    assert shut.output_text.startswith(text_of(started))
     assert [e.model_dump() for e in replay] == [e.model_dump() for e in done]
     assert [e.model_dump() for e in rest] == [e.model_dump() for e in done[5:]]
     assert polled.status == "completed"
@@ -845,3 +862,32 @@ async def test_an_ollama_upstream_s_tool_call_is_a_function_call_item(
     sent = fake_server.requests[1].body["messages"]
     assert sent[-1] == {"role": "tool", "content": "sunny", "tool_name": "get_weather"}
     assert sent[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+@bounded(30)
+async def test_bad_query_parameters_are_a_400_naming_them(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    served = await start_served(nursery, fake_server)
+    async with sdk(served.url) as client:
+        done = await collect(await client.responses.create(model="fake", input="hi", stream=True))
+    response_id = done[0].response.id
+    async with httpx2.AsyncClient(base_url=served.url) as http:
+        for path, named in [
+            (f"/v1/responses/{response_id}?stream=maybe", "'stream'"),
+            (f"/v1/responses/{response_id}?stream=true&starting_after=abc", "'starting_after'"),
+            (f"/v1/responses/{response_id}?stream=true&starting_after=-2", "'starting_after'"),
+            (f"/v1/responses/{response_id}/input_items?limit=0", "'limit'"),
+            (f"/v1/responses/{response_id}/input_items?order=up", "'order'"),
+            (f"/v1/responses/{response_id}/input_items?after=nope", "'after'"),
+        ]:
+            answer = await http.get(path)
+            assert answer.status_code == 400, path
+            assert named in answer.json()["error"]["message"], path
+        bad_json = await http.post("/v1/responses", content=b"{nope")
+        assert bad_json.status_code == 400
+        busy = await http.post(
+            "/v1/responses", json={"input": "hi"}, headers={"X-Relay-On-Busy": "maybe"}
+        )
+        assert busy.status_code == 400
+        assert "X-Relay-On-Busy" in busy.json()["error"]["message"]

@@ -13,6 +13,13 @@ from ._config import ServerConfig
 from ._errors import HTTPError, werkzeug_error
 from ._models_api import model, models
 from ._ops_api import healthz, metrics
+from ._responses_api import (
+    cancel_response,
+    create_response,
+    delete_response,
+    response_input_items,
+    retrieve_response,
+)
 from ._service import EXTENSION, RelayService, relay_service
 from ._sessions_api import delete, messages, resume, sessions, status, stop
 
@@ -81,6 +88,16 @@ def relay_blueprint(config: ServerConfig | None = None) -> RelayBlueprint:
         ("/v1/sessions/<session_id>", delete, "DELETE"),
     ):
         bp.add_url_rule(rule, view_func=view, methods=[method], merge_slashes=False)
+    bp.add_url_rule("/v1/responses", view_func=create_response, methods=["POST"])
+    one = "/v1/responses/<response_id>"
+    bp.add_url_rule(one, view_func=retrieve_response, methods=["GET"], merge_slashes=False)
+    bp.add_url_rule(one, view_func=delete_response, methods=["DELETE"], merge_slashes=False)
+    bp.add_url_rule(
+        one + "/cancel", view_func=cancel_response, methods=["POST"], merge_slashes=False
+    )
+    bp.add_url_rule(
+        one + "/input_items", view_func=response_input_items, methods=["GET"], merge_slashes=False
+    )
     return bp
 
 

@@ -472,6 +472,37 @@ class SQLiteStore:
         async with self._write_lock:
             return await trio.to_thread.run_sync(delete)
 
+    async def run_in(self, namespace: str, run_id: str) -> StoredRun | None:
+        """The stored run ``run_id`` if it was described (:meth:`describe_run`) in
+        ``namespace``, else ``None``."""
+        rows = await self._read(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ? AND namespace = ?",
+            (run_id, namespace),
+        )
+        return _stored_run(rows[0]) if rows else None
+
+    async def delete_run(self, namespace: str, run_id: str) -> bool:
+        """Delete one run of ``namespace`` and its events (after what is queued is written);
+        its session and the session's other runs stay. Returns whether there was such a run."""
+        await self.flush()
+
+        def delete() -> bool:
+            db = self._writer
+            assert db is not None
+            with db:
+                found = db.execute(
+                    "SELECT key FROM runs WHERE run_id = ? AND namespace = ?", (run_id, namespace)
+                ).fetchone()
+                if found is None:
+                    return False
+                db.execute("DELETE FROM events WHERE run = ?", found)
+                db.execute("DELETE FROM runs WHERE key = ?", found)
+                self._keys.pop(run_id, None)  # its later events (if it still runs) are dropped
+                return True
+
+        async with self._write_lock:
+            return await trio.to_thread.run_sync(delete)
+
     async def events(self, run_id: str, after: int = -1) -> list[Event]:
         """The stored events of ``run_id`` with ``seq > after``, in order (what is queued
         included): what a reader of the run's log would have replayed.

@@ -27,7 +27,10 @@ SLOW = FakeScript(tokens=[f"t{i} " for i in range(2000)], interval=0.01)
 async def detached(client: httpx2.AsyncClient, url: str, session_id: str) -> str:
     """Start a streaming run on ``url``, read its first tokens, hang up (it goes on)."""
     async with client.stream(
-        "POST", url + "/v1/chat/completions", json=chat(), headers={"X-Session-Id": session_id}
+        "POST",
+        url + "/v1/chat/completions",
+        json=chat("count to many"),
+        headers={"X-Session-Id": session_id},
     ) as response:
         assert response.status_code == 200
         async with SSEReader(response) as reader:
@@ -207,3 +210,40 @@ async def test_a_killed_worker_s_run_is_orphaned_and_its_session_freed(
         assert new.status_code == 200, new.text
         status = (await client.get(f"{url_b}/v1/sessions/{name}")).json()
         assert status["status"] == "done"
+
+
+async def worker_ids(url: str, count: int) -> set[str]:
+    """The Redis worker ids that answer ``count`` requests, each on a new connection (the
+    kernel hands each to whichever worker accepts first)."""
+    seen = set()
+    for _ in range(count):
+        async with httpx2.AsyncClient(timeout=10) as client:
+            seen.add((await client.get(url + "/healthz")).json()["redis"]["worker"])
+    return seen
+
+
+@bounded(60)
+async def test_workers_share_one_port_and_act_as_one(redis_server: RedisServer) -> None:
+    demo = ["--demo-prefill", "0.01", "--demo-token-delay", "0.01"]
+    async with worker(redis_server, "--workers", "2", *demo) as (supervisor, url):
+        ids: set[str] = set()
+        while len(ids) < 2:  # both workers accept on the port
+            ids |= await worker_ids(url, 4)
+        name = session()
+        async with httpx2.AsyncClient(timeout=20) as client:
+            run_id = await detached(client, url, name)
+        # Wherever each new connection lands, it sees the same run, and resumes it.
+        async with (
+            httpx2.AsyncClient(timeout=20) as client,
+            client.stream("GET", f"{url}/v1/sessions/{name}/stream") as response,
+        ):
+            assert response.headers["x-run-id"] == run_id
+            events = await SSEReader(response).all()
+        assert events[-1].data == "[DONE]"
+        assert seqs(events) == list(range(len(seqs(events))))
+        supervisor.process.send_signal(signal.SIGTERM)
+        await supervisor.drain()  # to the end: the workers (which share its stderr) are gone
+        assert await supervisor.process.wait() == 0
+    log = supervisor.log.decode()
+    assert "shutting_down signal=SIGTERM workers=2" in log
+    assert log.count("shutting_down signal=SIGTERM\n") == 2  # each worker drained its runs

@@ -263,6 +263,13 @@ class ServerConfig:
         seconds,
         "S",
     )
+    workers: int = _option(
+        1,
+        "processes sharing the port, each a full relay (more than 1 needs --redis to act as "
+        "one, and --db :memory:)",
+        count,
+        "N",
+    )
     upstream_connections: int = _option(256, "connections to the upstream at once", count, "N")
     keepalive: float = _option(
         15.0, "seconds between keep-alive comments on a quiet stream", seconds, "S"
@@ -290,7 +297,17 @@ class ServerConfig:
             raise ValueError("finish_timeout must be > 0 seconds")
         if not self.lease > 0:
             raise ValueError("lease must be > 0 seconds")
-        for name in ("max_body", "max_runs", "upstream_connections"):
+        if self.workers > 1 and self.redis is None:
+            raise ValueError(
+                f"--workers {self.workers} needs --redis: without it each worker is a relay of "
+                "its own, and a resume, stop or new prompt landing on another worker sees nothing"
+            )
+        if self.workers > 1 and self.db != ":memory:":
+            raise ValueError(
+                f"--workers {self.workers} needs --db :memory: (a SQLite file is one process's; "
+                "Redis holds what the workers share)"
+            )
+        for name in ("max_body", "max_runs", "upstream_connections", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("max_runs_per_key", "max_events", "max_bytes", "max_memory"):

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -162,6 +163,8 @@ async def serve(
     hypercorn_config = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
     hypercorn_config.bind = [f"{host}:{config.port}"]
+    if (listen_fd := os.environ.get(LISTEN_FD)) is not None:
+        hypercorn_config.bind = [f"fd://{int(listen_fd)}"]  # a worker: its supervisor's socket
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logging.getLogger("tokenrelay.server")
     hypercorn_config.graceful_timeout = 5.0
@@ -178,6 +181,65 @@ async def serve(
             "" if config.api_keys else " (no API keys: anyone who can connect may use it)",
         )
         task_status.started(binds[0])
+
+
+#: Set for a worker process: the file descriptor of the socket its supervisor listens on.
+LISTEN_FD = "TOKENRELAY_LISTEN_FD"
+
+
+async def supervise(
+    config: ServerConfig,
+    argv: Sequence[str],
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``--workers N``: listen on the port, and run N ``tokenrelay serve`` processes that all
+    accept on it (the kernel spreads connections between them), each a full relay on the
+    shared Redis. SIGINT and SIGTERM are passed on to them, and this returns once they have
+    all shut down; a worker that dies meanwhile is replaced."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    try:
+        listener = socket.create_server((config.host, config.port), family=family, backlog=2048)
+    except OSError as exc:
+        where = f"{config.host}:{config.port}"
+        raise CannotListen(f"cannot listen on {where}: {exc.strerror}") from None
+    listener.set_inheritable(True)
+    host, port = listener.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
+    command = [sys.executable, "-m", "tokenrelay", "serve", *argv, "--workers", "1"]
+    env = {**os.environ, LISTEN_FD: str(listener.fileno())}
+    stopping = False
+
+    async def worker(number: int) -> None:
+        while True:
+            process = await trio.lowlevel.open_process(
+                command, env=env, pass_fds=(listener.fileno(),)
+            )
+            processes[number] = process
+            started = trio.current_time()
+            code = await process.wait()
+            if stopping:
+                return
+            if trio.current_time() - started < 1.0:
+                await trio.sleep(1.0)  # one that cannot start is not restarted in a tight loop
+            logger.error("worker_exited worker=%d pid=%d code=%s: starting another", number,
+                         process.pid, code)  # fmt: skip
+
+    processes: dict[int, trio.Process] = {}
+    with listener, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            for number in range(config.workers):
+                nursery.start_soon(worker, number)
+            logger.info("tokenrelay listening on %s with %d workers", url, config.workers)
+            task_status.started(url)
+            async for signum in signals:
+                logger.info("shutting_down signal=%s workers=%d", signal.Signals(signum).name,
+                            config.workers)  # fmt: skip
+                stopping = True
+                for process in processes.values():
+                    if process.returncode is None:
+                        process.send_signal(signal.SIGTERM)
+                break
 
 
 async def _check_redis(url: str) -> None:
@@ -208,7 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "prefer --api-keys-file or TOKENRELAY_API_KEY"
         )
     try:
-        trio.run(serve, config)
+        if config.workers > 1:
+            trio.run(supervise, config, list(sys.argv[2:] if argv is None else argv[1:]))
+        else:
+            trio.run(serve, config)
+    except CannotListen as exc:
+        print(f"tokenrelay: {exc}", file=sys.stderr)
+        return 2
     except BaseExceptionGroup as group:
         cannot, rest = group.split((CannotListen, LifespanFailureError))
         if cannot is None or rest is not None:

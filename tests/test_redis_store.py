@@ -209,7 +209,8 @@ async def test_redis_lost_while_serving_ends_runs_and_followers_then_recovers(
             await reader.receive_batch()
             server.stop()
             await run.wait_finished()  # ended, not hung
-            assert run.reason == "store_unavailable"
+            assert (run.status, run.reason) == (tokenrelay.RunStatus.ERROR, "store_unavailable")
+            assert isinstance(run.error, tokenrelay.StoreUnavailable)
             with pytest.raises(trio.EndOfChannel):
                 while True:
                     await reader.receive_batch()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx2
 import trio
@@ -247,3 +248,45 @@ async def test_workers_share_one_port_and_act_as_one(redis_server: RedisServer) 
     log = supervisor.log.decode()
     assert "shutting_down signal=SIGTERM workers=2" in log
     assert log.count("shutting_down signal=SIGTERM\n") == 2  # each worker drained its runs
+
+
+@bounded(60)
+async def test_redis_stopped_and_restarted_under_a_serving_worker(
+    tmp_path: Path, fake_server: FakeModelServer
+) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        fake_server.default = SLOW
+        upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
+        async with worker(redis, *upstream) as (_, url), httpx2.AsyncClient(timeout=20) as client:
+            async with (
+                client.stream(
+                    "POST", url + "/v1/chat/completions", json=chat(), headers={"X-Session-Id": "s"}
+                ) as response,
+                SSEReader(response) as reader,
+            ):
+                await reader.content_events(3)
+                redis.stop()
+                rest = await reader.all()  # the stream ends: an error, then [DONE]
+            assert rest[-2].event == "error"
+            assert json.loads(rest[-2].data)["error"]["code"] == "store_unavailable"
+            assert rest[-1].data == "[DONE]"
+            await fake_server.requests[0].wait_closed()  # the model was stopped too
+            refused = await client.post(url + "/v1/chat/completions", json=chat(stream=False))
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"]
+            assert refused.json()["error"]["code"] == "store_unavailable"
+            assert (await client.get(url + "/healthz")).json()["status"] == "degraded"
+            metrics = (await client.get(url + "/metrics")).text
+            assert "tokenrelay_redis_errors_total" in metrics
+
+            redis.start()  # back, on the same port: serving resumes, no restart
+            fake_server.add_model("quick", FakeScript(tokens=["back"]))
+            served = await client.post(
+                url + "/v1/chat/completions", json=chat(stream=False, model="quick")
+            )
+            assert served.status_code == 200, served.text
+            assert (await client.get(url + "/healthz")).json()["status"] == "ok"
+    finally:
+        redis.stop()

@@ -266,8 +266,11 @@ class RelayFull(RelayError):
 
 class StoreUnavailable(RelayError):
     """A store's database cannot be used: it cannot be opened, it is not a tokenrelay
-    database, it was written by a newer version, or another process holds it locked. The
-    message says which, in one line."""
+    database, it was written by a newer version, or another process holds it locked; or a
+    shared store (Redis) cannot be reached. The message says which, in one line. A run that
+    loses its shared store ends ``ERROR`` with reason ``"store_unavailable"``."""
+
+    run_reason: ClassVar[str] = "store_unavailable"
 
 
 class RelayClosed(RelayError):

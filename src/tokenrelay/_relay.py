@@ -30,7 +30,14 @@ from typing import Any, Literal, TypedDict, Unpack, get_args
 import trio
 
 from ._events import Event, RunStatus
-from ._exceptions import RelayClosed, RelayFull, SessionBusy, UnknownSession, UpstreamError
+from ._exceptions import (
+    RelayClosed,
+    RelayError,
+    RelayFull,
+    SessionBusy,
+    UnknownSession,
+    UpstreamError,
+)
 from ._lifecycle import lifecycle, logger
 from ._log import MAX_BATCH, ByteBudget, Claim, LogReader, RunLog, SharedStore, Store
 from ._reaper import Reaper
@@ -117,6 +124,7 @@ class Run:
         self._on_finish = on_finish
         self._scope = trio.CancelScope()
         self._cancel_reason: str | None = None
+        self._cancel_error: BaseException | None = None
         self._turn = trio.Event()
         self._finished = trio.Event()
         self._subscribers = 0
@@ -168,6 +176,15 @@ class Run:
             if self._claim_scope is not None:
                 self._claim_scope.cancel(reason=reason)
         return True
+
+    def fail(self, error: RelayError) -> bool:
+        """Stop the run because something it depends on failed: it ends ``ERROR``, with
+        ``error`` as its ``Run.error`` and the error's ``run_reason`` (or ``"exception"``) as
+        its reason. Returns at once, as :meth:`cancel` does."""
+        reason = getattr(error, "run_reason", "exception")
+        if self.finished_at is None and self._cancel_reason is None:
+            self._cancel_error = error
+        return self.cancel(reason)
 
     def cancel_when_unwatched(self, reason: str = "client_disconnect") -> None:
         """Stop the run, with ``reason``, as soon as no subscription is open on it: at once if
@@ -577,7 +594,10 @@ class Relay:
             if not isinstance(exc, Exception):
                 raise
         else:
-            if run._scope.cancelled_caught:
+            if run._scope.cancelled_caught and run._cancel_error is not None:
+                run.status, run.reason = RunStatus.ERROR, run._cancel_reason
+                run.error = run._cancel_error
+            elif run._scope.cancelled_caught:
                 run.status, run.reason = RunStatus.STOPPED, run._cancel_reason
             else:
                 run.status = RunStatus.DONE

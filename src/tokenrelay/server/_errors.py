@@ -10,7 +10,12 @@ from typing import Any, NoReturn
 from quart import Response
 from werkzeug.exceptions import HTTPException
 
-from .._exceptions import UpstreamConnectError, UpstreamRateLimited, UpstreamTimeout
+from .._exceptions import (
+    StoreUnavailable,
+    UpstreamConnectError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
 from .._relay import Run
 
 __all__ = [
@@ -109,6 +114,8 @@ def run_error(run: Run) -> tuple[int, dict[str, Any]]:
         return 504, error_body(message, "upstream_timeout", code)
     if isinstance(error, UpstreamRateLimited):
         return 429, error_body(message, "upstream_rate_limited", code)
+    if isinstance(error, StoreUnavailable):
+        return 503, error_body(message, "server_error", code)
     if run.reason != "exception":  # an upstream failure, whatever its kind
         return 502, error_body(message, "upstream_error", code)
     return 500, error_body("the relay failed while producing the answer", "server_error", code)

@@ -314,8 +314,9 @@ class RedisStore:
                 self._failed(exc)
                 # What was not sent cannot be sent in order any more: the runs end now, with
                 # their local readers unharmed (and other processes' readers told why).
+                lost = StoreUnavailable(f"lost Redis at {redact(self.url)}: {exc}")
                 for claim, _ in sent:
-                    claim.run.cancel("store_unavailable")
+                    claim.run.fail(lost)
                 return
             self.healthy = True
             for (claim, _), written in zip(sent, results, strict=True):
@@ -527,8 +528,9 @@ class RedisStore:
             except REDIS_ERRORS as exc:
                 self._failed(exc)
                 if trio.current_time() - last_renewed >= self.lease:
+                    lost = StoreUnavailable(f"lost Redis at {redact(self.url)}: {exc}")
                     for claim in claims:
-                        claim.run.cancel("store_unavailable")
+                        claim.run.fail(lost)
                 continue
             self.healthy = True
             last_renewed = trio.current_time()

@@ -25,7 +25,7 @@ from tokenrelay.stores import RedisStore, open_redis_store
 async def worker(url: str, prefix: str, **options: object) -> AsyncIterator[Relay]:
     """A relay on its own store, as one worker process has."""
     async with (
-        open_redis_store(url, prefix=prefix, lease=1.0, **options) as store,  # type: ignore[arg-type]
+        open_redis_store(url, prefix=prefix, lease=2.0, **options) as store,  # type: ignore[arg-type]
         tokenrelay.open_relay(store=store) as relay,
     ):
         yield relay
@@ -141,20 +141,36 @@ async def test_stop_reject_and_enqueue_from_another_worker(
 async def test_a_producer_that_lost_its_lease_writes_nothing_more(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    producers = Producers()
-    async with worker(redis_server.url, redis_prefix) as a:
-        run = await a.start("s", producers.counting("t", 1000))
-        store = store_of(a)
-        while run.event_count < 3:  # noqa: ASYNC110 (the run's own pace)
-            await trio.sleep(0.01)
-        await store.flush()
-        await store.client.delete([f"{redis_prefix}:lease:s"])  # as if it had expired
+    first, more = trio.Event(), trio.Event()
+
+    async def produce(emit: Emit) -> None:
+        for i in range(3):
+            await emit(f'"a{i}"')
+        first.set()
+        await more.wait()
+        for i in range(3):
+            await emit(f'"late{i}"')
+        await trio.sleep_forever()
+
+    async with (
+        worker(redis_server.url, redis_prefix) as a,
+        worker(redis_server.url, redis_prefix) as b,
+    ):
+        run = await a.start("s", produce)
+        await first.wait()
+        await store_of(a).flush()
+        # Its lease lapses (as if the owner had paused), and another worker takes the session.
+        await store_of(a).client.delete([f"{redis_prefix}:lease:s"])
+        other = await b.start("s", Producers().counting("b", 1), on_busy="reject")
+        more.set()  # the old producer goes on, unaware: its appends are refused
         await run.wait_finished()
-        assert (run.status, run.reason) == (tokenrelay.RunStatus.STOPPED, "lease_lost")
-        written = await store.client.xrange(f"{redis_prefix}:run:{run.id}")
-        # Not one event after the lease was gone, and no ending: it was not the run's to write.
-        assert len(written) < run.event_count
-        assert all("d" in entry.field_values for entry in written)
+        await other.wait_finished()
+        written = await store_of(a).client.xrange(f"{redis_prefix}:run:{run.id}")
+    assert (run.status, run.reason) == (tokenrelay.RunStatus.STOPPED, "lease_lost")
+    assert run.event_count == 6
+    # Its three events, then the ending the new run's claim gave it; nothing it sent later.
+    assert [entry.field_values.get("d") for entry in written] == ['"a0"', '"a1"', '"a2"', None]
+    assert "orphaned" in written[-1].field_values["end"]
 
 
 @bounded(20)
@@ -224,6 +240,10 @@ async def test_redis_lost_while_serving_ends_runs_and_followers_then_recovers(
             await again.wait_finished()
             assert again.status is tokenrelay.RunStatus.DONE
             assert store_of(b).healthy
+            # Orders between workers get through again too (each listens anew).
+            long = await a.start("u", producers.counting("w", 10_000))
+            assert await b.stop("u")
+            assert (long.status, long.reason) == (tokenrelay.RunStatus.STOPPED, "stopped")
     finally:
         server.stop()
 

@@ -5,6 +5,7 @@ killed with SIGKILL mid-run."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -290,3 +291,41 @@ async def test_redis_stopped_and_restarted_under_a_serving_worker(
             assert (await client.get(url + "/healthz")).json()["status"] == "ok"
     finally:
         redis.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux: of each of its threads, as trio starts
+    processes from a worker thread)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@bounded(60)
+async def test_a_dead_worker_is_replaced_and_workers_die_with_their_supervisor(
+    redis_server: RedisServer,
+) -> None:
+    async with worker(redis_server, "--workers", "2") as (supervisor, url):
+        ids: set[str] = set()
+        while len(ids) < 2:
+            ids |= await worker_ids(url, 4)
+        first, second = children(supervisor.process.pid)
+        os.kill(first, signal.SIGKILL)
+        replaced: set[str] = set()
+        while not replaced - ids:  # a worker the port had not seen before: the replacement
+            replaced |= await worker_ids(url, 4)
+        workers = children(supervisor.process.pid)
+        supervisor.process.kill()  # SIGKILL: it cannot pass anything on
+        await supervisor.process.wait()
+        while any(alive(pid) for pid in workers):  # noqa: ASYNC110 (as above)
+            await trio.sleep(0.05)
+    assert second in workers

@@ -758,9 +758,9 @@ class Relay:
             run.cancel("stopped")
         for run in runs:
             await run.wait_finished()
+        if self._shared is not None:  # and wherever else it runs
+            return await self._shared.stop(session_id, "stopped") or bool(runs)
         if not runs:
-            if self._shared is not None:  # it may run in another process
-                return await self._shared.stop(session_id, "stopped")
             await trio.lowlevel.checkpoint()
         return bool(runs)
 

@@ -22,7 +22,7 @@ from .._guard import ClosableAsyncIterator
 from .._relay import OnBusy, Run
 from ..upstreams._chat import ChatRequest, Delta
 from ._asgi import at_request_end
-from ._errors import fail, invalid, run_error_response, too_large
+from ._errors import fail, invalid, run_error_response, store_unavailable, too_large
 from ._responses import complete, sse_response
 from ._service import RelayService, Watch, relay_service
 
@@ -122,7 +122,7 @@ async def start_run(
         if isinstance(exc, RelayClosed):
             fail(503, "the relay is shutting down", "server_error", "shutting_down")
         if isinstance(exc, StoreUnavailable):
-            fail(503, str(exc), "server_error", "store_unavailable", Retry_After="2")
+            store_unavailable()
         raise
     run.info = info  # the producer's names (it has not run yet) and the request's
     if service.store is not None:

@@ -25,6 +25,7 @@ __all__ = [
     "invalid",
     "run_error",
     "run_error_response",
+    "store_unavailable",
     "too_large",
     "werkzeug_error",
 ]
@@ -119,6 +120,18 @@ def run_error(run: Run) -> tuple[int, dict[str, Any]]:
     if run.reason != "exception":  # an upstream failure, whatever its kind
         return 502, error_body(message, "upstream_error", code)
     return 500, error_body("the relay failed while producing the answer", "server_error", code)
+
+
+def store_unavailable() -> NoReturn:
+    """503: the store the workers share (Redis) cannot be reached now (the details are in
+    the server's log, not in the answer)."""
+    fail(
+        503,
+        "the relay's shared store cannot be reached; retry shortly",
+        "server_error",
+        "store_unavailable",
+        Retry_After="2",
+    )
 
 
 def run_error_response(run: Run, headers: Mapping[str, str]) -> Response:

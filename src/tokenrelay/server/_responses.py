@@ -197,20 +197,25 @@ async def _remote_stream(
     role = reader.position == 0  # from the start: the role chunk opens the answer
     renderer: ChunkRenderer | None = None
     info = remote.info
+    keepalive = service.config.keepalive
+    quiet_since = trio.current_time()
     try:
         while True:
-            batch: list[Event] | None = None
             try:
-                with trio.move_on_after(service.config.keepalive):
-                    batch = await reader.receive_batch()
+                # Not cancelled mid-read (coredis would drop the connection): it returns
+                # empty after at most the wait.
+                batch = await reader.poll(keepalive - (trio.current_time() - quiet_since))
             except trio.EndOfChannel:
                 break
             except ReplayGap as gap:
                 yield opening + _gap_event(gap) + DONE
                 return
-            if batch is None:
-                yield b": keep-alive\n\n"
+            if not batch:
+                if trio.current_time() - quiet_since >= keepalive:
+                    quiet_since = trio.current_time()
+                    yield b": keep-alive\n\n"
                 continue
+            quiet_since = trio.current_time()
             if renderer is None:
                 # Named as its owner named it with its first events (which may not have been
                 # in Redis yet when the run was looked up).

@@ -36,7 +36,14 @@ from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._asgi import at_request_end
 from ._chat_api import check_session_id, parse_json
-from ._errors import fail, invalid, run_error, run_error_response, too_large
+from ._errors import (
+    fail,
+    invalid,
+    run_error,
+    run_error_response,
+    store_unavailable,
+    too_large,
+)
 from ._responses import INTERRUPTED
 from ._responses_input import (
     ResponsesRequest,
@@ -359,7 +366,7 @@ def _start_failed(exc: BaseException, session_id: str) -> None:
     if isinstance(exc, RelayClosed):
         fail(503, "the relay is shutting down", "server_error", "shutting_down")
     if isinstance(exc, StoreUnavailable):
-        fail(503, str(exc), "server_error", "store_unavailable", Retry_After="2")
+        store_unavailable()
 
 
 async def _whole(

@@ -16,7 +16,7 @@ from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._asgi import at_request_end
 from ._chat_api import check_session_id, session_key
-from ._errors import fail, invalid
+from ._errors import fail, invalid, store_unavailable
 from ._responses import (
     gap_response,
     remote_response,
@@ -214,8 +214,8 @@ async def _unavailable_is_503(pending: Awaitable[T]) -> T:
     """``pending``'s result; Redis unreachable is a 503 (retry shortly)."""
     try:
         return await pending
-    except StoreUnavailable as exc:
-        fail(503, str(exc), "server_error", "store_unavailable", Retry_After="2")
+    except StoreUnavailable:
+        store_unavailable()
 
 
 def _remote_status(session_id: str, remote: RemoteRun) -> dict[str, Any]:

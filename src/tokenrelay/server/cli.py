@@ -183,20 +183,18 @@ async def serve(
         task_status.started(binds[0])
 
 
-#: Set for a worker process: the file descriptor of the socket its supervisor listens on.
-LISTEN_FD = "TOKENRELAY_LISTEN_FD"
-
-
 async def supervise(
     config: ServerConfig,
     argv: Sequence[str],
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
+) -> int:
     """``--workers N``: listen on the port, and run N ``tokenrelay serve`` processes that all
     accept on it (the kernel spreads connections between them), each a full relay on the
-    shared Redis. SIGINT and SIGTERM are passed on to them, and this returns once they have
-    all shut down; a worker that dies meanwhile is replaced."""
+    shared Redis. SIGINT and SIGTERM are passed on to them; once they have all shut down
+    (killed if they take longer than ``SHUTDOWN_GRACE``), this returns 0. A worker that dies
+    meanwhile is replaced, unless workers keep dying at once (``FAST_FAILURES`` in a row):
+    then all are stopped and this returns 1. Workers die with their supervisor (Linux)."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     try:
         listener = socket.create_server((config.host, config.port), family=family, backlog=2048)
@@ -208,38 +206,94 @@ async def supervise(
     url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
     command = [sys.executable, "-m", "tokenrelay", "serve", *argv, "--workers", "1"]
     env = {**os.environ, LISTEN_FD: str(listener.fileno())}
-    stopping = False
+    processes: set[trio.Process] = set()
+    stopping = trio.Event()
+    failures = 0
+    exit_code = 0
 
     async def worker(number: int) -> None:
-        while True:
+        nonlocal failures, exit_code
+        while not stopping.is_set():
             process = await trio.lowlevel.open_process(
-                command, env=env, pass_fds=(listener.fileno(),)
+                command, env=env, pass_fds=(listener.fileno(),), preexec_fn=_die_with_parent
             )
-            processes[number] = process
+            processes.add(process)
             started = trio.current_time()
             code = await process.wait()
-            if stopping:
+            processes.discard(process)
+            if stopping.is_set():
                 return
-            if trio.current_time() - started < 1.0:
-                await trio.sleep(1.0)  # one that cannot start is not restarted in a tight loop
-            logger.error("worker_exited worker=%d pid=%d code=%s: starting another", number,
-                         process.pid, code)  # fmt: skip
+            fast = trio.current_time() - started < FAST_EXIT
+            failures = failures + 1 if fast else 0
+            if failures >= FAST_FAILURES:
+                logger.error("workers_failing: %d exited at once in a row; stopping", failures)
+                exit_code = 1
+                stopping.set()
+                return
+            logger.error(
+                "worker_exited worker=%d pid=%d code=%s: starting another",
+                number,
+                process.pid,
+                code,
+            )
+            if fast:
+                await trio.sleep(FAST_EXIT)  # one that cannot start is not restarted in a loop
 
-    processes: dict[int, trio.Process] = {}
+    async def shut_down() -> None:
+        await stopping.wait()
+        for process in list(processes):
+            process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            for process in list(processes):
+                await process.wait()
+        for process in list(processes):
+            process.kill()
+
+    async def on_signal() -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            logger.info("shutting_down signal=%s workers=%d", name, config.workers)
+            stopping.set()
+            return
+
     with listener, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            for number in range(config.workers):
-                nursery.start_soon(worker, number)
-            logger.info("tokenrelay listening on %s with %d workers", url, config.workers)
-            task_status.started(url)
-            async for signum in signals:
-                logger.info("shutting_down signal=%s workers=%d", signal.Signals(signum).name,
-                            config.workers)  # fmt: skip
-                stopping = True
-                for process in processes.values():
-                    if process.returncode is None:
-                        process.send_signal(signal.SIGTERM)
-                break
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(on_signal)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(shut_down)
+                    for number in range(config.workers):
+                        nursery.start_soon(worker, number)
+                    logger.info("tokenrelay listening on %s with %d workers", url, config.workers)
+                    task_status.started(url)
+                # Every worker has exited (after a signal, or failing).
+                outer.cancel_scope.cancel()
+        finally:
+            for process in processes:
+                process.kill()
+    return exit_code
+
+
+#: Set for a worker process: the file descriptor of the socket its supervisor listens on.
+LISTEN_FD = "TOKENRELAY_LISTEN_FD"
+
+#: A worker that exits sooner than this after it started "failed at once".
+FAST_EXIT = 1.0
+
+#: Workers failing at once this many times in a row stop the supervisor.
+FAST_FAILURES = 5
+
+#: How long the workers get to drain after SIGTERM before they are killed.
+SHUTDOWN_GRACE = 15.0
+
+
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child, before exec)
+    """In a worker, before it runs: have the kernel send it SIGTERM if its supervisor dies."""
+    if sys.platform == "linux":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 async def _check_redis(url: str) -> None:
@@ -271,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         if config.workers > 1:
-            trio.run(supervise, config, list(sys.argv[2:] if argv is None else argv[1:]))
+            return trio.run(supervise, config, list(sys.argv[2:] if argv is None else argv[1:]))
         else:
             trio.run(serve, config)
     except CannotListen as exc:

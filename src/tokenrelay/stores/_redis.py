@@ -32,15 +32,17 @@ import json
 import logging
 import secrets
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import coredis
 import coredis.exceptions
 import trio
+from coredis import PureToken
 
 from .._events import Event
 from .._exceptions import ReplayGap, SessionBusy, StoreUnavailable
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
 __all__ = ["RedisRunLog", "RedisStore", "RemoteRun", "open_redis_store"]
 
 logger = logging.getLogger("tokenrelay")
+
+T = TypeVar("T")
 
 #: What coredis raises when Redis cannot be reached or answers an error.
 REDIS_ERRORS: tuple[type[Exception], ...] = (coredis.exceptions.RedisError, OSError)
@@ -75,33 +79,45 @@ if previous then
   end
 end
 local token = redis.call('INCR', KEYS[2])
+local keep = tonumber(ARGV[3]) + tonumber(ARGV[4])
+redis.call('PEXPIRE', KEYS[2], keep)
 local value = token .. ':' .. ARGV[1] .. ':' .. ARGV[2]
 redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-redis.call('SET', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', keep)
 return {1, value}
 """
 
 # KEYS: lease, stream, info. ARGV: lease value, maxlen ('' for none), info JSON ('' if
-# unchanged), then seq, data, seq, data... Returns 0 if the lease is not ours (nothing
-# written). An id already written (a batch sent again) is skipped.
+# unchanged), keep ms, then seq, data, seq, data... Returns 0 if the lease is not ours
+# (nothing written). An id already written (a batch sent again) is skipped; any other
+# failure is an error.
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3]) end
-for i = 4, #ARGV, 2 do
+if ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4]) end
+for i = 5, #ARGV, 2 do
   local id = '0-' .. (tonumber(ARGV[i]) + 1)
+  local added
   if ARGV[2] ~= '' then
-    redis.pcall('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 'd', ARGV[i + 1])
+    added = redis.pcall('XADD', KEYS[2], 'MAXLEN', ARGV[2], id, 'd', ARGV[i + 1])
   else
-    redis.pcall('XADD', KEYS[2], id, 'd', ARGV[i + 1])
+    added = redis.pcall('XADD', KEYS[2], id, 'd', ARGV[i + 1])
+  end
+  if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
+    return redis.error_reply(added.err)
   end
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
-# KEYS: lease. ARGV: lease value, lease ms.
+# KEYS: lease, current, stream, info. ARGV: lease value, lease ms, keep ms. The lease for
+# another lease; what the run's readers need, for another lease and the keep time after it.
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local keep = tonumber(ARGV[2]) + tonumber(ARGV[3])
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], keep) end
+return 1
 """
 
 # KEYS: lease, stream, info, current. ARGV: lease value, end seq, end JSON, keep ms, info JSON.
@@ -131,6 +147,14 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {id, ARGV[2]}
 """
 
+_SCRIPTS = {
+    "claim": _CLAIM,
+    "append": _APPEND,
+    "renew": _RENEW,
+    "finish": _FINISH,
+    "ending": _ENDING,
+}
+
 #: How a run whose process died is recorded as having ended.
 ORPHANED: dict[str, Any] = {
     "status": "error",
@@ -146,13 +170,17 @@ ORPHANED: dict[str, Any] = {
 
 
 def redact(url: str) -> str:
-    """``url`` without its password (for logs and errors)."""
+    """``url`` without its credentials (user password, or a ``password=`` query), for logs
+    and errors."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        "password=***" if pair.lower().startswith("password=") else pair
+        for pair in parts.query.split("&")
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _describe_error(run: Run) -> dict[str, Any] | None:
@@ -185,6 +213,11 @@ class RedisStore:
     """A :class:`~tokenrelay.SharedStore` on Redis: run logs as streams, one producer per
     session across every process, stop and supersede from anywhere. Open one with
     :func:`open_redis_store`.
+
+    Every round trip is bounded (by a lease; renewals by a quarter of one): a Redis that
+    stops answering is a Redis that failed. A run stops itself (``ERROR``,
+    ``store_unavailable``) once its lease may have lapsed (80% of a lease after the last
+    renewal that worked was sent), before any other process may take its session.
 
     Attributes:
         url: where Redis is (as given; :func:`redact` it before showing it).
@@ -220,13 +253,16 @@ class RedisStore:
         self.errors = 0
         self.healthy = True
         self._client: coredis.Redis[str] | None = None
+        #: A client of its own for what blocks (readers' XREAD BLOCK, the control channel),
+        #: so that followers never queue the producers' appends and renewals.
+        self._blocking: coredis.Redis[str] | None = None
         self._claims: dict[str, _RedisClaim] = {}  # by run id: the runs held here
         self._pending: list[tuple[str, int, str]] = []  # (run id, seq, data)
         self._something = trio.Event()
-        self._flushed = 0  # batches sent (for flush(): wait until the current one is)
         self._flush_lock = trio.Lock()
         self._scripts: dict[str, Any] = {}
         self._logs: weakref.WeakValueDictionary[str, RedisRunLog] = weakref.WeakValueDictionary()
+        self._secret = ""
 
     def __repr__(self) -> str:
         return f"RedisStore({redact(self.url)!r})"
@@ -245,16 +281,37 @@ class RedisStore:
             raise StoreUnavailable("the Redis store is not open: use open_redis_store()")
         return self._client
 
-    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """Run one of the Lua scripts (one round trip), counting it."""
+    async def _io(self, request: Callable[[], Awaitable[T]], bound: float | None = None) -> T:
+        """One round trip (``await request()``), counted, and bounded by ``bound`` seconds (by
+        default a lease: what it bounds is mostly this process's own backlog when it is
+        loaded, so it is generous). Scripts Redis lost (a restart) are loaded again.
+
+        Raises:
+            StoreUnavailable: Redis failed, or did not answer in time.
+        """
+        bound = self.lease if bound is None else bound
         self.round_trips += 1
-        try:
-            result = await self._scripts[script](keys=keys, args=args)
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
-            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        result: T
+        with trio.move_on_after(bound) as slow:
+            try:
+                try:
+                    result = await request()
+                except coredis.exceptions.NoScriptError:
+                    await self._load_scripts()
+                    self.round_trips += 2
+                    result = await request()
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
+                raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        if slow.cancelled_caught:
+            self._failed(TimeoutError(f"no answer in {bound:g} s"))
+            raise StoreUnavailable(f"Redis at {redact(self.url)} did not answer in time")
         self.healthy = True
         return result
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of the Lua scripts (one bounded round trip)."""
+        return await self._io(lambda: self.client.evalsha(self._scripts[name], keys, args))
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
@@ -294,49 +351,56 @@ class RedisStore:
             by_run: dict[str, list[Any]] = {}
             for run_id, seq, data in batch:
                 by_run.setdefault(run_id, []).extend((seq, data))
-            sent: list[tuple[_RedisClaim, Any]] = []
-            self.round_trips += 1
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for run_id, pairs in by_run.items():
-                        claim = self._claims.get(run_id)
-                        if claim is None:
-                            continue  # not (or no longer) held: nothing of it may be written
-                        info = claim.info_update()
-                        request = self._scripts["append"](
-                            keys=[claim.lease_key, claim.stream, self._key("info", run_id)],
-                            args=[claim.value, claim.maxlen, info, *pairs],
-                            client=pipe,
-                        )
-                        sent.append((claim, request))
-                results = [await request for _, request in sent]
-            except REDIS_ERRORS as exc:
-                self._failed(exc)
-                # What was not sent cannot be sent in order any more: the runs end now, with
-                # their local readers unharmed (and other processes' readers told why).
-                lost = StoreUnavailable(f"lost Redis at {redact(self.url)}: {exc}")
-                for claim, _ in sent:
-                    claim.run.fail(lost)
+            held = [(self._claims.get(run_id), pairs) for run_id, pairs in by_run.items()]
+            # Not (or no longer) held: nothing of it may be written.
+            sent = [(claim, pairs) for claim, pairs in held if claim is not None]
+            if not sent:
+                await trio.lowlevel.checkpoint()
                 return
-            self.healthy = True
+            try:
+                results = await self._io(lambda: self._append(sent))
+            except StoreUnavailable as exc:
+                # What was not sent cannot be sent in order any more: the runs end now, with
+                # their local readers unharmed, and their endings say so.
+                for claim, _ in sent:
+                    claim.broken = exc
+                    claim.run.fail(exc)
+                return
             for (claim, _), written in zip(sent, results, strict=True):
                 if not written:
                     claim.lost()
+
+    async def _append(self, sent: list[tuple[_RedisClaim, list[Any]]]) -> list[Any]:
+        keep = _ms(self.lease + self.keep)
+        sha = self._scripts["append"]
+        async with self.client.pipeline(transaction=False) as pipe:
+            requests = [
+                pipe.evalsha(
+                    sha,
+                    [claim.lease_key, claim.stream, claim.info_key],
+                    [claim.value, claim.maxlen, claim.info_update(), keep, *pairs],
+                )
+                for claim, pairs in sent
+            ]
+        return [await request for request in requests]
 
     # -- sessions -----------------------------------------------------------------------------
 
     async def claim(self, run: Run, on_busy: str) -> _RedisClaim:
         """Hold ``run``'s session cluster-wide (see :class:`~tokenrelay.SharedStore`)."""
         session = run.session_id
-        lease_key = self._key("lease", session)
         while True:
-            # Shielded: once Redis has given it the lease, the run must know it has, so that
-            # its ending frees the session (a cancel meanwhile stops it right after).
-            found = None
-            with trio.CancelScope(shield=True), trio.move_on_after(self.lease):
-                found = await self._call(
+            sent_at = trio.current_time()
+            # Shielded (and bounded): once Redis has given it the lease, the run must know it
+            # has, so that its ending frees the session (a cancel meanwhile stops it after).
+            with trio.CancelScope(shield=True):
+                taken, value = await self._script(
                     "claim",
-                    [lease_key, self._key("fence", session), self._key("current", session)],
+                    [
+                        self._key("lease", session),
+                        self._key("fence", session),
+                        self._key("current", session),
+                    ],
                     [
                         run.id,
                         self.worker,
@@ -346,78 +410,64 @@ class RedisStore:
                         json.dumps(ORPHANED),
                     ],
                 )
-            if found is None:
-                self._failed(TimeoutError(f"no answer in {self.lease} s"))
-                raise StoreUnavailable(f"Redis at {redact(self.url)} did not answer in time")
-            taken, value = found
             if taken:
                 log = self._logs.get(run.id)
                 maxlen = log.max_events if log is not None else None
-                claim = _RedisClaim(self, run, value, maxlen)
+                claim = _RedisClaim(self, run, value, maxlen, sent_at)
                 self._claims[run.id] = claim
                 return claim
             _token, holder, worker = value.split(":", 2)
             if on_busy == "reject":
                 raise SessionBusy(session, holder)
-            if on_busy == "supersede":
-                await self._cancel(holder, worker, "superseded")
-            await self.wait_ended(session, holder)
+            order = (worker, "superseded") if on_busy == "supersede" else None
+            await self.wait_ended(session, holder, cancel=order)
 
     async def stop(self, session_id: str, reason: str) -> bool:
         """Cancel the session's run wherever it runs, and wait until it has ended."""
-        try:
-            value = await self.client.get(self._key("lease", session_id))
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
-            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        value = await self._io(lambda: self.client.get(self._key("lease", session_id)))
         if value is None:
             return False
         _token, holder, worker = value.split(":", 2)
-        await self._cancel(holder, worker, reason)
-        await self.wait_ended(session_id, holder)
+        await self.wait_ended(session_id, holder, cancel=(worker, reason))
         return True
 
     async def _cancel(self, run_id: str, worker: str, reason: str) -> None:
+        """Have the run's owner cancel it (this process, or another through its channel)."""
         claim = self._claims.get(run_id)
         if claim is not None:
             claim.run.cancel(reason)
             await trio.lowlevel.checkpoint()
             return
-        self.round_trips += 1
-        try:
-            await self.client.publish(
-                self._key("control", worker), json.dumps({"cancel": run_id, "reason": reason})
-            )
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
-            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        order = json.dumps({"cancel": run_id, "reason": reason})
+        if not await self._io(lambda: self.client.publish(self._key("control", worker), order)):
+            logger.warning("redis_cancel_unheard run=%s worker=%s", run_id, worker)
 
-    async def wait_ended(self, session_id: str, run_id: str) -> dict[str, Any]:
-        """Wait until the run has its ending (ending it as orphaned if its lease expires
-        first), and return the ending."""
+    async def wait_ended(
+        self, session_id: str, run_id: str, *, cancel: tuple[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Wait until the run has its ending (ending it as orphaned if its lease lapses
+        first), and return the ending. ``cancel`` (its owner, a reason): have it cancelled
+        first, and again every half lease while it goes on (an order sent while the owner
+        was reconnecting to Redis is not lost)."""
         reader = RedisReader(self, run_id, session_id, -1, skip=True)
-        while True:
-            try:
-                await reader.receive_batch()
-            except trio.EndOfChannel:
-                assert reader.ending is not None
-                return reader.ending
+        try:
+            while True:
+                if cancel is not None:
+                    await self._cancel(run_id, *cancel)
+                try:
+                    await reader.poll(self.lease / 2)
+                except trio.EndOfChannel:
+                    assert reader.ending is not None
+                    return reader.ending
+        finally:
+            reader.close()
 
     async def current(self, session_id: str) -> RemoteRun | None:
         """The session's latest run, as Redis has it (``None`` if it has none)."""
-        client = self.client
-        self.round_trips += 1
-        try:
-            run_id = await client.get(self._key("current", session_id))
-            if run_id is None:
-                return None
-            async with client.pipeline(transaction=False) as pipe:
-                info = pipe.get(self._key("info", run_id))
-                last = pipe.xrevrange(self._key("run", run_id), count=1)
-            info_json, entries = await info, await last
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
-            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        run_id = await self._io(lambda: self.client.get(self._key("current", session_id)))
+        if run_id is None:
+            return None
+        info_json, entries = await self._io(lambda: self._look(run_id))
         ending = None
         count = 0
         if entries:
@@ -430,43 +480,34 @@ class RedisStore:
             run_id, session_id, json.loads(info_json) if info_json else {}, ending, count
         )
 
+    async def _look(self, run_id: str) -> tuple[str | None, tuple[Any, ...]]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            info = pipe.get(self._key("info", run_id))
+            last = pipe.xrevrange(self._key("run", run_id), count=1)
+        return await info, await last
+
     async def secret(self) -> bytes:
         """A secret shared by every process on this Redis (made by the first to ask): what the
-        server derives API keys' namespaces from, so they are the same on every worker."""
+        server derives API keys' namespaces from, so they are the same on every worker. Each
+        process puts its back if Redis loses it (see the README: Redis must not evict)."""
         key = self._key("secret", "namespaces")
-        self.round_trips += 1
-        try:
-            await self.client.set(key, secrets.token_hex(32), condition=coredis.PureToken.NX)
-            value = await self.client.get(key)
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
-            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
-        return bytes.fromhex(_text(value))
+        await self._io(lambda: self.client.set(key, secrets.token_hex(32), condition=PureToken.NX))
+        self._secret = _text(await self._io(lambda: self.client.get(key)))
+        return bytes.fromhex(self._secret)
 
     async def forget(self, session_id: str) -> bool:
         """Delete what Redis holds of the session's latest run (stop it first). Returns
         whether it held anything."""
-        client = self.client
-        self.round_trips += 1
-        try:
-            run_id = await client.get(self._key("current", session_id))
-            if run_id is None:
-                return False
-            keys = [self._key(kind, run_id) for kind in ("run", "info")]
-            deleted = await client.delete([self._key("current", session_id), *keys])
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
-            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        run_id = await self._io(lambda: self.client.get(self._key("current", session_id)))
+        if run_id is None:
+            return False
+        keys = [self._key("current", session_id), self._key("run", run_id)]
+        deleted = await self._io(lambda: self.client.delete([*keys, self._key("info", run_id)]))
         return deleted > 0
 
     async def info(self, run_id: str) -> dict[str, Any]:
         """The run's ``info`` as its owner last sent it (``{}`` before it did)."""
-        self.round_trips += 1
-        try:
-            found = await self.client.get(self._key("info", run_id))
-        except REDIS_ERRORS as exc:
-            self._failed(exc)
-            raise StoreUnavailable(f"Redis at {redact(self.url)} failed: {exc}") from None
+        found = await self._io(lambda: self.client.get(self._key("info", run_id)))
         info: dict[str, Any] = json.loads(found) if found else {}
         return info
 
@@ -477,7 +518,7 @@ class RedisStore:
     async def _ending(self, session_id: str, run_id: str) -> tuple[str, dict[str, Any]] | None:
         """The run's ending (its stream entry id, and how it ended), ending it as orphaned if
         its lease is gone and it has none; ``None`` while it runs."""
-        found = await self._call(
+        found = await self._script(
             "ending",
             [self._key("lease", session_id), self._key("run", run_id)],
             [f":{run_id}:", json.dumps(ORPHANED), _ms(self.keep)],
@@ -505,53 +546,88 @@ class RedisStore:
             await self.flush()
 
     async def _renewer(self) -> None:
-        """Renew the leases of the runs held here, all in one round trip, three times a lease.
-        A lease found lost cancels its run; Redis failing for a whole lease does too (the
-        leases are gone by then)."""
-        last_renewed = trio.current_time()
+        """Four times a lease: renew the leases of the runs held here, all in one round trip
+        (or, with none, check that Redis answers, for ``healthy``, and that the namespace
+        secret is still there). A lease found taken cancels its run; one that may have lapsed
+        (renewals failing) fails it."""
         while True:
-            await trio.sleep(self.lease / 3)
+            await trio.sleep(self.lease / 4)
             claims = list(self._claims.values())
-            if not claims:
-                last_renewed = trio.current_time()
-                continue
-            self.round_trips += 1
+            sent_at = trio.current_time()
+            results: list[Any] = []
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    requests = [
-                        self._scripts["renew"](
-                            keys=[claim.lease_key], args=[claim.value, _ms(self.lease)], client=pipe
-                        )
-                        for claim in claims
-                    ]
-                results = [await request for request in requests]
-            except REDIS_ERRORS as exc:
-                self._failed(exc)
-                if trio.current_time() - last_renewed >= self.lease:
-                    lost = StoreUnavailable(f"lost Redis at {redact(self.url)}: {exc}")
-                    for claim in claims:
-                        claim.run.fail(lost)
-                continue
-            self.healthy = True
-            last_renewed = trio.current_time()
+                # Bounded by a quarter lease: a renewal that fails is tried again next time,
+                # and the run stops itself if none works in time.
+                if claims:
+                    results = await self._io(partial(self._renew, claims), self.lease / 4)
+                else:
+                    await self._io(self._keep_secret, self.lease / 4)
+            except StoreUnavailable as exc:
+                results = [None] * len(claims)
+                failure: StoreUnavailable | None = exc
+            else:
+                failure = None
             for claim, renewed in zip(claims, results, strict=True):
-                if not renewed:
+                if claim.run.finished_at is not None or claim.released:
+                    continue  # ended meanwhile: its release settles it
+                if renewed:
+                    claim.deadline = sent_at + LEASE_SAFE * self.lease
+                elif renewed is not None:
                     claim.lost()
+                elif trio.current_time() >= claim.deadline:
+                    # Others may take the session from now on: stop producing first.
+                    why = failure or StoreUnavailable("its lease could not be renewed")
+                    claim.broken = why
+                    claim.run.fail(why)
+
+    async def _renew(self, claims: list[_RedisClaim]) -> list[Any]:
+        lease, keep = _ms(self.lease), _ms(self.keep)
+        sha = self._scripts["renew"]
+        async with self.client.pipeline(transaction=False) as pipe:
+            requests = [
+                pipe.evalsha(
+                    sha,
+                    [claim.lease_key, claim.current_key, claim.stream, claim.info_key],
+                    [claim.value, lease, keep],
+                )
+                for claim in claims
+            ]
+        return [await request for request in requests]
+
+    async def _keep_secret(self) -> None:
+        if self._secret:
+            key = self._key("secret", "namespaces")
+            await self.client.set(key, self._secret, condition=PureToken.NX)
+        else:
+            await self.client.ping()
 
     async def _listen(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Cancel the runs that other processes ask this one to cancel."""
+        """Cancel the runs that other processes ask this one to cancel. The subscription is
+        made again whenever the connection to Redis is lost (coredis ends it then)."""
         channel = self._key("control", self.worker)
-        async with self.client.pubsub(channels=[channel], ignore_subscribe_messages=True) as sub:
-            task_status.started()
-            async for message in sub:
-                try:
-                    order = json.loads(_text(message["data"]))
-                    claim = self._claims.get(order["cancel"])
-                except (ValueError, TypeError, KeyError):
-                    logger.warning("redis_control_ignored message=%r", message)
-                    continue
-                if claim is not None:
-                    claim.run.cancel(str(order.get("reason", "stopped")))
+        assert self._blocking is not None
+        while True:
+            try:
+                async with self._blocking.pubsub(
+                    channels=[channel], ignore_subscribe_messages=True
+                ) as sub:
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    async for message in sub:
+                        self._obey(message)
+            except REDIS_ERRORS as exc:
+                self._failed(exc)
+            await trio.sleep(self.lease / 8)  # then subscribe again
+
+    def _obey(self, message: Any) -> None:
+        try:
+            order = json.loads(_text(message["data"]))
+            claim = self._claims.get(order["cancel"])
+        except (ValueError, TypeError, KeyError, StoreUnavailable):
+            logger.warning("redis_control_ignored message=%r", message)
+            return
+        if claim is not None:
+            claim.run.cancel(str(order.get("reason", "stopped")))
 
     async def check(self) -> None:
         """Reach Redis and load the scripts.
@@ -566,29 +642,56 @@ class RedisStore:
             raise StoreUnavailable(f"Redis at {redact(self.url)} did not answer in 5 s") from None
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"cannot reach Redis at {redact(self.url)}: {exc}") from None
-        client = self.client
-        self._scripts = {
-            "claim": client.register_script(_CLAIM),
-            "append": client.register_script(_APPEND),
-            "renew": client.register_script(_RENEW),
-            "finish": client.register_script(_FINISH),
-            "ending": client.register_script(_ENDING),
-        }
+        await self._load_scripts()
+
+    async def _load_scripts(self) -> None:
+        """``SCRIPT LOAD`` the Lua scripts (again, after a Redis restart lost them): then
+        each call is one ``EVALSHA``, and a pipeline of them one round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            loading = {name: pipe.script_load(source) for name, source in _SCRIPTS.items()}
+        self._scripts = {name: _text(await sha) for name, sha in loading.items()}
+
+
+#: A run stops producing this far into its lease (from when its last renewal that worked was
+#: sent) if it could not renew it since: before Redis lets the lease lapse.
+LEASE_SAFE = 0.8
 
 
 class _RedisClaim:
     """A run's lease on its session, held by this process."""
 
-    __slots__ = ("_info", "lease_key", "maxlen", "run", "store", "stream", "value")
+    __slots__ = (
+        "_info",
+        "broken",
+        "current_key",
+        "deadline",
+        "info_key",
+        "lease_key",
+        "maxlen",
+        "released",
+        "run",
+        "store",
+        "stream",
+        "value",
+    )
 
-    def __init__(self, store: RedisStore, run: Run, value: str, max_events: int | None) -> None:
+    def __init__(
+        self, store: RedisStore, run: Run, value: str, max_events: int | None, sent_at: float
+    ) -> None:
         self.store = store
         self.run = run
         self.value = value
         self.lease_key = store._key("lease", run.session_id)
+        self.current_key = store._key("current", run.session_id)
         self.stream = store._key("run", run.id)
+        self.info_key = store._key("info", run.id)
         # The stream holds what the local log holds (MAXLEN = the relay's max_events).
         self.maxlen = "" if max_events is None else str(max_events)
+        #: Until when (trio clock) the lease is surely still ours.
+        self.deadline = sent_at + LEASE_SAFE * store.lease
+        #: Why the stream lacks events the run produced (its ending then says so).
+        self.broken: StoreUnavailable | None = None
+        self.released = False
         self._info = ""  # the info last sent
 
     def info_update(self) -> str:
@@ -600,34 +703,37 @@ class _RedisClaim:
         return info
 
     def lost(self) -> None:
-        """The lease is no longer ours (it expired, and maybe another run has it)."""
+        """The lease is no longer ours (it lapsed, and maybe another run has it)."""
+        if self.store._claims.pop(self.run.id, None) is None:
+            return
         logger.warning("redis_lease_lost run=%s session=%s", self.run.id, self.run.session_id)
-        self.store._claims.pop(self.run.id, None)
         self.run.cancel("lease_lost")
 
     async def release(self, run: Run) -> None:
         """Write the run's ending (if the lease is still ours) and free the session."""
         store = self.store
-        if store._claims.pop(run.id, None) is None:
+        self.released = True
+        if store._claims.get(run.id) is not self:
             await trio.lowlevel.checkpoint()
             return  # lost: the ending is not ours to write
-        await store.flush()  # its events first (the log's aclose() did: this is cheap)
-        ending = {
-            "status": run.status.value,
-            "reason": run.reason,
-            "error": store.describe_error(run),
-        }
-        info = json.dumps(run.info, default=str, sort_keys=True)
-        await store._call(
-            "finish",
-            [
-                self.lease_key,
-                self.stream,
-                store._key("info", run.id),
-                store._key("current", run.session_id),
-            ],
-            [self.value, run.event_count, json.dumps(ending), _ms(store.keep), info],
-        )
+        try:
+            await store.flush()  # its events first (the log's aclose() did: this is cheap)
+            ending: dict[str, Any] = {
+                "status": run.status.value,
+                "reason": run.reason,
+                "error": store.describe_error(run),
+            }
+            if self.broken is not None and run.status.value != "error":
+                # Its stream lacks events: it must not read as a whole answer anywhere.
+                ending = _unavailable(store, self.broken)
+            info = json.dumps(run.info, default=str, sort_keys=True)
+            await store._script(
+                "finish",
+                [self.lease_key, self.stream, self.info_key, self.current_key],
+                [self.value, run.event_count, json.dumps(ending), _ms(store.keep), info],
+            )
+        finally:
+            store._claims.pop(run.id, None)
 
 
 class RedisRunLog:
@@ -688,9 +794,10 @@ class RedisRunLog:
 
 class RedisReader:
     """Follows a run's stream in Redis, from any process: replays from ``after``, follows
-    live (``XREAD BLOCK``), ends at the run's ending (``ending``). A wait of ``lease / 2``
-    with nothing new checks that the run's owner is alive (ending the run as orphaned if
-    not), so a reader never hangs on a dead run."""
+    live (``XREAD BLOCK``), ends at the run's ending (``ending``). Each wait of at most
+    ``lease / 2`` that brings nothing checks on the run's owner (ending the run as orphaned
+    if its lease lapsed), so a reader never hangs on a dead run. If Redis fails, the reader
+    ends with an ending that says so."""
 
     def __init__(
         self, store: RedisStore, run_id: str, session_id: str, after: int, *, skip: bool = False
@@ -701,7 +808,10 @@ class RedisReader:
         self._next = after + 1
         self._stream = store._key("run", run_id)
         self._skip = skip  # only the ending matters (wait_ended)
-        self._last_id = "0-0" if skip else f"0-{after + 1}"
+        self._last_id = f"0-{after + 1}"
+        #: Whether to look for the ending before the first wait (a resume point past it
+        #: would never see it pass).
+        self._look_first = after >= 0 or skip
         self.ending: dict[str, Any] | None = None
         self._closed = False
 
@@ -713,46 +823,75 @@ class RedisReader:
         return (await self.receive_batch(1))[0]
 
     async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
-        store = self._store
-        block = _ms(store.lease / 2)
         while True:
-            if self._closed:
-                raise trio.ClosedResourceError
-            if self.ending is not None:
-                raise trio.EndOfChannel
-            store.round_trips += 1
+            events = await self.poll(self._store.lease / 2, max_events)
+            if events:
+                return events
+
+    async def poll(self, wait: float, max_events: int = MAX_BATCH) -> list[Event]:
+        """The next events, or ``[]`` if none came within ``wait`` seconds. Raises
+        :exc:`trio.EndOfChannel` at the ending, :exc:`ReplayGap` for events no longer in
+        the stream."""
+        store = self._store
+        if self._closed:
+            raise trio.ClosedResourceError
+        if self.ending is None and self._look_first:
+            self._look_first = False
+            await self._check_owner()
+        if self.ending is not None:
+            raise trio.EndOfChannel
+        block = _ms(min(wait, store.lease / 2))
+        store.round_trips += 1
+        assert store._blocking is not None
+        with trio.move_on_after(block / 1000 + store.lease) as slow:
             try:
-                found = await store.client.xread(
+                found = await store._blocking.xread(
                     {self._stream: self._last_id}, count=max_events, block=block
                 )
             except REDIS_ERRORS as exc:
                 store._failed(exc)
                 self.ending = _unavailable(store, exc)
                 raise trio.EndOfChannel from None
-            store.healthy = True
-            if not found:
-                # Quiet for half a lease: is its owner alive? (And a resume point past the
-                # run's end never sees the ending come by: it is told here.)
-                ended = await store._ending(self.session_id, self.run_id)
-                if ended is not None and _seq(ended[0]) <= _seq(self._last_id):
-                    self.ending = ended[1]
+        if slow.cancelled_caught:
+            store._failed(TimeoutError("no answer"))
+            self.ending = _unavailable(store, TimeoutError("Redis did not answer in time"))
+            raise trio.EndOfChannel
+        store.healthy = True
+        if not found:
+            await self._check_owner()
+            if self.ending is not None:
+                raise trio.EndOfChannel
+            return []
+        events: list[Event] = []
+        for entry in found[self._stream]:
+            self._last_id = _text(entry.identifier)
+            fields = entry.field_values
+            seq = _seq(self._last_id)
+            if "end" in fields:
+                if not self._skip and seq != self._next:
+                    raise ReplayGap(self.run_id, self._next, seq)  # never a silent gap
+                self.ending = json.loads(_text(fields["end"]))
+                break
+            if self._skip:
                 continue
-            events: list[Event] = []
-            for entry in found[self._stream]:
-                self._last_id = _text(entry.identifier)
-                fields = entry.field_values
-                if "end" in fields:
-                    self.ending = json.loads(_text(fields["end"]))
-                    break
-                seq = _seq(self._last_id)
-                if self._skip:
-                    continue
-                if seq != self._next:
-                    raise ReplayGap(self.run_id, self._next, seq)
-                events.append(Event(seq, _text(fields["d"]), self.run_id))
-                self._next = seq + 1
-            if events:
-                return events
+            if seq != self._next:
+                raise ReplayGap(self.run_id, self._next, seq)
+            events.append(Event(seq, _text(fields["d"]), self.run_id))
+            self._next = seq + 1
+        if not events and self.ending is not None:
+            raise trio.EndOfChannel
+        return events
+
+    async def _check_owner(self) -> None:
+        """Is the run's owner alive? If the run has ended where this reader will not see it
+        pass (at or before its position), take its ending now."""
+        try:
+            ended = await self._store._ending(self.session_id, self.run_id)
+        except StoreUnavailable as exc:
+            self.ending = _unavailable(self._store, exc)
+            return
+        if ended is not None and (self._skip or _seq(ended[0]) <= _seq(self._last_id)):
+            self.ending = ended[1]
 
     def close(self) -> None:
         self._closed = True
@@ -807,12 +946,18 @@ async def open_redis_store(url: str, **options: Any) -> AsyncIterator[RedisStore
     store = RedisStore(url, **options)
     try:
         client: coredis.Redis[str] = coredis.Redis.from_url(url, decode_responses=True)
+        # Readers block on a connection each: a pool of their own, sized for many.
+        blocking: coredis.Redis[str] = coredis.Redis.from_url(
+            url, decode_responses=True, max_connections=BLOCKING_CONNECTIONS
+        )
     except (ValueError, coredis.exceptions.RedisError) as exc:
         raise StoreUnavailable(f"not a Redis URL ({redact(url)}): {exc}") from None
+    opened = False
     try:
-        async with client:
-            store._client = client
+        async with client, blocking:
+            store._client, store._blocking = client, blocking
             await store.check()
+            opened = True
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.serve)
                 try:
@@ -823,12 +968,16 @@ async def open_redis_store(url: str, **options: Any) -> AsyncIterator[RedisStore
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Redis unreachable at the start: coredis's task group wraps what was raised.
-        unavailable = _why_unavailable(group, url)
+        unavailable = None if opened else _why_unavailable(group, url)
         if unavailable is None:
             raise
         raise unavailable from None
     finally:
-        store._client = None
+        store._client = store._blocking = None
+
+
+#: Connections the readers' client may open (one per reader blocked in ``XREAD``).
+BLOCKING_CONNECTIONS = 10_000
 
 
 def _why_unavailable(group: BaseExceptionGroup[BaseException], url: str) -> StoreUnavailable | None:

@@ -416,6 +416,8 @@ function tick() {
     const elapsed = Math.max(now() - follow.firstAt, 1);
     const rate = follow.tokens > 1 ? ((follow.tokens - 1) * 1000) / elapsed : 0;
     setStatus("streaming", `Streaming · ${follow.tokens} tokens · ${rate.toFixed(1)} tokens/s`);
+  } else if (follow.phase === "resuming") {
+    setStatus("waiting", "Resuming the running answer…");
   } else if (follow.phase === "reconnecting") {
     const left = Math.ceil((follow.reconnectAt - now()) / 1000);
     setStatus(
@@ -440,7 +442,7 @@ class Follow {
     this.runId = runId;
     this.lastSeq = -1; // the last event applied; a resume asks for the ones after it
     this.controller = new AbortController();
-    this.phase = "waiting"; // waiting | streaming | reconnecting | ended
+    this.phase = "waiting"; // waiting | resuming | streaming | reconnecting | ended
     this.started = now();
     this.firstAt = null;
     this.tokens = 0;
@@ -451,6 +453,7 @@ class Follow {
     this.attempt = 0;
     this.retryMs = 3000;
     this.reconnectAt = 0;
+    this.stopping = null; // the POST /stop of this page's Stop, until it has answered
   }
 
   get current() {
@@ -610,7 +613,8 @@ class Follow {
 
   /** Follow the run again from the event after the last one applied. */
   async resume() {
-    this.phase = "reconnecting";
+    // A page that opens a running answer resumes it; a broken stream reconnects.
+    this.phase = this.lastSeq === -1 && this.attempt === 0 ? "resuming" : "reconnecting";
     this.reconnectAt = 0;
     tick();
     let response;
@@ -666,7 +670,10 @@ async function send() {
     setHash(state.sessionId);
   }
   const previous = state.active;
-  if (previous !== null && !previous.ended) previous.supersede();
+  if (previous !== null && !previous.ended) {
+    if (previous.frozen) previous.detach();
+    else previous.supersede();
+  }
   const messages = [...conversation(), { role: "user", content: text }];
   addUser(text);
   const view = addAssistant();
@@ -675,6 +682,8 @@ async function send() {
   updateButtons();
   tick();
   const body = { model: ui.model.value || undefined, messages, stream: true };
+  // A Stop still on its way must not land on this new answer's run.
+  await previous?.stopping;
   let response;
   try {
     response = await api("v1/chat/completions", {
@@ -703,15 +712,16 @@ async function stop() {
   follow.view.setState("stopped", "stopped");
   setStatus("stopped", "Stopping…");
   updateButtons();
-  try {
-    await api(`v1/sessions/${encodeURIComponent(follow.sessionId)}/stop`, { method: "POST" });
-  } catch (error) {
-    if (!(error instanceof ApiError && error.status === 404) && follow.current) {
-      setStatus("error", `Error: ${error.message}`);
-      return;
-    }
-  }
-  if (follow.current) setStatus("stopped", `Stopped · ${follow.tokens} tokens kept`);
+  const path = `v1/sessions/${encodeURIComponent(follow.sessionId)}/stop`;
+  follow.stopping = api(path, { method: "POST" }).then(
+    () => null,
+    (error) => (error instanceof ApiError && error.status === 404 ? null : error),
+  );
+  const error = await follow.stopping;
+  follow.stopping = null;
+  if (!follow.current) return;
+  if (error !== null) setStatus("error", `Error: ${error.message}`);
+  else setStatus("stopped", `Stopped · ${follow.tokens} tokens kept`);
 }
 
 /** Show session `id` (null: a new chat) as stored, and follow its running answer if any. */

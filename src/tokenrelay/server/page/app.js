@@ -25,6 +25,7 @@ const ui = {
   thread: $("thread"),
   empty: $("empty"),
   status: $("status"),
+  announce: $("announce"),
   composer: $("composer"),
   prompt: $("prompt"),
   stop: $("stop"),
@@ -401,7 +402,13 @@ function setTitle(text) {
 
 // ---------------------------------------------------------------- the status line
 
+// What a screen reader is told: changes of state only, not every tick of the status line.
+const ANNOUNCED = new Set(["waiting", "done", "stopped", "superseded", "error", "reconnecting"]);
+
 function setStatus(kind, text) {
+  if (kind !== ui.status.dataset.state && ANNOUNCED.has(kind)) {
+    ui.announce.textContent = kind === "waiting" ? "Waiting for the answer" : text;
+  }
   ui.status.dataset.state = kind;
   ui.status.textContent = text;
 }

@@ -357,6 +357,7 @@ MARKDOWN_CASES = [
     '<script>alert(1)</script><img src=x onerror=alert(1)><a href="javascript:x">y</a>',
     "unclosed **bold and `code and ```fence\nstill text\n---\n***\n",
     "\r\n\n  \n\tindented\n__strong__ snake_case_name 2*3*4",
+    "```\n```\n~~~~\n``` not a close\n~~~~\n```js\nlast line\n",
     "",
 ]
 
@@ -387,6 +388,32 @@ def test_the_markdown_renderer_keeps_text_exact_and_builds_no_html(page: Page) -
             "target"
         }
     assert results[0]["tags"].count("strong") == 1
+    # And for any text at all: many random strings of markdown's own characters.
+    mismatches = page.evaluate(
+        """async () => {
+            const src = document.querySelector('script[type=module]').src;
+            const { renderMarkdown } = await import(new URL('markdown.js', src));
+            const alphabet = ['*', '_', '`', '~', '#', '-', '+', '>', '[', ']', '(', ')',
+                '1.', ' ', '  ', '\\n', '\\r', '\\t', 'a', 'b c', 'http://x.y/z', '<b>', '&amp;'];
+            let seed = 42;
+            const next = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
+            const bad = [];
+            for (let i = 0; i < 400; i++) {
+                let text = '';
+                const length = Math.floor(next() * 40);
+                for (let j = 0; j < length; j++) {
+                    text += alphabet[Math.floor(next() * alphabet.length)];
+                }
+                const target = document.createElement('div');
+                renderMarkdown(text, target);
+                if (target.textContent !== text || target.querySelector('b, script, img')) {
+                    bad.push(text);
+                }
+            }
+            return bad;
+        }"""
+    )
+    assert mismatches == []
     assert results[2]["links"] == ["https://example.com/x", "https://example.org/y"]
     assert results[3]["links"] == []
 

@@ -124,7 +124,14 @@ export function renderMarkdown(text, target) {
     if (code !== null) {
       const close = FENCE.exec(line);
       if (close && close[2].startsWith(code.fence) && close[3].trim() === "") {
-        code.node.append(mk(raw));
+        // The code's last newline goes with the hidden fence: no empty last line is shown.
+        const last = code.pre.lastChild;
+        let hidden = raw;
+        if (last !== null && last.data.endsWith("\n")) {
+          last.data = last.data.slice(0, -1);
+          hidden = "\n" + raw;
+        }
+        code.node.append(mk(hidden));
         code = null;
       } else {
         code.pre.append(raw);

@@ -55,6 +55,7 @@ const state = {
 
 const now = () => performance.now();
 const seconds = (ms) => (ms / 1000).toFixed(1);
+const tokens = (n) => `${n} token${n === 1 ? "" : "s"}`;
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -422,7 +423,7 @@ function tick() {
   } else if (follow.phase === "streaming") {
     const elapsed = Math.max(now() - follow.firstAt, 1);
     const rate = follow.tokens > 1 ? ((follow.tokens - 1) * 1000) / elapsed : 0;
-    setStatus("streaming", `Streaming · ${follow.tokens} tokens · ${rate.toFixed(1)} tokens/s`);
+    setStatus("streaming", `Streaming · ${tokens(follow.tokens)} · ${rate.toFixed(1)} tokens/s`);
   } else if (follow.phase === "resuming") {
     setStatus("waiting", "Resuming the running answer…");
   } else if (follow.phase === "reconnecting") {
@@ -461,6 +462,11 @@ class Follow {
     this.retryMs = 3000;
     this.reconnectAt = 0;
     this.stopping = null; // the POST /stop of this page's Stop, until it has answered
+    // Settled once the run has started (its response's headers came) or failed to.
+    this.accepted = new Promise((resolve) => {
+      this.accept = resolve;
+    });
+    if (runId !== null) this.accept();
   }
 
   get current() {
@@ -561,7 +567,7 @@ class Follow {
     this.phase = "ended";
     updateButtons();
     refreshSessions();
-    const kept = `${this.tokens} token${this.tokens === 1 ? "" : "s"}`;
+    const kept = tokens(this.tokens);
     if (this.frozen) {
       this.view.setState("stopped", "stopped");
       setStatus("stopped", `Stopped · ${kept} kept`);
@@ -702,6 +708,8 @@ async function send() {
   } catch (error) {
     if (follow.current && !follow.controller.signal.aborted) follow.fail(error.message);
     return;
+  } finally {
+    follow.accept();
   }
   if (!follow.current) {
     response.body.cancel().catch(() => {});
@@ -719,16 +727,33 @@ async function stop() {
   follow.view.setState("stopped", "stopped");
   setStatus("stopped", "Stopping…");
   updateButtons();
-  const path = `v1/sessions/${encodeURIComponent(follow.sessionId)}/stop`;
-  follow.stopping = api(path, { method: "POST" }).then(
+  follow.stopping = stopRun(follow).then(
     () => null,
-    (error) => (error instanceof ApiError && error.status === 404 ? null : error),
+    (error) => error,
   );
   const error = await follow.stopping;
   follow.stopping = null;
   if (!follow.current) return;
   if (error !== null) setStatus("error", `Error: ${error.message}`);
-  else setStatus("stopped", `Stopped · ${follow.tokens} tokens kept`);
+  else setStatus("stopped", `Stopped · ${tokens(follow.tokens)} kept`);
+}
+
+/** POST /stop for `follow`'s run. A Stop pressed so soon that the run had not started when
+ * the server got it (nothing stopped, or another run) is sent again once it has. */
+async function stopRun(follow) {
+  const path = `v1/sessions/${encodeURIComponent(follow.sessionId)}/stop`;
+  const post = async () => {
+    try {
+      return await (await api(path, { method: "POST" })).json();
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) return { stopped: false };
+      throw error;
+    }
+  };
+  const result = await post();
+  if (result.stopped && follow.runId !== null && result.run_id === follow.runId) return;
+  await follow.accepted;
+  if (!follow.ended && follow.runId !== null && result.run_id !== follow.runId) await post();
 }
 
 /** Show session `id` (null: a new chat) as stored, and follow its running answer if any. */

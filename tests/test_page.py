@@ -161,8 +161,19 @@ def session_of(page: Page) -> str:
     return unquote(found.group(1))
 
 
+def wait_state(page: Page, state: str) -> None:
+    """Wait until the status line is in ``state``. (A locator's wait_for follows the page as
+    it changes; ``expect`` polls at growing intervals, up to a second apart.)"""
+    page.locator(f'[data-testid="status"][data-state="{state}"]').wait_for()
+
+
 def wait_done(page: Page) -> None:
-    expect(status(page)).to_have_attribute("data-state", "done")
+    wait_state(page, "done")
+
+
+def wait_text(page: Page, pattern: re.Pattern[str], index: int = 0) -> None:
+    """Wait until the ``index``-th answer's text matches ``pattern``."""
+    answers(page).nth(index).filter(has_text=pattern).wait_for()
 
 
 def stop_from_elsewhere(server: ServeProcess, session: str, *pages: Page) -> None:
@@ -170,7 +181,7 @@ def stop_from_elsewhere(server: ServeProcess, session: str, *pages: Page) -> Non
     it ends with it, marked stopped."""
     assert api(server, f"/v1/sessions/{session}/stop", "POST").json()["status"] == "stopped"
     for page in pages:
-        expect(status(page)).to_have_attribute("data-state", "stopped")
+        wait_state(page, "stopped")
         expect(message(page, -1)).to_have_attribute("data-status", "stopped")
 
 
@@ -237,16 +248,17 @@ def test_the_page_is_served_with_strict_headers_and_cached_assets(server: ServeP
 
 
 def test_type_and_see_the_answer_stream_in(page: Page, server: ServeProcess) -> None:
-    send(page, "Hello from the page, write 25 words")
+    send(page, "Hello from the page, write 40 words")
     expect(status(page)).to_have_attribute("data-state", re.compile("waiting|streaming"))
-    expect(answers(page).first).to_have_text(WORDS)
-    expect(status(page)).to_contain_text(re.compile(r"Streaming · \d+ tokens? · [\d.]+ tokens/s"))
+    wait_text(page, WORDS)
+    streaming = re.compile(r"^Streaming · \d+ tokens? · [\d.]+ tokens/s$")
+    status(page).filter(has_text=streaming).wait_for()
     wait_done(page)
     expect(status(page)).to_contain_text(re.compile(r"Done · \d+ tokens in [\d.]+ s"))
     session = session_of(page)
     text = answers(page).first.text_content()
     assert text == replayed_text(server.url, session)
-    assert text.startswith('You said: "Hello from the page, write 25 words".')
+    assert text.startswith('You said: "Hello from the page, write 40 words".')
     expect(page.get_by_test_id("session-list")).to_contain_text("Hello from the page")
     expect(page.locator("#model")).to_have_value("demo")
 
@@ -257,17 +269,17 @@ def test_stop_freezes_the_text_and_really_stops_the_run(
 ) -> None:
     send(page, "Stop me halfway, write 300 words")
     if how == "button":
-        expect(answers(page).first).to_have_text(WORDS)
+        wait_text(page, WORDS)
         page.get_by_test_id("stop").click()
     elif how == "escape":
-        expect(answers(page).first).to_have_text(WORDS)
+        wait_text(page, WORDS)
         page.keyboard.press("Escape")
     else:  # before the run may even have started on the server
         page.keyboard.press("Escape")
     frozen = answers(page).first.text_content()
     expect(message(page, 0)).to_have_attribute("data-status", "stopped")
     expect(message(page, 0).locator(".badge")).to_have_text("stopped")
-    expect(status(page)).to_have_attribute("data-state", "stopped")
+    wait_state(page, "stopped")
     # The server's word: POST /stop has returned, so the run has ended.
     expect(status(page)).to_contain_text(re.compile(r"Stopped · \d+ tokens? kept"))
     session = session_of(page)
@@ -302,7 +314,7 @@ def test_a_stop_that_overtakes_its_run_is_sent_again(page: Page, server: ServePr
 
 def test_sending_mid_answer_supersedes_it(page: Page, server: ServeProcess) -> None:
     send(page, "A long first answer, write 300 words")
-    expect(answers(page).first).to_have_text(WORDS)
+    wait_text(page, WORDS)
     send(page, "No, a short one, write 12 words")
     expect(message(page, 0)).to_have_attribute("data-status", "superseded")
     old = answers(page).first.text_content()
@@ -323,14 +335,14 @@ def test_reload_mid_answer_resumes_it_exactly_once(
     page: Page, context: tuple[BrowserContext, Watched], server: ServeProcess
 ) -> None:
     send(page, "Reload me, write 300 words")
-    expect(answers(page).first).to_have_text(WORDS)
+    wait_text(page, WORDS)
     session = session_of(page)
     page.reload()
     assert session_of(page) == session
     expect(page.locator("article.msg.user")).to_have_count(1)
     expect(answers(page)).to_have_count(1)
-    expect(status(page)).to_have_attribute("data-state", "streaming")
-    expect(answers(page).first).to_have_text(MORE_WORDS)  # replayed, then live
+    wait_state(page, "streaming")
+    wait_text(page, MORE_WORDS)  # replayed, then live
     stop_from_elsewhere(server, session, page)
     text = answers(page).first.text_content()
     assert text == replayed_text(server.url, session)
@@ -348,11 +360,11 @@ def test_a_second_tab_shows_the_same_text(
     first = watched.attach(browser_context.new_page())
     first.goto(server.url + "/")
     send(first, "Two tabs, write 300 words")
-    expect(answers(first).first).to_have_text(WORDS)
+    wait_text(first, WORDS)
     second = watched.attach(browser_context.new_page())
     second.goto(first.url)
-    expect(status(second)).to_have_attribute("data-state", "streaming")
-    expect(answers(second).first).to_have_text(MORE_WORDS)
+    wait_state(second, "streaming")
+    wait_text(second, MORE_WORDS)
     stop_from_elsewhere(server, session_of(first), first, second)
     text = answers(first).first.text_content()
     assert answers(second).first.text_content() == text
@@ -548,7 +560,7 @@ def test_history_survives_a_server_restart(browser: Browser, tmp_path: Path) -> 
         expect(page.locator("article.msg.user")).to_have_text(["Remember me, write 10 words"])
         expect(answers(page)).to_have_text([text])
         expect(page.get_by_test_id("session-list")).to_contain_text("Remember me")
-        expect(status(page)).to_have_attribute("data-state", "idle")
+        wait_state(page, "idle")
         context.close()
         assert watched.problems == []
 
@@ -595,7 +607,7 @@ def test_errors_show_the_servers_message(browser: Browser) -> None:
         send(page, "Time me out")
         expect(status(page)).to_have_text(re.compile(r"Waiting for the first token… \d+\.\d s"))
         # The demo's second word comes too late: the error comes in the stream.
-        expect(status(page)).to_have_attribute("data-state", "error")
+        wait_state(page, "error")
         expect(status(page)).to_have_text(
             "Error: no next token after 0.02 s (token_timeout); 1 token(s) had arrived"
         )
@@ -684,12 +696,12 @@ def test_a_dropped_connection_reconnects_by_itself(browser: Browser, server: Ser
         page = watched.attach(context.new_page())
         page.goto(origin + "/")
         send(page, "Drop me, write 300 words")
-        expect(answers(page).first).to_have_text(WORDS)
+        wait_text(page, WORDS)
         proxy.cut()
-        expect(status(page)).to_have_attribute("data-state", "reconnecting")
+        wait_state(page, "reconnecting")
         expect(status(page)).to_contain_text(re.compile(r"reconnecting in \d+ s"))
-        expect(status(page)).to_have_attribute("data-state", "streaming")
-        expect(answers(page).first).to_have_text(MORE_WORDS)
+        wait_state(page, "streaming")
+        wait_text(page, MORE_WORDS)
         session = session_of(page)
         stop_from_elsewhere(server, session, page)
         text = answers(page).first.text_content()

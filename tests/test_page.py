@@ -4,7 +4,8 @@ subprocess on 127.0.0.1 with the demo model.
 
 Every page is watched: a console error, an uncaught exception, a Content-Security-Policy
 violation or a request to any other origin fails the test that caused it. Waits are on
-conditions (Playwright's ``expect``), never fixed sleeps.
+conditions (Playwright's ``expect`` and locators), never fixed sleeps. (``wait_for_function``
+cannot be used: it evaluates a string in the page, which the page's CSP forbids.)
 """
 
 from __future__ import annotations
@@ -534,6 +535,19 @@ def test_screenshots_at_desktop_and_phone_width(page: Page, tmp_path: Path) -> N
     assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
     page.keyboard.press("Escape")
     expect(page.get_by_test_id("session-list")).not_to_be_visible()
+    # Long unbroken words, links and code lines scroll inside their block, not the page.
+    long = "x" * 300
+    markdown = f"{long}\n\n```\n{long}\n```\n\nhttps://example.com/{long}\n\n`{long}`"
+    page.evaluate(
+        """async (text) => {
+            const src = document.querySelector('script[type=module]').src;
+            const { renderMarkdown } = await import(new URL('markdown.js', src));
+            renderMarkdown(text, document.querySelector('[data-testid=assistant]'));
+        }""",
+        markdown,
+    )
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    assert page.evaluate("document.querySelector('.transcript').scrollWidth <= innerWidth")
 
 
 # ------------------------------------------------------------------------ own servers

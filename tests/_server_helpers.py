@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -219,3 +227,84 @@ def last_chunk(events: list[SSEEvent]) -> dict[str, Any]:
     """The last chunk before [DONE]."""
     assert events[-1].data == "[DONE]", events[-1]
     return dict(json.loads(events[-2].data))
+
+
+@dataclass
+class ServeProcess:
+    """``tokenrelay serve`` running as a subprocess, for tests that do not run under trio (the
+    browser tests): its URL, and what it has logged so far."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, as an operator stops it; its exit code (it is killed if it hangs)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(timeout)
+        if self.reader is not None:
+            self.reader.join(timeout)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        return code
+
+
+@contextmanager
+def serve_process(
+    *args: str,
+    db: Path | str = ":memory:",
+    env: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
+) -> Iterator[ServeProcess]:
+    """Run ``tokenrelay serve --port 0 --db DB ARGS`` on 127.0.0.1 until the block ends (then
+    SIGTERM; it must exit 0). Its stderr is read by a thread, so that it never blocks."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", str(db), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env} if env is not None else None,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def read() -> None:
+        assert process.stderr is not None
+        for raw in process.stderr:
+            line = raw.decode(errors="replace")
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, name="tokenrelay-serve-stderr", daemon=True)
+    reader.start()
+    server = None
+    try:
+        while server is None:
+            line = lines.get(timeout=timeout)
+            assert line is not None, "tokenrelay serve exited; it said:\n" + "".join(log)
+            found = re.search(r"tokenrelay listening on (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                server = ServeProcess(process, found.group(1), log, reader)
+        yield server
+    finally:
+        code = (server or ServeProcess(process, "", log, reader)).stop()
+    assert code == 0, "tokenrelay serve did not exit cleanly; it said:\n" + "".join(log)
+
+
+def replayed_text(url: str, session: str, headers: Mapping[str, str] | None = None) -> str:
+    """The answer text of a session's latest run, as the server replays it (synchronously)."""
+    response = httpx2.get(f"{url}/v1/sessions/{session}/stream", headers=headers, timeout=10)
+    response.raise_for_status()
+    text = []
+    for line in response.text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append(choice.get("delta", {}).get("content") or "")
+    return "".join(text)

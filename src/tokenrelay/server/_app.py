@@ -13,6 +13,7 @@ from ._config import ServerConfig
 from ._errors import HTTPError, werkzeug_error
 from ._models_api import model, models
 from ._ops_api import healthz, metrics
+from ._page import page_blueprint
 from ._responses_api import (
     cancel_response,
     create_response,
@@ -25,8 +26,9 @@ from ._sessions_api import delete, messages, resume, sessions, status, stop
 
 __all__ = ["RelayBlueprint", "RelayService", "ServerConfig", "create_app", "relay_blueprint"]
 
-#: Routes open to anyone, even when the server has API keys.
-_OPEN = frozenset({"tokenrelay.healthz"})
+#: Routes open to anyone, even when the server has API keys (the chat page asks for a key
+#: itself, for the API it calls).
+_OPEN = frozenset({"tokenrelay.healthz", "tokenrelay.page.index", "tokenrelay.page.asset"})
 
 
 class RelayBlueprint(Blueprint):
@@ -42,7 +44,7 @@ class RelayBlueprint(Blueprint):
         self.service = service
 
 
-def relay_blueprint(config: ServerConfig | None = None) -> RelayBlueprint:
+def relay_blueprint(config: ServerConfig | None = None, *, page: bool = False) -> RelayBlueprint:
     """The relay's routes as a Blueprint, to mount in your own quart-trio app::
 
         app.register_blueprint(tokenrelay.relay_blueprint(tokenrelay.ServerConfig(...)))
@@ -55,9 +57,15 @@ def relay_blueprint(config: ServerConfig | None = None) -> RelayBlueprint:
     your app's ``MAX_CONTENT_LENGTH`` too: the routes refuse bodies over ``config.max_body``
     after reading them, Quart refuses longer ones while reading. Its errors are OpenAI-shaped
     JSON on its own routes only.
+
+    With ``page=True`` it also serves the chat page at ``/`` (under the Blueprint's prefix):
+    HTML, CSS and JS from the package, no API key needed to load it (see
+    :mod:`tokenrelay.server._page`).
     """
     service = RelayService(config or ServerConfig())
     bp = RelayBlueprint(service)
+    if page:
+        bp.register_blueprint(page_blueprint())
 
     def install(app: Quart) -> None:
         if EXTENSION in app.extensions:
@@ -127,15 +135,15 @@ async def _werkzeug_error(error: HTTPException) -> Response:
 
 
 def create_app(config: ServerConfig | None = None) -> QuartTrio:
-    """A quart-trio app serving the relay (what ``tokenrelay serve`` runs under hypercorn);
-    its service is ``app.extensions["tokenrelay"]``."""
+    """A quart-trio app serving the relay and its chat page at ``/`` (what ``tokenrelay
+    serve`` runs under hypercorn); its service is ``app.extensions["tokenrelay"]``."""
     config = config or ServerConfig()
     app = QuartTrio("tokenrelay")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = 60
     # "/v1/sessions//stop" is a bad path (404), not a redirect to "/v1/sessions/stop".
     app.url_map.merge_slashes = False
-    app.register_blueprint(relay_blueprint(config))
+    app.register_blueprint(relay_blueprint(config, page=True))
 
     @app.errorhandler(HTTPException)
     async def any_http_error(error: HTTPException) -> Response:

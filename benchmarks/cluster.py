@@ -163,7 +163,7 @@ async def _start_into(
 
 
 async def _serve(nursery: trio.Nursery, argv: list[str], cwd: str) -> tuple[str, int]:
-    """Start ``tokenrelay serve`` (killed when ``nursery`` is cancelled) in ``cwd``; return its
+    """Start ``tokenrelay serve`` (stopped when ``nursery`` is cancelled) in ``cwd``; return its
     URL and pid once it serves: with ``--workers N``, once each of its N workers has said it
     listens (their stderr is the supervisor's)."""
     workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
@@ -225,7 +225,10 @@ class _Redis:
             await stream.send_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
             data = b""
             while True:
-                data += await stream.receive_some()
+                chunk = await stream.receive_some()
+                if not chunk:
+                    raise RuntimeError(f"redis-server closed the connection: {data!r}")
+                data += chunk
                 header, _, rest = data.partition(b"\r\n")
                 if header.startswith(b"$") and len(rest) >= int(header[1:]):
                     break

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from . import encoding, fanout, latency, memory, soak, store, throughput
+from . import cluster, encoding, fanout, latency, memory, soak, store, throughput
 from ._stats import Result, table
 
 
@@ -135,6 +135,7 @@ async def run(quick: bool) -> list[Result]:
         results.append(Result(bench, "asyncio.Queue per subscriber", "/s", ref))
 
     results += await throughput.run(quick)
+    results += await cluster.run(quick)
 
     print("SQLite store ...", file=sys.stderr)
     stored_runs = 20 if quick else 200

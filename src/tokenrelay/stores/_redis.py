@@ -313,6 +313,14 @@ class RedisStore:
         """Run one of the Lua scripts (one bounded round trip)."""
         return await self._io(lambda: self.client.evalsha(self._scripts[name], keys, args))
 
+    async def _claim_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """A claim: as :meth:`_script`, bounded by two leases (a loaded process can take
+        long to read an answer that Redis gave at once, and a claim given up on after Redis
+        granted it blocks the session for a lease)."""
+        return await self._io(
+            lambda: self.client.evalsha(self._scripts[name], keys, args), 2 * self.lease
+        )
+
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
         if self.healthy:
@@ -394,7 +402,7 @@ class RedisStore:
             # Shielded (and bounded): once Redis has given it the lease, the run must know it
             # has, so that its ending frees the session (a cancel meanwhile stops it after).
             with trio.CancelScope(shield=True):
-                taken, value = await self._script(
+                taken, value = await self._claim_script(
                     "claim",
                     [
                         self._key("lease", session),
@@ -558,10 +566,9 @@ class RedisStore:
             try:
                 # Bounded by a quarter lease: a renewal that fails is tried again next time,
                 # and the run stops itself if none works in time.
+                await self._io(self._keep_secret, self.lease / 4)
                 if claims:
                     results = await self._io(partial(self._renew, claims), self.lease / 4)
-                else:
-                    await self._io(self._keep_secret, self.lease / 4)
             except StoreUnavailable as exc:
                 results = [None] * len(claims)
                 failure: StoreUnavailable | None = exc

@@ -13,8 +13,11 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx2
+import openai
+import pytest
 import trio
 
 from _helpers import bounded
@@ -329,3 +332,51 @@ async def test_a_dead_worker_is_replaced_and_workers_die_with_their_supervisor(
         while any(alive(pid) for pid in workers):  # noqa: ASYNC110 (as above)
             await trio.sleep(0.05)
     assert second in workers
+
+
+@bounded(60)
+@pytest.mark.filterwarnings(r"ignore:Async generator 'openai\._streaming:ResourceWarning")
+@pytest.mark.filterwarnings(r"ignore:Async generator 'httpx2\.:ResourceWarning")
+@pytest.mark.filterwarnings(r"ignore:Async generator 'httpcore2\.:ResourceWarning")
+async def test_a_background_response_is_resumed_polled_and_cancelled_through_the_other_worker(
+    redis_server: RedisServer, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = FakeScript(tokens=[f"w{i} " for i in range(40)], interval=0.01)
+    fake_server.add_model("endless", SLOW)
+    upstream = ["--upstream", f"ollama={fake_server.ollama_url}"]
+    async with (
+        worker(redis_server, *upstream) as (_, url_a),
+        worker(redis_server, *upstream) as (_, url_b),
+        openai.AsyncOpenAI(base_url=f"{url_a}/v1", api_key="-", max_retries=0) as a,
+        openai.AsyncOpenAI(base_url=f"{url_b}/v1", api_key="-", max_retries=0) as b,
+    ):
+        stream = await a.responses.create(model="fake", input="hi", background=True, stream=True)
+        first: list[Any] = []
+        async for event in stream:
+            first.append(event)
+            if len(first) == 8:
+                break
+        await stream.close()
+        response_id = first[0].response.id
+        k = first[-1].sequence_number
+        rest = [
+            event
+            async for event in await b.responses.retrieve(
+                response_id, stream=True, starting_after=k
+            )
+        ]
+        polled = await b.responses.retrieve(response_id)
+        items = await b.responses.input_items.list(response_id)
+
+        endless = await a.responses.create(model="endless", input="go", background=True)
+        await fake_server.wait_for_requests(2)
+        cancelled = await b.responses.cancel(endless.id)
+    numbers = [event.sequence_number for event in first + rest]
+    assert numbers == list(range(len(numbers)))  # k+1... exactly once, from the other worker
+    assert rest[-1].type == "response.completed"
+    text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    assert text == polled.output_text == "".join(f"w{i} " for i in range(40))
+    assert polled.status == "completed"
+    assert [item.content[0].text for item in items.data] == ["hi"]  # type: ignore[union-attr]
+    assert cancelled.status == "cancelled"
+    assert fake_server.requests[1].closed_at is not None  # A stopped the model

@@ -18,6 +18,7 @@ evicted it and after a restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -32,6 +33,7 @@ from quart import Response, g, request
 from .._events import Event, RunStatus
 from .._exceptions import RelayClosed, RelayFull, ReplayGap, SessionBusy, StoreUnavailable
 from .._relay import OnBusy, Run
+from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._asgi import at_request_end
@@ -95,6 +97,8 @@ class _Found:
     request: dict[str, Any]
     run: Run | None = None
     stored: StoredRun | None = None
+    #: With ``--redis``: the run, produced (or produced) by another worker.
+    remote: RemoteRun | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -103,6 +107,8 @@ class _Found:
 
     @property
     def running(self) -> bool:
+        if self.remote is not None:
+            return self.remote.ending is None
         return self.run is not None and self.run.finished_at is None
 
 
@@ -123,6 +129,10 @@ async def _find(response_id: str, *, field: str | None = None) -> _Found:
             stored = await service.store.run_in(namespace, matched.group(1))
             if stored is not None and stored.request and "responses" in stored.request:
                 return _Found(response_id, stored.request, stored=stored)
+        if service.shared is not None:
+            remote = await _remote(service, namespace, matched.group(1))
+            if remote is not None:
+                return _Found(response_id, remote.info["responses_request"], remote=remote)
     if field is not None:
         invalid(f"'{field}': no response with id {response_id!r} was found", "invalid_request")
     fail(
@@ -130,10 +140,38 @@ async def _find(response_id: str, *, field: str | None = None) -> _Found:
     )
 
 
+async def _remote(service: RelayService, namespace: str, run_id: str) -> RemoteRun | None:
+    """The response's run as Redis has it, if it is one of ``namespace``'s responses."""
+    assert service.shared is not None
+    try:
+        info = await service.shared.info(run_id)
+        request_ = info.get("responses_request")
+        if request_ is None or request_["responses"]["namespace"] != namespace:
+            return None
+        session = f"{namespace}/{request_['responses']['session_id']}"
+        return await service.shared.run(session, run_id)
+    except StoreUnavailable:
+        store_unavailable()
+
+
 async def _events(found: _Found) -> list[Event]:
     """Every event of the response's run, from its first: from the relay while it holds
     them all, else from the store (a 400 when neither has them all any more)."""
     store = relay_service().store
+    if found.remote is not None:
+        shared = relay_service().shared
+        assert shared is not None
+        try:
+            events = await shared.events(found.remote.id)
+        except StoreUnavailable:
+            store_unavailable()
+        if events and events[0].seq != 0:
+            invalid(
+                f"response {found.id!r} is too long to render: its first events are no longer "
+                "held (--max-events)",
+                "events_no_longer_held",
+            )
+        return events
     run = found.run
     if run is not None:
         events = run.events()
@@ -185,6 +223,18 @@ def _stored_ending(stored: StoredRun) -> Ending:
     record = stored.outcome
     if record is None:
         return Ending("failed", {"code": "server_error", "message": INTERRUPTED["message"]})
+    return _recorded_ending(record)
+
+
+def _remote_ending(remote: RemoteRun) -> Ending | None:
+    """How another worker's run ended, from its stream's ending (``None`` while it runs)."""
+    if remote.ending is None:
+        return None
+    completed_at = remote.info.get("completed_at")
+    return _recorded_ending({**remote.ending, "response_completed_at": completed_at})
+
+
+def _recorded_ending(record: dict[str, Any]) -> Ending:
     status = record.get("status")
     if status == "done":
         at = record.get("response_completed_at") or round(record.get("finished_at") or 0)
@@ -200,6 +250,8 @@ def _stored_ending(stored: StoredRun) -> Ending:
 
 
 def _ending(found: _Found) -> Ending | None:
+    if found.remote is not None:
+        return _remote_ending(found.remote)
     if found.run is not None:
         return _run_ending(found.run)
     assert found.stored is not None
@@ -292,6 +344,11 @@ async def create_response() -> Response:
     run.info = info
     if parsed.store:
         _live(service)[response_id] = run
+        if service.shared is not None:
+            # Findable by id from any worker at once (not only once its first events are sent);
+            # if Redis fails here, the run fails on its next append, and says why.
+            with contextlib.suppress(StoreUnavailable):
+                await service.shared.announce(run)
         if service.store is not None:
             service.store.describe_run(
                 run.id, namespace, session_id, chat.prompt_text(), stored_request
@@ -449,6 +506,50 @@ async def _live_stream(
         service.unwatch(watch)
 
 
+async def _remote_live_stream(
+    service: RelayService, reader: RedisReader, found: _Found, after: int
+) -> AsyncIterator[bytes]:
+    """As :func:`_live_stream`, for a response another worker produces: its events read from
+    Redis, rendered from the first on, then the terminal event."""
+    assert found.remote is not None
+    assert service.shared is not None
+    head = found.meta["head"]
+    renderer = ResponseRenderer(head)
+    keepalive = service.config.keepalive
+    quiet_since = trio.current_time()
+    try:
+        yield sse_comment(f"tokenrelay response {head['id']}") + _sse(renderer.start(), after)
+        while True:
+            try:
+                batch = await reader.poll(keepalive - (trio.current_time() - quiet_since))
+            except trio.EndOfChannel:
+                break
+            except ReplayGap as gap:
+                yield _sse([renderer.error("replay_gap", str(gap))], after)
+                return
+            if not batch:
+                if trio.current_time() - quiet_since >= keepalive:
+                    quiet_since = trio.current_time()
+                    yield b": keep-alive\n\n"
+                continue
+            quiet_since = trio.current_time()
+            events: list[dict[str, Any]] = []
+            for event in batch:
+                events += renderer.feed(event.data)
+            if blob := _sse(events, after):
+                yield blob
+        info = await service.shared.info(found.remote.id)
+        remote = RemoteRun(found.remote.id, found.remote.session_id, info, reader.ending, 0)
+        ending = _remote_ending(remote)
+        assert ending is not None
+        end = _sse(renderer.finish(ending), after)
+        if renderer.seq <= after:  # asked to resume after an event that never came
+            end = _sse([renderer.error("invalid_starting_after", _beyond(after, renderer))], -1)
+        yield end
+    finally:
+        reader.close()
+
+
 # -- GET /v1/responses/{id} ---------------------------------------------------------------------
 
 
@@ -469,6 +570,12 @@ async def retrieve_response(response_id: str) -> Response:
             f"response {response_id!r} was not created with stream=true: it cannot be streamed",
             "invalid_request",
         )
+    if found.remote is not None and found.remote.ending is None:
+        assert service.shared is not None
+        reader = service.shared.open_reader(
+            f"{found.meta['namespace']}/{found.meta['session_id']}", found.remote.id
+        )
+        return _stream_response(_remote_live_stream(service, reader, found, after), headers)
     run = found.run
     if run is not None and run.finished_at is None:
         try:
@@ -526,6 +633,15 @@ async def cancel_response(response_id: str) -> Response:
     if run is not None and run.finished_at is None:
         run.cancel("cancelled")
         await run.wait_finished()
+    if found.remote is not None and found.remote.ending is None:
+        shared = relay_service().shared
+        assert shared is not None
+        key = f"{found.meta['namespace']}/{found.meta['session_id']}"
+        try:
+            await shared.stop(key, "cancelled")  # wherever it runs, and once it has ended
+            found.remote = await shared.run(key, found.remote.id)
+        except StoreUnavailable:
+            store_unavailable()
     snapshot = await _snapshot(found)
     if snapshot["status"] != "cancelled":
         fail(
@@ -552,6 +668,14 @@ async def delete_response(response_id: str) -> dict[str, Any]:
         if relay.get(run.session_id) is run:
             await relay.forget(run.session_id)
     _live(service).pop(response_id, None)
+    if found.remote is not None and service.shared is not None:
+        key = f"{found.meta['namespace']}/{found.meta['session_id']}"
+        try:
+            if found.remote.ending is None:
+                await service.shared.stop(key, "cancelled")
+            await service.shared.delete_run(found.remote.id)
+        except StoreUnavailable:
+            store_unavailable()
     if service.store is not None:
         await service.store.delete_run(g.tokenrelay_namespace, response_id[5:])
     return {"id": response_id, "object": "response.deleted", "deleted": True}

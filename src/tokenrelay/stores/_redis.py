@@ -475,6 +475,11 @@ class RedisStore:
         run_id = await self._io(lambda: self.client.get(self._key("current", session_id)))
         if run_id is None:
             return None
+        return await self.run(session_id, run_id)
+
+    async def run(self, session_id: str, run_id: str) -> RemoteRun:
+        """One run of the session, as Redis has it (its info ``{}`` and ``events`` 0 if
+        Redis has nothing of it)."""
         info_json, entries = await self._io(lambda: self._look(run_id))
         ending = None
         count = 0
@@ -512,6 +517,31 @@ class RedisStore:
         keys = [self._key("current", session_id), self._key("run", run_id)]
         deleted = await self._io(lambda: self.client.delete([*keys, self._key("info", run_id)]))
         return deleted > 0
+
+    async def announce(self, run: Run) -> None:
+        """Send the run's ``info`` now, rather than with its first events (so that another
+        process can find the run by it at once)."""
+        claim = self._claims.get(run.id)
+        if claim is None:
+            await trio.lowlevel.checkpoint()
+            return
+        info = claim.info_update() or claim.sent_info
+        keep = _ms(self.lease + self.keep)
+        await self._io(lambda: self.client.set(claim.info_key, info, px=keep))
+
+    async def events(self, run_id: str) -> list[Event]:
+        """Every event of the run that its stream holds, oldest first."""
+        entries = await self._io(lambda: self.client.xrange(self._key("run", run_id)))
+        return [
+            Event(_seq(_text(entry.identifier)), _text(entry.field_values["d"]), run_id)
+            for entry in entries
+            if "d" in entry.field_values
+        ]
+
+    async def delete_run(self, run_id: str) -> bool:
+        """Delete the run's stream and info (stop it first)."""
+        keys = [self._key("run", run_id), self._key("info", run_id)]
+        return bool(await self._io(lambda: self.client.delete(keys)))
 
     async def info(self, run_id: str) -> dict[str, Any]:
         """The run's ``info`` as its owner last sent it (``{}`` before it did)."""
@@ -708,6 +738,11 @@ class _RedisClaim:
             return ""
         self._info = info
         return info
+
+    @property
+    def sent_info(self) -> str:
+        """The run's info as it was last sent."""
+        return self._info
 
     def lost(self) -> None:
         """The lease is no longer ours (it lapsed, and maybe another run has it)."""

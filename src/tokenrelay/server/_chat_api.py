@@ -109,20 +109,7 @@ async def start_run(
         )
     except BaseException as exc:
         service.release(namespace)  # it never ran, so on_finish will not be called
-        if isinstance(exc, SessionBusy):
-            fail(
-                409,
-                f"session {call.session_id!r} already has a run in progress; stop it first, or "
-                "send X-Relay-On-Busy: supersede or enqueue",
-                "conflict_error",
-                "session_busy",
-            )
-        if isinstance(exc, RelayFull):
-            fail(503, str(exc), "server_error", "relay_full", Retry_After="1")
-        if isinstance(exc, RelayClosed):
-            fail(503, "the relay is shutting down", "server_error", "shutting_down")
-        if isinstance(exc, StoreUnavailable):
-            store_unavailable()
+        refuse_start(exc, call.session_id)
         raise
     run.info = info  # the producer's names (it has not run yet) and the request's
     if service.store is not None:
@@ -153,6 +140,25 @@ async def respond(
     if call.chat.stream:
         return sse_response(service, watch, -1, headers)
     return await complete(service, watch, headers)
+
+
+def refuse_start(exc: BaseException, session_id: str, stop: str = "stop") -> None:
+    """Answer a run that could not start with its 4xx/5xx (409 busy, 503 full, shutting down
+    or without its shared store); return for anything else, which the caller re-raises."""
+    if isinstance(exc, SessionBusy):
+        fail(
+            409,
+            f"session {session_id!r} already has a run in progress; {stop} it first, or "
+            "send X-Relay-On-Busy: supersede or enqueue",
+            "conflict_error",
+            "session_busy",
+        )
+    if isinstance(exc, RelayFull):
+        fail(503, str(exc), "server_error", "relay_full", Retry_After="1")
+    if isinstance(exc, RelayClosed):
+        fail(503, "the relay is shutting down", "server_error", "shutting_down")
+    if isinstance(exc, StoreUnavailable):
+        store_unavailable()
 
 
 def session_key(session_id: str) -> str:

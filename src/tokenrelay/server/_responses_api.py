@@ -31,13 +31,13 @@ import trio
 from quart import Response, g, request
 
 from .._events import Event, RunStatus
-from .._exceptions import RelayClosed, RelayFull, ReplayGap, SessionBusy, StoreUnavailable
+from .._exceptions import ReplayGap, StoreUnavailable
 from .._relay import OnBusy, Run
 from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._asgi import at_request_end
-from ._chat_api import check_session_id, parse_json
+from ._chat_api import check_session_id, parse_json, refuse_start
 from ._errors import (
     fail,
     invalid,
@@ -322,7 +322,7 @@ async def create_response() -> Response:
         )
     except BaseException as exc:
         service.release(namespace)
-        _start_failed(exc, session_id)
+        refuse_start(exc, session_id, "cancel")
         raise
     response_id = f"resp_{run.id}"
     head = _head(parsed, response_id, info["created"], model)
@@ -407,23 +407,6 @@ async def _history(previous_id: str) -> list[dict[str, Any]]:
             gathered.add(event.data)
         answer = gathered.choices()[0]["message"]
     return messages + answer_messages(answer)
-
-
-def _start_failed(exc: BaseException, session_id: str) -> None:
-    if isinstance(exc, SessionBusy):
-        fail(
-            409,
-            f"session {session_id!r} already has a run in progress; cancel it first, or send "
-            "X-Relay-On-Busy: supersede or enqueue",
-            "conflict_error",
-            "session_busy",
-        )
-    if isinstance(exc, RelayFull):
-        fail(503, str(exc), "server_error", "relay_full", Retry_After="1")
-    if isinstance(exc, RelayClosed):
-        fail(503, "the relay is shutting down", "server_error", "shutting_down")
-    if isinstance(exc, StoreUnavailable):
-        store_unavailable()
 
 
 async def _whole(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -302,3 +304,43 @@ async def test_a_second_version_database_is_migrated_with_its_events(tmp_path: P
         assert await store.run_state("cut") == "interrupted"
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+@bounded(20)
+async def test_a_read_waits_for_the_batch_being_written(tmp_path: Path) -> None:
+    """A read sees what was queued before it, even a batch the flusher is writing just then
+    (a run that has just ended reads with its outcome, never as interrupted)."""
+
+    async def one(emit: Emit) -> None:
+        await emit('"x"')
+
+    async with open_sqlite_store(tmp_path / "relay.db") as store:
+        writing, go_on = threading.Event(), threading.Event()
+        write_batch = store._write_batch
+
+        def held_batch(batch: list[tuple[str, Any]]) -> None:
+            writing.set()
+            go_on.wait(10)
+            write_batch(batch)
+
+        async with tokenrelay.open_relay(store=store) as relay:
+            run = await relay.start("ns/s", one)
+            await run.wait_finished()
+        store.describe_run(run.id, "ns", "s", "hello", {})  # queued
+        store._write_batch = held_batch  # type: ignore[method-assign]
+        seen: list[object] = []
+
+        async def read() -> None:
+            seen.append(await store.latest_run("ns", "s"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.flush)  # takes the queue: the batch is in flight
+            await trio.to_thread.run_sync(writing.wait, 10, abandon_on_cancel=True)
+            assert not store._pending
+            nursery.start_soon(read)
+            await wait_all_tasks_blocked()
+            assert seen == []  # it waits for the batch in flight...
+            go_on.set()
+    [found] = seen  # ... and sees it
+    assert found is not None
+    assert found.prompt == "hello"  # type: ignore[attr-defined]

@@ -357,8 +357,9 @@ class SQLiteStore:
     async def _read(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
         """Read, after writing whatever is queued: readers see everything recorded so far
         (a run that has just ended has its outcome, never "interrupted")."""
-        if self._pending:
-            await self._write_pending()
+        # Also when nothing is queued: a batch the flusher is writing right now must be
+        # seen too (the write lock waits for it).
+        await self._write_pending()
 
         def read() -> list[Any]:
             assert self._reader is not None
@@ -512,8 +513,9 @@ class SQLiteStore:
             ReplayGap: the run's events have expired (:meth:`expire`) and some of those
                 asked for existed.
         """
-        if self._pending:
-            await self._write_pending()
+        # Also when nothing is queued: a batch the flusher is writing right now must be
+        # seen too (the write lock waits for it).
+        await self._write_pending()
 
         def read() -> tuple[bool, int | None, list[Any]] | None:
             db = self._reader

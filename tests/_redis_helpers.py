@@ -21,9 +21,12 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.extra = extra  # more options (TLS, a password)
         self.process: subprocess.Popen[str] | None = None
 
     @property
@@ -44,6 +47,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--loglevel", "notice",
+                *self.extra,
             ],
             stdout=subprocess.PIPE,
             text=True,

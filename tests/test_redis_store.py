@@ -8,15 +8,17 @@ import itertools
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import coredis
 import pytest
 import trio
+import trustme
 from trio.testing import wait_all_tasks_blocked
 
 import tokenrelay
 from _helpers import bounded
-from _redis_helpers import RedisServer
+from _redis_helpers import RedisServer, free_port
 from tokenrelay import Emit, Relay
 from tokenrelay.stores import RedisStore, open_redis_store
 
@@ -208,11 +210,8 @@ async def test_redis_unreachable_is_one_clear_error() -> None:
 
 @bounded(30)
 async def test_redis_lost_while_serving_ends_runs_and_followers_then_recovers(
-    tmp_path: object, redis_prefix: str
+    tmp_path: Path, redis_prefix: str
 ) -> None:
-    from pathlib import Path
-
-    assert isinstance(tmp_path, Path)
     server = RedisServer(tmp_path)
     server.start()
     try:
@@ -310,3 +309,44 @@ async def test_random_starts_stops_and_resumes_from_both_sides_never_overlap(
     for after, got, ending in followed:
         assert got == list(range(after + 1, after + 1 + len(got)))
         assert ending is not None
+
+
+@bounded(30)
+async def test_rediss_with_a_password_in_the_url(tmp_path: Path, redis_prefix: str) -> None:
+    """TLS (``rediss://``, the CA given in the URL) and a password, as a managed Redis has."""
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    ca, chain, key = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    authority.cert_pem.write_to_path(str(ca))
+    certificate.cert_chain_pems[0].write_to_path(str(chain))
+    certificate.private_key_pem.write_to_path(str(key))
+    port = free_port()
+    server = RedisServer(
+        tmp_path,
+        extra=(
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(chain),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no",
+            "--requirepass", "s3cret",
+        ),
+    )  # fmt: skip
+    server.start()
+    try:
+        url = f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+        async with worker(url, redis_prefix) as a, worker(url, redis_prefix) as b:
+            run = await a.start("s", Producers().counting("t", 5, 0.001))
+            reader = store_of(b).open_reader("s", run.id)
+            seen = []
+            with contextlib.suppress(trio.EndOfChannel):
+                while True:
+                    seen += await reader.receive_batch()
+            assert [e.data for e in seen] == [f'"t{i} "' for i in range(5)]
+            assert "s3cret" not in repr(store_of(a))
+        with pytest.raises(tokenrelay.StoreUnavailable):  # a wrong password: one clear error
+            async with open_redis_store(f"rediss://:wrong@127.0.0.1:{port}/0?ssl_ca_certs={ca}"):
+                pass
+    finally:
+        server.stop()

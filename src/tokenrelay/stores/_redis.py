@@ -133,12 +133,15 @@ return 1
 
 # KEYS: lease, stream. ARGV: ':{run_id}:', orphan JSON, keep ms. The run's ending, as
 # {entry id, JSON}: the one it has, or, if its lease is gone and it has none, orphaned (which
-# this writes). {} while it runs.
+# this writes). While it runs: {its last entry's id}, or {} before its first.
 _ENDING = """
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 and last[1][2][1] == 'end' then return {last[1][1], last[1][2][2]} end
 local holder = redis.call('GET', KEYS[1])
-if holder and string.find(holder, ARGV[1], 1, true) then return {} end
+if holder and string.find(holder, ARGV[1], 1, true) then
+  if #last > 0 then return {last[1][1]} end
+  return {}
+end
 local seq = 1
 if #last > 0 then seq = tonumber(string.sub(last[1][1], 3)) + 1 end
 local id = '0-' .. seq
@@ -553,16 +556,20 @@ class RedisStore:
         """A reader of the run's stream (wherever it runs) from ``after`` on, to its end."""
         return RedisReader(self, run_id, session_id, after)
 
-    async def _ending(self, session_id: str, run_id: str) -> tuple[str, dict[str, Any]] | None:
-        """The run's ending (its stream entry id, and how it ended), ending it as orphaned if
-        its lease is gone and it has none; ``None`` while it runs."""
+    async def _ending(
+        self, session_id: str, run_id: str
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """The run's last stream entry id (``None`` before its first), and its ending (ending
+        it as orphaned if its lease is gone and it has none; ``None`` while it runs)."""
         found = await self._script(
             "ending",
             [self._key("lease", session_id), self._key("run", run_id)],
             [f":{run_id}:", json.dumps(ORPHANED), _ms(self.keep)],
         )
         if not found:
-            return None
+            return None, None
+        if len(found) == 1:
+            return _text(found[0]), None
         identifier, ending = found
         return _text(identifier), json.loads(_text(ending))
 
@@ -928,12 +935,16 @@ class RedisReader:
         """Is the run's owner alive? If the run has ended where this reader will not see it
         pass (at or before its position), take its ending now."""
         try:
-            ended = await self._store._ending(self.session_id, self.run_id)
+            last, ending = await self._store._ending(self.session_id, self.run_id)
         except StoreUnavailable as exc:
             self.ending = _unavailable(self._store, exc)
             return
-        if ended is not None and (self._skip or _seq(ended[0]) <= _seq(self._last_id)):
-            self.ending = ended[1]
+        if ending is not None:
+            assert last is not None
+            if self._skip or _seq(last) <= _seq(self._last_id):
+                self.ending = ending
+        elif self._skip and last is not None:
+            self._last_id = last  # only its ending matters: wait from its last entry on
 
     def close(self) -> None:
         self._closed = True

@@ -14,17 +14,23 @@ Where ``select.poll`` does not exist (Windows), httpcore2's own check answers in
 Together they save about 7% of ``tokenrelay serve``'s CPU per token at 100 streams
 (``python -m benchmarks``).
 
-Its third is :func:`lean_body`: a streamed response's body read straight from httpcore2's
-HTTP/1.1 connection (its h11 state and network stream), one method call per network read,
-where ``Response.aiter_bytes()`` goes through seven nested async generators and two
+A request goes out in one write: httpcore2 writes its head and its body separately (two
+system calls, two packets); on plain TCP the lean stream keeps them and sends them together
+when the response is first read (or as soon as 64 KiB wait), dropping a write error there as
+httpcore2 drops one while sending a request.
+
+Nothing else changes: :func:`use_lean_backend` gives the backend to the connection pool
+httpx2 built itself, with everything it was configured with (limits, TLS, ``retries``,
+``local_address``, socket options), and only to a client's direct connections. Requests
+httpx2 routes through a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``,
+read as httpx2 reads them) go through httpx2's own proxy transports, untouched.
+
+:func:`lean_body` reads a streamed response's body straight from httpcore2's HTTP/1.1
+connection (its h11 state and network stream), one method call per network read, where
+``Response.aiter_bytes()`` goes through seven nested async generators and two
 exception-mapping context managers per read. Closing is unchanged: ``Response.aclose()``
 releases the connection exactly as before (back to the pool when the body was read to its
-end, closed otherwise). Nothing else changes: :func:`use_lean_backend` gives the backend
-to the connection pool httpx2 built itself, with everything it was configured with (limits,
-TLS, ``retries``, ``local_address``, socket options), and only to a client's direct
-connections. Requests httpx2 routes through a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``,
-``ALL_PROXY``, ``NO_PROXY``, read as httpx2 reads them) go through httpx2's own proxy
-transports, untouched.
+end, closed otherwise).
 
 httpx2 has no parameter for the network backend, so this sets a private attribute of
 httpcore2's pool; pyproject.toml bounds both versions, and where the pool is not the shape
@@ -36,6 +42,7 @@ expected the client is left as httpx2 built it (correct, only without the saving
 
 from __future__ import annotations
 
+import contextlib
 import select
 import ssl
 from collections.abc import Iterable
@@ -51,6 +58,9 @@ from httpcore2._async import http11 as httpcore2_http11
 from httpx2._transports import default as httpx2_default
 
 __all__ = ["LeanBody", "LeanTrioBackend", "lean_body", "use_lean_backend"]
+
+#: The most bytes a plain TCP stream keeps unsent before it sends them (see ``write``).
+UNSENT_LIMIT = 64 * 1024
 
 SocketOption = (
     tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
@@ -71,8 +81,13 @@ class _LeanStream(AsyncNetworkStream):
         if self._socket is not None and hasattr(select, "poll"):  # not on Windows
             self._poll = select.poll()
             self._poll.register(self._socket.fileno(), select.POLLIN)
+        #: Plain TCP: what was written and not yet sent, and the write timeout it was given.
+        self._unsent = b""
+        self._unsent_timeout: float | None = None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._unsent:
+            await self._send_unsent()
         if timeout is not None or self._socket is None:
             return await self._inner.read(max_bytes, timeout)
         try:
@@ -81,12 +96,32 @@ class _LeanStream(AsyncNetworkStream):
             raise httpcore2.ReadError(str(exc) or type(exc).__name__) from exc
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
+        # A request's head and body are two writes: on plain TCP they are kept and sent as
+        # one (one system call, one packet) when the response is read (a request is always
+        # followed by reading its response), or as soon as UNSENT_LIMIT bytes are waiting.
+        if self._socket is None:
+            await self._inner.write(buffer, timeout)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._unsent += buffer
+        self._unsent_timeout = timeout
+        if len(self._unsent) >= UNSENT_LIMIT:
+            data, self._unsent = self._unsent, b""
+            await self._inner.write(data, timeout)
+
+    async def _send_unsent(self) -> None:
+        """Send what the writes left. A write error is dropped here, as httpcore2 drops one
+        while sending a request: the server may have answered and closed early, and reading
+        its response tells (a timeout is raised)."""
+        data, self._unsent = self._unsent, b""
+        with contextlib.suppress(httpcore2.WriteError):
+            await self._inner.write(data, self._unsent_timeout)
 
     async def aclose(self) -> None:
         # The poll object goes first: the descriptor it watches is about to be closed, and
         # its number may be reused.
         self._poll = None
+        self._unsent = b""
         await self._inner.aclose()
 
     async def start_tls(
@@ -95,6 +130,9 @@ class _LeanStream(AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> AsyncNetworkStream:
+        if self._unsent:
+            data, self._unsent = self._unsent, b""
+            await self._inner.write(data, self._unsent_timeout)
         return _LeanStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
 
     def get_extra_info(self, info: str) -> Any:

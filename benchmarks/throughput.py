@@ -23,7 +23,12 @@ from ._stats import Result
 
 
 async def _start(
-    nursery: trio.Nursery, argv: list[str], *, url_on: str, cwd: str | None = None
+    nursery: trio.Nursery,
+    argv: list[str],
+    *,
+    url_on: str,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[str, int]:
     """Start a server process (killed when ``nursery`` is cancelled) in ``cwd``; return its
     URL, which it prints first on stdout, or in tokenrelay's startup line on stderr, and its
@@ -34,6 +39,7 @@ async def _start(
             argv,
             check=False,
             cwd=cwd,
+            env=env,
             stdout=subprocess.PIPE if url_on == "stdout" else subprocess.DEVNULL,
             stderr=subprocess.PIPE if url_on == "stderr" else None,
         )
@@ -121,13 +127,17 @@ async def run(quick: bool) -> list[Result]:
                 [python, "-m", "benchmarks.baselines.fastapi_proxy", fake],
                 url_on="stdout",
             )
+            floor, floor_pid = await _start(
+                nursery, [python, "-m", "benchmarks.floor"], url_on="stdout"
+            )
             # The CPU a server process spends per token it delivers (the fake model's own, for
             # the direct row): the measure least disturbed by the other processes on the machine.
             targets = [
                 ("the fake model, directly", fake, fake_pid),
                 (MEMORY, memory, memory_pid),
                 (SQLITE, sqlite, sqlite_pid),
-                ("FastAPI + sse-starlette proxy", proxy, proxy_pid),
+                (PROXY, proxy, proxy_pid),
+                (FLOOR, floor, floor_pid),
             ]
             results += await _first_token(targets, ttft_rounds)
             for streams in levels:
@@ -138,6 +148,9 @@ async def run(quick: bool) -> list[Result]:
 
 
 MEMORY = "tokenrelay serve --db :memory:"
+PROXY = "FastAPI + sse-starlette proxy"
+#: The bare server stack, writing the same events with no upstream (``benchmarks/floor.py``).
+FLOOR = "floor: bare hypercorn + quart-trio"
 SQLITE = "tokenrelay serve --db FILE"
 RATIO = "--db FILE / :memory:"
 
@@ -176,29 +189,35 @@ async def _paced(targets: list[tuple[str, str, int]], streams: int, repeats: int
         if streams > 1:  # one stream's few tokens are below the CPU clock's tick
             cpu[name] = Result(f"{bench}: CPU per token", name, "s", cpu_per_token[name])
     # The store's cost: the SQLite relay against the memory-only one, from the rows above.
+    store = SQLITE in rates and MEMORY in rates
     rows = [*rates.values()]
-    rows.append(
-        Result(
-            f"{bench}: tokens/s",
-            RATIO,
-            "x",
-            [rates[SQLITE].median / rates[MEMORY].median],
-            "SQLite >= 0.9x memory",
+    if store:
+        rows.append(
+            Result(
+                f"{bench}: tokens/s",
+                RATIO,
+                "x",
+                [rates[SQLITE].median / rates[MEMORY].median],
+                "SQLite >= 0.9x memory",
+            )
         )
-    )
     rows += delays.values()
-    rows.append(
-        Result(
-            f"{bench}: delay FILE adds",
-            "median, FILE - :memory:",
-            "s",
-            [delays[SQLITE].median - delays[MEMORY].median],
-            "median added delay <= 1 ms",
+    if store:
+        rows.append(
+            Result(
+                f"{bench}: delay FILE adds",
+                "median, FILE - :memory:",
+                "s",
+                [delays[SQLITE].median - delays[MEMORY].median],
+                "median added delay <= 1 ms",
+            )
         )
-    )
     if cpu:
         rows += cpu.values()
-        rows.append(
-            Result(f"{bench}: CPU per token", RATIO, "x", [cpu[SQLITE].median / cpu[MEMORY].median])
-        )
+        if store:
+            rows.append(
+                Result(
+                    f"{bench}: CPU per token", RATIO, "x", [cpu[SQLITE].median / cpu[MEMORY].median]
+                )
+            )
     return rows

@@ -104,14 +104,55 @@ class GuardedStream(AsyncIterator[T]):
             with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
                 item = await self._upstream.__anext__()
             if scope.cancelled_caught:
-                raise TokenTimeout(
-                    f"no next token after {timeout:g} s (token_timeout); "
-                    f"{self.tokens} token(s) had arrived",
-                    timeout=timeout,
-                    tokens=self.tokens,
-                )
+                raise self._token_timeout_error(timeout)
         self.tokens += 1
         return item
+
+    async def _pump(
+        self, emit: Callable[[str], Awaitable[object]], encode: Callable[[T], Iterable[str]]
+    ) -> None:
+        """:func:`pump`'s loop: ``async for item in self``, emitting what ``encode`` makes of
+        each item, with the same timeouts. The token timeout is one cancel scope around the
+        loop whose deadline moves at each wait (entering and leaving a scope per token costs
+        more): so the deadline also covers encoding and emitting an item, which never wait."""
+        if self.tokens == 0:
+            try:
+                item = await self.__anext__()  # the first token's timeout
+            except StopAsyncIteration:
+                return
+            for data in encode(item):
+                await emit(data)
+        timeout = self._token_timeout
+        anext = self._upstream.__anext__
+        if timeout is None:
+            while True:
+                try:
+                    item = await anext()
+                except StopAsyncIteration:
+                    return
+                self.tokens += 1
+                for data in encode(item):
+                    await emit(data)
+        with trio.CancelScope() as scope:
+            while True:
+                scope.deadline = trio.current_time() + timeout
+                try:
+                    item = await anext()
+                except StopAsyncIteration:
+                    break
+                self.tokens += 1
+                for data in encode(item):
+                    await emit(data)
+        if scope.cancelled_caught:
+            raise self._token_timeout_error(timeout)
+
+    def _token_timeout_error(self, timeout: float) -> TokenTimeout:
+        return TokenTimeout(
+            f"no next token after {timeout:g} s (token_timeout); "
+            f"{self.tokens} token(s) had arrived",
+            timeout=timeout,
+            tokens=self.tokens,
+        )
 
     def _first_token_timeout_error(self) -> FirstTokenTimeout:
         timeout = self._first_token_timeout
@@ -218,6 +259,4 @@ async def pump(
         if accepted is not None:
             await items.open()
             accepted.set()
-        async for item in items:
-            for data in encode(item):
-                await emit(data)
+        await items._pump(emit, encode)

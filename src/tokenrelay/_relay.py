@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 OnBusy = Literal["supersede", "reject", "enqueue"]
+#: The most events a producer emits without passing a schedule point (see ``Run._emit``).
+EMITS_PER_YIELD = 32
 #: ``await emit(data)`` appends one event to the run's log and returns it.
 Emit = Callable[[str], Awaitable[Event]]
 #: ``await produce(emit)``: the run's work.
@@ -130,6 +132,9 @@ class Run:
         self._subscribers = 0
         self._evict_at: float | None = None
         self._unwatched_reason: str | None = None
+        #: The emitting task, its count of schedule points, and how many events it has
+        #: emitted since (see ``_emit``).
+        self._mark: tuple[int, int | None, int] = (0, None, 0)
         #: With a shared store: the run's hold on its session, and the scope it waits in.
         self._claim: Claim | None = None
         self._claim_scope: trio.CancelScope | None = None
@@ -212,10 +217,28 @@ class Run:
         if not isinstance(data, str):
             raise TypeError(f"emit() takes a str, not {type(data).__name__}")
         # Trio's rule for a cancelled operation: it had no effect. So check for cancellation
-        # before appending, and yield to the scheduler afterwards without a cancellation point.
+        # before appending.
         await trio.lowlevel.checkpoint_if_cancelled()
         event = self._log.append(data)
+        # Then yield to the scheduler (without a cancellation point) if this task has emitted
+        # EMITS_PER_YIELD events since it last passed a schedule point, so that a producer
+        # that only emits cannot starve the others. A producer reading a model server waits
+        # for its socket between reads anyway: it then never yields here, and what one read
+        # brings (often several tokens, under load) reaches a reader as one batch, one write
+        # to its client. (trio counts each task's schedule points in the private
+        # ``Task._schedule_points``; where that is missing, every emit yields.)
+        task = trio.lowlevel.current_task()
+        points = getattr(task, "_schedule_points", None)
+        mark = self._mark
+        if points is not None and mark[0] == id(task) and mark[1] == points:
+            if mark[2] < EMITS_PER_YIELD:
+                self._mark = (mark[0], points, mark[2] + 1)
+                return event
+        elif points is not None:
+            self._mark = (id(task), points, 1)
+            return event
         await trio.lowlevel.cancel_shielded_checkpoint()
+        self._mark = (id(task), getattr(task, "_schedule_points", None), 0)
         return event
 
 

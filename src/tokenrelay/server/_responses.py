@@ -74,7 +74,8 @@ async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncItera
         while True:
             batch: list[Event] | None = None
             try:
-                with trio.move_on_after(keepalive):
+                # A bare scope: once per write, cheaper than move_on_after's context manager.
+                with trio.CancelScope(deadline=trio.current_time() + keepalive):
                     batch = await sub.receive_batch()
             except trio.EndOfChannel:
                 break

@@ -201,11 +201,14 @@ class MemoryRunLog:
 
 
 class _MemoryReader:
-    __slots__ = ("_live", "_log", "_next", "_recv", "_send")
+    __slots__ = ("_live", "_log", "_mark", "_next", "_recv", "_send")
 
     def __init__(self, log: MemoryRunLog, start: int) -> None:
         self._log = log
         self._next = start
+        #: The reading task and its count of schedule points when a batch was last handed
+        #: out (see ``receive_batch``).
+        self._mark: tuple[int, int | None] = (0, None)
         self._send, self._recv = trio.open_memory_channel[Event](READER_BUFFER)
         # Live: attached to the log's feed. A reader that starts behind the log's end starts
         # detached, and catches up from the log before it attaches.
@@ -252,7 +255,15 @@ class _MemoryReader:
         while True:
             batch = self._take_ready(max_events)
             if batch:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                # Events were ready: a schedule point, unless the reader has passed one since
+                # its last batch (a writer has, in its write): a writer that lags then takes
+                # what is ready without one more trip through the scheduler. (trio's count of
+                # a task's schedule points is private: where it is missing, always yield.)
+                task = trio.lowlevel.current_task()
+                points = getattr(task, "_schedule_points", None)
+                if points is None or self._mark == (id(task), points):
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                self._mark = (id(task), getattr(task, "_schedule_points", None))
                 return batch
             if not self._live:  # detached, caught up, and the log is closed
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -265,6 +276,8 @@ class _MemoryReader:
             if event.seq < self._next:
                 continue
             self._next = event.seq + 1
+            task = trio.lowlevel.current_task()
+            self._mark = (id(task), getattr(task, "_schedule_points", None))
             return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
 
     async def receive(self) -> Event:

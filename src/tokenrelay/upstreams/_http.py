@@ -35,7 +35,7 @@ from .._exceptions import (
 from .._guard import ClosableAsyncIterator
 from ._chat import ChatRequest, Delta
 from ._lines import LineSplitter, SurrogateJoiner, mend_surrogates
-from ._transport import use_lean_backend
+from ._transport import LeanBody, lean_body, use_lean_backend
 
 __all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "HTTPUpstream", "Upstream", "http_client"]
 
@@ -224,7 +224,10 @@ class HTTPDeltaStream:
         self._text = SurrogateJoiner()  # choice 0's; other choices' in _joiners
         self._joiners: dict[int, SurrogateJoiner] = {}
         self._stack = AsyncExitStack()
+        #: The body: read directly (``LeanBody``), or through httpx2's ``aiter_bytes()``.
+        self._body: LeanBody | None = None
         self._chunks: AsyncGenerator[bytes, None] | None = None
+        self._opened = False
         self._pending: deque[Delta] = deque()
         self._done = False
         self._ended = False
@@ -238,18 +241,18 @@ class HTTPDeltaStream:
         while not self._pending:
             if self._done or self._closed:
                 raise StopAsyncIteration
-            if self._chunks is None:
-                self._chunks = await self._open()
+            if not self._opened:
+                await self._open()
             try:
-                chunk = await self._chunks.__anext__()
-            except StopAsyncIteration:
-                lines = self._splitter.close()
-                ended = True
+                chunk = await self._read()
             except httpx2.TransportError as exc:
                 raise UpstreamDisconnected(
                     f"the connection to {self._upstream} broke mid-stream after "
                     f"{self._deltas} token(s): {_describe(exc)}"
                 ) from exc
+            if chunk is None:
+                lines = self._splitter.close()
+                ended = True
             else:
                 lines = self._splitter.feed(chunk)
                 ended = False
@@ -284,12 +287,22 @@ class HTTPDeltaStream:
         """Send the request and wait for the response headers (what the first ``__anext__``
         would do anyway): returns once the upstream accepted the request, raises
         :class:`UpstreamError` if it could not be reached or refused it."""
-        if self._chunks is None and not self._closed:
-            self._chunks = await self._open()
+        if not self._opened and not self._closed:
+            await self._open()
         else:
             await trio.lowlevel.checkpoint()
 
-    async def _open(self) -> AsyncGenerator[bytes, None]:
+    async def _read(self) -> bytes | None:
+        """The next piece of the body, ``None`` at its end."""
+        if self._body is not None:
+            return await self._body.read()
+        assert self._chunks is not None
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    async def _open(self) -> None:
         with _transport_errors(self._upstream, "closed before it answered"):
             response = await self._stack.enter_async_context(
                 self._client.stream("POST", self._url, json=self._payload, headers=self._headers)
@@ -303,9 +316,11 @@ class HTTPDeltaStream:
                     f"{self._upstream} answered with content-type {content_type!r}, not a "
                     f"{self._content_type} stream"
                 )
-        chunks = response.aiter_bytes()
-        self._stack.push_async_callback(chunks.aclose)
-        return chunks
+        self._body = lean_body(response)
+        if self._body is None:
+            chunks = self._chunks = response.aiter_bytes()
+            self._stack.push_async_callback(chunks.aclose)
+        self._opened = True
 
     async def aclose(self) -> None:
         """Close the response. If the upstream had said the answer was complete, what is left
@@ -318,11 +333,10 @@ class HTTPDeltaStream:
         await self._stack.aclose()
 
     async def _drain(self) -> None:
-        assert self._chunks is not None
         drained = 0
         with trio.move_on_after(DRAIN_SECONDS):
             try:
-                async for chunk in self._chunks:
+                while (chunk := await self._read()) is not None:
                     drained += len(chunk)
                     if drained > DRAIN_BYTES:
                         break

@@ -12,12 +12,25 @@ closed: one ``poll`` object per stream, registered once, answers that with one s
 Where ``select.poll`` does not exist (Windows), httpcore2's own check answers instead.
 
 Together they save about 7% of ``tokenrelay serve``'s CPU per token at 100 streams
-(``python -m benchmarks``). Nothing else changes: :func:`use_lean_backend` gives the backend
-to the connection pool httpx2 built itself, with everything it was configured with (limits,
-TLS, ``retries``, ``local_address``, socket options), and only to a client's direct
-connections. Requests httpx2 routes through a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``,
-``ALL_PROXY``, ``NO_PROXY``, read as httpx2 reads them) go through httpx2's own proxy
-transports, untouched.
+(``python -m benchmarks``).
+
+A request goes out in one write: httpcore2 writes its head and its body separately (two
+system calls, two packets); on plain TCP the lean stream keeps them and sends them together
+when the response is first read (or as soon as 64 KiB wait), dropping a write error there as
+httpcore2 drops one while sending a request.
+
+Nothing else changes: :func:`use_lean_backend` gives the backend to the connection pool
+httpx2 built itself, with everything it was configured with (limits, TLS, ``retries``,
+``local_address``, socket options), and only to a client's direct connections. Requests
+httpx2 routes through a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``,
+read as httpx2 reads them) go through httpx2's own proxy transports, untouched.
+
+:func:`lean_body` reads a streamed response's body straight from httpcore2's HTTP/1.1
+connection (its h11 state and network stream), one method call per network read, where
+``Response.aiter_bytes()`` goes through seven nested async generators and two
+exception-mapping context managers per read. Closing is unchanged: ``Response.aclose()``
+releases the connection exactly as before (back to the pool when the body was read to its
+end, closed otherwise).
 
 httpx2 has no parameter for the network backend, so this sets a private attribute of
 httpcore2's pool; pyproject.toml bounds both versions, and where the pool is not the shape
@@ -29,17 +42,25 @@ expected the client is left as httpx2 built it (correct, only without the saving
 
 from __future__ import annotations
 
+import contextlib
 import select
 import ssl
 from collections.abc import Iterable
 from typing import Any
 
+import h11
 import httpcore2
 import httpx2
 import trio
 from httpcore2 import AsyncNetworkStream
+from httpcore2._async import connection_pool as httpcore2_pool
+from httpcore2._async import http11 as httpcore2_http11
+from httpx2._transports import default as httpx2_default
 
-__all__ = ["LeanTrioBackend", "use_lean_backend"]
+__all__ = ["LeanBody", "LeanTrioBackend", "lean_body", "use_lean_backend"]
+
+#: The most bytes a plain TCP stream keeps unsent before it sends them (see ``write``).
+UNSENT_LIMIT = 64 * 1024
 
 SocketOption = (
     tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
@@ -60,8 +81,13 @@ class _LeanStream(AsyncNetworkStream):
         if self._socket is not None and hasattr(select, "poll"):  # not on Windows
             self._poll = select.poll()
             self._poll.register(self._socket.fileno(), select.POLLIN)
+        #: Plain TCP: what was written and not yet sent, and the write timeout it was given.
+        self._unsent = b""
+        self._unsent_timeout: float | None = None
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._unsent:
+            await self._send_unsent()
         if timeout is not None or self._socket is None:
             return await self._inner.read(max_bytes, timeout)
         try:
@@ -70,12 +96,32 @@ class _LeanStream(AsyncNetworkStream):
             raise httpcore2.ReadError(str(exc) or type(exc).__name__) from exc
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
+        # A request's head and body are two writes: on plain TCP they are kept and sent as
+        # one (one system call, one packet) when the response is read (a request is always
+        # followed by reading its response), or as soon as UNSENT_LIMIT bytes are waiting.
+        if self._socket is None:
+            await self._inner.write(buffer, timeout)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._unsent += buffer
+        self._unsent_timeout = timeout
+        if len(self._unsent) >= UNSENT_LIMIT:
+            data, self._unsent = self._unsent, b""
+            await self._inner.write(data, timeout)
+
+    async def _send_unsent(self) -> None:
+        """Send what the writes left. A write error is dropped here, as httpcore2 drops one
+        while sending a request: the server may have answered and closed early, and reading
+        its response tells (a timeout is raised)."""
+        data, self._unsent = self._unsent, b""
+        with contextlib.suppress(httpcore2.WriteError):
+            await self._inner.write(data, self._unsent_timeout)
 
     async def aclose(self) -> None:
         # The poll object goes first: the descriptor it watches is about to be closed, and
         # its number may be reused.
         self._poll = None
+        self._unsent = b""
         await self._inner.aclose()
 
     async def start_tls(
@@ -84,6 +130,9 @@ class _LeanStream(AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> AsyncNetworkStream:
+        if self._unsent:
+            data, self._unsent = self._unsent, b""
+            await self._inner.write(data, self._unsent_timeout)
         return _LeanStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
 
     def get_extra_info(self, info: str) -> Any:
@@ -130,3 +179,73 @@ def use_lean_backend(client: httpx2.AsyncClient) -> None:
     # Exactly the pool class: httpcore2's proxies are subclasses of it.
     if type(pool) is httpcore2.AsyncConnectionPool and hasattr(pool, "_network_backend"):
         pool._network_backend = LeanTrioBackend()
+
+
+class LeanBody:
+    """A response body read directly from its HTTP/1.1 connection (see :func:`lean_body`)."""
+
+    __slots__ = ("_h11", "_stream")
+
+    #: What one network read asks for (httpcore2's own ``READ_NUM_BYTES``).
+    READ_BYTES = 64 * 1024
+
+    def __init__(self, state: h11.Connection, stream: AsyncNetworkStream) -> None:
+        self._h11 = state
+        self._stream = stream
+
+    async def read(self) -> bytes | None:
+        """The next piece of the body; ``None`` at its end. Raises httpx2's
+        :exc:`~httpx2.ReadError` or :exc:`~httpx2.RemoteProtocolError`, as reading through
+        httpx2 would."""
+        state = self._h11
+        while True:
+            try:
+                event = state.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise httpx2.RemoteProtocolError(str(exc)) from exc
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self._stream.read(self.READ_BYTES, None)
+                except httpcore2.NetworkError as exc:
+                    raise httpx2.ReadError(str(exc)) from exc
+                except httpcore2.ProtocolError as exc:
+                    raise httpx2.RemoteProtocolError(str(exc)) from exc
+                if not data and state.their_state == h11.SEND_RESPONSE:
+                    raise httpx2.RemoteProtocolError(
+                        "Server disconnected without sending a response."
+                    )
+                state.receive_data(data)
+            elif type(event) is h11.Data:
+                return bytes(event.data)
+            elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
+                return None
+
+
+def lean_body(response: httpx2.Response) -> LeanBody | None:
+    """A :class:`LeanBody` for a streamed response of a client given the lean backend, or
+    ``None`` where the response is not exactly what it expects (a proxied or HTTP/2
+    connection, a content encoding to undo, a read timeout, another httpx2 or httpcore2):
+    read that one with ``aiter_bytes()``. Nothing of httpx2's or httpcore2's has been read or
+    changed either way."""
+    encoding = response.headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        return None
+    outer = getattr(response.stream, "_stream", None)
+    pooled = getattr(outer, "_httpcore_stream", None)
+    inner = getattr(pooled, "_stream", None)
+    connection = getattr(inner, "_connection", None)
+    request = getattr(inner, "_request", None)
+    if not (
+        type(outer) is httpx2_default.AsyncResponseStream
+        and type(pooled) is httpcore2_pool.PoolByteStream
+        and type(inner) is httpcore2_http11.HTTP11ConnectionByteStream
+        and type(connection) is httpcore2.AsyncHTTP11Connection
+        and isinstance(request, httpcore2.Request)
+        and request.extensions.get("timeout", {}).get("read") is None
+    ):
+        return None
+    state = getattr(connection, "_h11_state", None)
+    stream = getattr(connection, "_network_stream", None)
+    if not isinstance(state, h11.Connection) or not isinstance(stream, _LeanStream):
+        return None
+    return LeanBody(state, stream)

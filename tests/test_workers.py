@@ -68,13 +68,15 @@ def session() -> str:
 
 @bounded(60)
 async def test_a_run_started_on_one_worker_resumes_on_the_other(
-    redis_server: RedisServer,
+    redis_server: RedisServer, fake_server: FakeModelServer
 ) -> None:
-    demo = ["--demo-prefill", "0.01", "--demo-token-delay", "0.01"]
+    # Long enough that the resume on B follows it live for a while (2 s of tokens).
+    fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(200)], interval=0.01)
+    upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
     name = session()
     async with (
-        worker(redis_server, *demo) as (_, url_a),
-        worker(redis_server, *demo) as (_, url_b),
+        worker(redis_server, *upstream) as (_, url_a),
+        worker(redis_server, *upstream) as (_, url_b),
         httpx2.AsyncClient(timeout=20) as client,
     ):
         headers = {"X-Session-Id": name}
@@ -89,15 +91,23 @@ async def test_a_run_started_on_one_worker_resumes_on_the_other(
             "GET", f"{url_b}/v1/sessions/{name}/stream", headers={"Last-Event-ID": str(last)}
         ) as response:
             assert response.headers["x-run-id"] == run_id
+            opened = trio.current_time()
             rest = await SSEReader(response).all()
-        async with client.stream("GET", f"{url_a}/v1/sessions/{name}/stream") as response:
-            whole = await SSEReader(response).all()
+        ended = fake_server.requests[0].closed_at
+        # A's own resume from the same point, once the run is over.
+        async with client.stream(
+            "GET", f"{url_a}/v1/sessions/{name}/stream", headers={"Last-Event-ID": str(last)}
+        ) as response:
+            rest_a = await SSEReader(response).all()
         status_b = (await client.get(f"{url_b}/v1/sessions/{name}")).json()
-    # Exactly the continuation: the seqs after the last one read, the same data, then the end.
-    assert seqs(rest) == [s for s in seqs(whole) if s > last]
-    assert [e.data for e in rest if e.id] == [e.data for e in whole if e.id and int(e.id) > last]
+    assert ended is not None
+    assert opened < ended  # B followed the run live, before the model had finished
+    # Exactly the continuation, event for event as the run's own worker gives it (seqs,
+    # event types, data: every chunk's JSON, the run's names, the finish), then [DONE].
+    assert [(e.id, e.event, e.data) for e in rest] == [(e.id, e.event, e.data) for e in rest_a]
+    assert seqs(rest) == list(range(last + 1, last + 1 + len(seqs(rest))))
     assert rest[-1].data == "[DONE]"
-    assert text_of(first + rest) == text_of(whole)
+    assert text_of(first + rest) == "".join(f"t{i} " for i in range(200))
     assert (status_b["run_id"], status_b["status"]) == (run_id, "done")
 
 

@@ -15,6 +15,7 @@ import re
 import socket
 import struct
 import threading
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -734,3 +735,70 @@ def test_a_dropped_connection_reconnects_by_itself(browser: Browser, server: Ser
         context.close()
         proxy.close()
     assert watched.problems == []
+
+
+def test_a_message_sent_while_the_history_loads_continues_it(
+    context: tuple[BrowserContext, Watched], server: ServeProcess
+) -> None:
+    """Sent before the chat's stored messages are on screen, a message waits for them: it
+    goes out with the history, and the thread shows each message once."""
+    session = f"hist-{uuid.uuid4().hex[:8]}"
+    api(
+        server,
+        "/v1/chat/completions",
+        "POST",
+        json={"messages": [{"role": "user", "content": "my name is Ada"}], "stream": False},
+        headers={"X-Session-Id": session},
+    )
+    browser_context, watched = context
+    page = watched.attach(browser_context.new_page())
+    held: list[Route] = []
+    page.route(f"**/v1/sessions/{session}/messages", lambda route: held.append(route))  # slow
+    with page.expect_request(lambda request: request.url.endswith(f"/{session}/messages")):
+        page.goto(f"{server.url}/#session={session}")
+    while not held:  # Playwright hands the held request over as it processes its events
+        page.wait_for_timeout(10)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send(page, "what is my name?")
+        page.wait_for_timeout(200)  # time enough for a page that would not wait to send
+        held[0].continue_()
+    body = sent.value.post_data_json
+    assert body["messages"][0]["content"] == "my name is Ada"
+    assert body["messages"][-1] == {"role": "user", "content": "what is my name?"}
+    wait_done(page)
+    expect(page.locator("article.msg.user")).to_have_text(["my name is Ada", "what is my name?"])
+
+
+def test_a_reload_of_an_answer_whose_start_is_no_longer_held_keeps_its_text(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """With --max-events, a long running answer's first events are gone: a fresh page shows
+    the stored partial answer, never an empty one or an error, and follows it to its end."""
+    with serve_process(
+        "--max-events", "10", "--demo-prefill", "0.01", "--demo-token-delay", "0.05",
+        db=tmp_path / "relay.db",
+    ) as small:  # fmt: skip
+        session = f"gap-{uuid.uuid4().hex[:8]}"
+        with httpx2.stream(
+            "POST",
+            small.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "write 60 words"}], "stream": True},
+            headers={"X-Session-Id": session},
+            timeout=10,
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("id: 20"):
+                    break  # its first events are no longer held; it goes on
+        context = browser.new_context(viewport=DESKTOP)
+        watched = Watched(small.url)
+        try:
+            page = watched.attach(context.new_page())
+            page.goto(f"{small.url}/#session={session}")
+            answers(page).first.filter(has_text=re.compile(r"\S")).wait_for()
+            expect(status(page)).not_to_have_attribute("data-state", "error")
+            wait_done(page)
+            final = httpx2.get(f"{small.url}/v1/sessions/{session}/messages", timeout=10)
+            assert answers(page).first.text_content() == final.json()["data"][-1]["content"]
+        finally:
+            context.close()
+        assert watched.problems == []

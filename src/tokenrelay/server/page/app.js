@@ -47,6 +47,7 @@ const state = {
   turns: [], // {role: "user", text} | {role: "assistant", view}
   active: null, // the Follow whose events may touch the view
   opening: 0, // bumped by each openSession(): a slower, older load is dropped
+  history: Promise.resolve(), // settled once the chat's stored messages are on screen
   listing: 0, // the same for the session list
   sessions: [],
 };
@@ -462,6 +463,10 @@ class Follow {
     this.retryMs = 3000;
     this.reconnectAt = 0;
     this.stopping = null; // the POST /stop of this page's Stop, until it has answered
+    // Resuming a stored partial answer: its text stays until the first replayed event
+    // replaces it (or, if the replay is no longer possible, until the run ends).
+    this.replacing = false;
+    this.gap = false;
     // Settled once the run has started (its response's headers came) or failed to.
     this.accepted = new Promise((resolve) => {
       this.accept = resolve;
@@ -509,10 +514,16 @@ class Follow {
       if (!(seq > this.lastSeq)) return; // already applied
       this.lastSeq = seq;
       this.attempt = 0;
+      if (this.replacing) {
+        this.replacing = false; // the replay is here: it shows the text from its start
+        this.view.clear();
+      }
     }
     if (event.event === "error") {
       try {
-        this.error = JSON.parse(event.data).error.message;
+        const error = JSON.parse(event.data).error;
+        this.error = error.message;
+        this.gap = error.type === "replay_gap";
       } catch {
         this.error = event.data;
       }
@@ -563,6 +574,12 @@ class Follow {
   }
 
   finish() {
+    if (this.gap && this.replacing) {
+      // Its first events are no longer held: keep the stored text, and follow the stored
+      // answer instead until the run ends.
+      this.followStored();
+      return;
+    }
     this.ended = true;
     this.phase = "ended";
     updateButtons();
@@ -597,6 +614,50 @@ class Follow {
     this.view.setState("error");
     setStatus("error", `Error: ${message}`);
     updateButtons();
+  }
+
+  /** Show the stored answer of this run as it grows, until it is no longer running. */
+  async followStored() {
+    this.phase = "streaming";
+    tick();
+    for (;;) {
+      try {
+        await sleep(1000, this.controller.signal);
+      } catch {
+        return;
+      }
+      if (!this.current) return;
+      let messages;
+      try {
+        messages = await storedMessages(this.sessionId);
+      } catch {
+        continue;
+      }
+      const answer = messages.find((m) => m.role === "assistant" && m.run_id === this.runId);
+      if (answer === undefined) return;
+      if (answer.content && answer.content !== this.view.content) {
+        this.view.clear();
+        this.view.addContent(answer.content);
+        this.view.flush();
+      }
+      if (answer.status !== "running") {
+        this.ended = true;
+        this.phase = "ended";
+        if (answer.status === "stopped") {
+          this.view.setState("stopped", answer.reason);
+          setStatus("stopped", `Stopped (${answer.reason})`);
+        } else if (answer.status === "error") {
+          this.view.setState(answer.reason === "interrupted" ? "interrupted" : "error");
+          setStatus("error", `Error: ${answer.reason}`);
+        } else {
+          this.view.setState("done");
+          setStatus("done", "Done");
+        }
+        updateButtons();
+        refreshSessions();
+        return;
+      }
+    }
   }
 
   /** Sending a new message superseded this answer: freeze it, mark it, stop reading. */
@@ -676,6 +737,8 @@ function conversation() {
 async function send() {
   const text = ui.prompt.value;
   if (!text.trim()) return;
+  // The chat's stored messages first: they are the conversation this message continues.
+  await state.history;
   ui.prompt.value = "";
   autosize();
   if (state.sessionId === null) {
@@ -758,6 +821,18 @@ async function stopRun(follow) {
 
 /** Show session `id` (null: a new chat) as stored, and follow its running answer if any. */
 async function openSession(id, { keepStatus = false } = {}) {
+  let loaded;
+  state.history = new Promise((resolve) => {
+    loaded = resolve;
+  });
+  try {
+    await showSession(id, keepStatus, loaded);
+  } finally {
+    loaded();
+  }
+}
+
+async function showSession(id, keepStatus, loaded) {
   const opening = ++state.opening;
   state.active?.detach();
   state.active = null;
@@ -798,10 +873,12 @@ async function openSession(id, { keepStatus = false } = {}) {
     last = { message, view };
   }
   ui.transcript.scrollTop = ui.transcript.scrollHeight;
+  loaded(); // the history is on screen: a message sent now continues it
   if (last !== null && last.message.status === "running") {
-    // Replayed from its first event: the text appears once, whole, then follows live.
-    last.view.clear();
+    // Replayed from its first event: the stored text is replaced by the replay's, which
+    // appears once, whole, then follows live.
     const follow = new Follow(id, last.view, { runId: last.message.run_id ?? null });
+    follow.replacing = true;
     state.active = follow;
     updateButtons();
     await follow.resume();

@@ -375,6 +375,15 @@ async def test_bad_fields_are_a_400_naming_the_field_and_unknown_ids_a_404(
         ({"conversation": "conv_1"}, "'conversation'"),
         ({"text": {"format": {"type": "json_schema"}}}, "'text.format.name'"),
         ({"metadata": {"a": 1}}, "'metadata'"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": 1}]}, "'tools[0].parameters'"),
+        ({"tools": [{"type": "function", "name": "f", "strict": "yes"}]}, "'tools[0].strict'"),
+        ({"reasoning": {"effort": "bogus"}}, "'reasoning.effort'"),
+        ({"text": {"verbosity": 5}}, "'text.verbosity'"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "js:"}]}]},
+            "'input[0].content[0].image_url'",
+        ),
+        ({"tool_choice": {"type": "function", "name": "nope"}}, "'tool_choice.name'"),
     ]
     async with sdk(served.url) as client:
         for fields, named in bad:
@@ -519,6 +528,27 @@ def test_tool_calls_each_become_an_item_with_whole_arguments() -> None:
     assert final["status"] == "completed"
     done = [e["arguments"] for e in out if e["type"] == "response.function_call_arguments.done"]
     assert done == ['{"a": 1}', "{}"]
+
+
+def test_interleaved_parallel_tool_calls_get_no_delta_after_their_done() -> None:
+    log = _log(
+        Delta(tool_calls=(ToolCallDelta(0, id="c1", name="f", arguments='{"x"'),)),
+        Delta(tool_calls=(ToolCallDelta(1, id="c2", name="g", arguments='{"y"'),)),
+        Delta(tool_calls=(ToolCallDelta(0, arguments=": 1}"),)),
+        Delta(tool_calls=(ToolCallDelta(1, arguments=": 2}"),)),
+        Delta(finish_reason="tool_calls"),
+    )
+    out = _rendered(log, Ending("done", completed_at=5))
+    for item_id in {e["item_id"] for e in out if "item_id" in e}:
+        kinds = [e["type"] for e in out if e.get("item_id") == item_id]
+        done = kinds.index("response.function_call_arguments.done")
+        assert "response.function_call_arguments.delta" not in kinds[done:]
+    done = [e["arguments"] for e in out if e["type"] == "response.function_call_arguments.done"]
+    assert done == ['{"x": 1}', '{"y": 2}']  # each whole, as in the final output
+    final = out[-1]["response"]
+    assert [i["arguments"] for i in final["output"]] == ['{"x": 1}', '{"y": 2}']
+    usage = final["usage"]
+    assert usage is None or "cache_write_tokens" in usage["input_tokens_details"]
 
 
 def test_the_same_log_renders_the_same_events() -> None:

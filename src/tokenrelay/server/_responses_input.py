@@ -139,6 +139,10 @@ def parse_responses_request(body: object) -> ResponsesRequest:
     choice = body.get("tool_choice")
     if choice is not None:
         chat_fields["tool_choice"] = _tool_choice(choice)
+        if isinstance(choice, Mapping):
+            named = {tool["function"]["name"] for tool in chat_fields.get("tools", [])}
+            if choice["name"] not in named:
+                _bad(f"'tool_choice.name' {choice['name']!r} is not one of the request's tools")
         echo["tool_choice"] = choice
     parallel = body.get("parallel_tool_calls")
     if parallel is not None:
@@ -273,11 +277,25 @@ def _tools(tools: object) -> list[dict[str, Any]]:
         if not isinstance(name, str) or not name:
             _bad(f"'tools[{i}].name' must be a non-empty string")
         function: dict[str, Any] = {"name": name}
-        for field in ("description", "parameters", "strict"):
-            if tool.get(field) is not None:
-                function[field] = tool[field]
+        for field, kind, what in _TOOL_FIELDS:
+            value = tool.get(field)
+            if value is None:
+                continue
+            if not isinstance(value, kind):
+                _bad(f"'tools[{i}].{field}' must be {what}")
+            function[field] = value
         chat.append({"type": "function", "function": function})
     return chat
+
+
+_TOOL_FIELDS: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
+    ("description", str, "a string"),
+    ("parameters", Mapping, "a JSON schema object"),
+    ("strict", bool, "true or false"),
+)
+
+#: What ``reasoning.effort`` may be.
+EFFORTS = ("minimal", "low", "medium", "high")
 
 
 def _tool_choice(choice: object) -> object:
@@ -297,11 +315,14 @@ def _reasoning(reasoning: object) -> dict[str, Any]:
     for name in reasoning:
         if name not in ("effort", "summary", "generate_summary"):
             _bad(f"'reasoning.{name}' is not supported by this relay's Responses API")
+    for name in ("summary", "generate_summary"):
+        if reasoning.get(name) is not None and not isinstance(reasoning[name], str):
+            _bad(f"'reasoning.{name}' must be a string")
     effort = reasoning.get("effort")
     if effort is None:
         return {}
-    if not isinstance(effort, str):
-        _bad("'reasoning.effort' must be a string")
+    if effort not in EFFORTS:
+        _bad(f"'reasoning.effort' must be one of {', '.join(EFFORTS)}")
     return {"reasoning_effort": effort}
 
 
@@ -311,6 +332,8 @@ def _text(text: object) -> dict[str, Any]:
     for name in text:
         if name not in ("format", "verbosity"):
             _bad(f"'text.{name}' is not supported by this relay's Responses API")
+    if text.get("verbosity") not in (None, "low", "medium", "high"):
+        _bad("'text.verbosity' must be low, medium or high")
     form = text.get("format")
     if form is None:
         return {}
@@ -329,9 +352,12 @@ def _text(text: object) -> dict[str, Any]:
         if not isinstance(schema, Mapping):
             _bad("'text.format.schema' must be a JSON schema object")
         spec: dict[str, Any] = {"name": name, "schema": dict(schema)}
-        for field in ("description", "strict"):
-            if form.get(field) is not None:
-                spec[field] = form[field]
+        for field, kind, what in (("description", str, "a string"), ("strict", bool, "a bool")):
+            if form.get(field) is None:
+                continue
+            if not isinstance(form[field], kind):
+                _bad(f"'text.format.{field}' must be {what}")
+            spec[field] = form[field]
         return {"response_format": {"type": "json_schema", "json_schema": spec}}
     _bad("'text.format.type' must be 'text', 'json_object' or 'json_schema'")
 
@@ -425,20 +451,24 @@ def _message(where: str, item: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
             _bad(f"'{at}' must be a content part object")
         part_kind = part.get("type")
         if part_kind in ("input_text", "output_text", "refusal"):
-            part_text = part.get("text" if part_kind != "refusal" else "refusal")
+            field = "text" if part_kind != "refusal" else "refusal"
+            part_text = part.get(field)
             if not isinstance(part_text, str):
-                _bad(f"'{at}.text' must be a string")
+                _bad(f"'{at}.{field}' must be a string")
             parts.append({"type": "text", "text": part_text})
         elif part_kind == "input_image":
             url = part.get("image_url")
-            if not isinstance(url, str) or not url:
+            if not isinstance(url, str) or not url.startswith(("https://", "http://", "data:")):
                 _bad(
-                    f"'{at}.image_url' must be a URL or a data: URL (file_id is not supported "
-                    "by this relay)"
+                    f"'{at}.image_url' must be an http(s) URL or a data: URL (file_id is not "
+                    "supported by this relay)"
                 )
             image: dict[str, Any] = {"url": url}
-            if isinstance(part.get("detail"), str):
-                image["detail"] = part["detail"]
+            detail = part.get("detail")
+            if detail is not None:
+                if detail not in ("auto", "low", "high"):
+                    _bad(f"'{at}.detail' must be auto, low or high")
+                image["detail"] = detail
             parts.append({"type": "image_url", "image_url": image})
         else:
             _bad(f"'{at}.type' must be input_text or input_image, not {part_kind!r}")

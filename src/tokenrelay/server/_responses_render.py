@@ -198,9 +198,7 @@ class ResponseRenderer:
         else:
             self.status = ending.kind
         item_status = "completed" if self.status == "completed" else "incomplete"
-        if self._current is not None:
-            self._close(self._current, item_status, out)
-        for item in self.items:  # tool calls left open by interleaved pieces
+        for item in self.items:  # in output order (parallel tool calls stay open to here)
             if item.open:
                 self._close(item, item_status, out)
         out.append(self._event(f"response.{self.status}", response=self.snapshot()))
@@ -274,7 +272,10 @@ class ResponseRenderer:
         function = piece.get("function") or {}
         item = self._tools.get(index)
         if item is None:
-            if self._current is not None:
+            # A message or reasoning before it is over; another tool call is not: parallel
+            # calls' pieces may come interleaved (index 0, 1, 0, 1...), and each call stays
+            # open until the answer ends (finish() closes them).
+            if self._current is not None and self._current.kind != "function_call":
                 self._close(self._current, "completed", out)
             item = self._begin("function_call", "fc")
             item.call_id = piece.get("id") or f"call_{self._suffix}_{index}"
@@ -356,7 +357,10 @@ def response_usage(usage: dict[str, Any]) -> dict[str, Any]:
     completion_details = usage.get("completion_tokens_details") or {}
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": prompt_details.get("cached_tokens") or 0},
+        "input_tokens_details": {
+            "cached_tokens": prompt_details.get("cached_tokens") or 0,
+            "cache_write_tokens": prompt_details.get("cache_write_tokens") or 0,
+        },
         "output_tokens": completion,
         "output_tokens_details": {
             "reasoning_tokens": completion_details.get("reasoning_tokens") or 0

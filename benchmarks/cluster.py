@@ -34,7 +34,7 @@ import psutil
 import trio
 
 from ._stats import Result
-from .throughput import _cpu_seconds, _load, _start
+from .throughput import _cpu_seconds, _load, _start, relay_command
 
 MEMORY = "serve --db :memory:"
 SQLITE = "serve --db FILE"
@@ -59,11 +59,7 @@ async def run(quick: bool) -> list[Result]:
             fake, fake_pid = await _start(
                 nursery, [python, "-m", "benchmarks._fake"], url_on="stdout"
             )
-            serve = [
-                python, "-m", "tokenrelay", "serve", "--port", "0",
-                "--upstream", f"ollama={fake}",
-                "--max-runs", "5000", "--upstream-connections", "2000",
-            ]  # fmt: skip
+            serve = relay_command(fake)
             on_redis = [*serve, "--db", ":memory:", "--redis", redis_url]
             starting = {
                 MEMORY: [*serve, "--db", ":memory:"],
@@ -167,25 +163,7 @@ async def _serve(nursery: trio.Nursery, argv: list[str], cwd: str) -> tuple[str,
     URL and pid once it serves: with ``--workers N``, once each of its N workers has said it
     listens (their stderr is the supervisor's)."""
     workers = int(argv[argv.index("--workers") + 1]) if "--workers" in argv else 1
-    process: trio.Process = await nursery.start(
-        partial(trio.run_process, argv, check=False, cwd=cwd, stderr=subprocess.PIPE)
-    )
-    stream = process.stderr
-    assert stream is not None
-    seen = b""
-    # A worker's line: the URL then a comma (the supervisor's own has none).
-    while len(found := re.findall(rb"listening on (http://\S+),", seen)) < workers:
-        chunk = await stream.receive_some()
-        if not chunk:
-            raise RuntimeError(f"{argv} exited:\n{seen.decode(errors='replace')}")
-        seen += chunk
-
-    async def drain() -> None:  # a full pipe would block the server
-        while await stream.receive_some():
-            pass
-
-    nursery.start_soon(drain)
-    return found[0].decode(), process.pid
+    return await _start(nursery, argv, url_on="stderr", cwd=cwd, count=workers)
 
 
 def _process_cpu(pid: int) -> float:

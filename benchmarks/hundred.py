@@ -18,7 +18,7 @@ import tempfile
 import trio
 
 from ._stats import Result, table
-from .throughput import FLOOR, MEMORY, PROXY, _first_token, _paced, _start
+from .throughput import FLOOR, MEMORY, PROXY, _first_token, _paced, _start, relay_command
 
 BEFORE = "tokenrelay serve (--before)"
 
@@ -32,22 +32,7 @@ async def run(repeats: int, streams: int, ttft_rounds: int, before: str | None) 
             fake, fake_pid = await _start(
                 nursery, [python, "-m", "benchmarks._fake"], url_on="stdout"
             )
-            serve = [
-                python,
-                "-m",
-                "tokenrelay",
-                "serve",
-                "--port",
-                "0",
-                "--upstream",
-                f"ollama={fake}",
-                "--max-runs",
-                "5000",
-                "--upstream-connections",
-                "2000",
-                "--db",
-                ":memory:",
-            ]
+            serve = [*relay_command(fake), "--db", ":memory:"]
             memory, memory_pid = await _start(nursery, serve, url_on="stderr", cwd=directory)
             targets = [("the fake model, directly", fake, fake_pid), (MEMORY, memory, memory_pid)]
             if before is not None:

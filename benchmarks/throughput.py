@@ -22,6 +22,16 @@ import trio
 from ._stats import Result
 
 
+def relay_command(fake: str) -> list[str]:
+    """``tokenrelay serve`` in front of the fake model at ``fake``, on any free port, with room
+    for every stream a benchmark opens (give it ``--db`` too)."""
+    return [
+        sys.executable, "-m", "tokenrelay", "serve", "--port", "0",
+        "--upstream", f"ollama={fake}",
+        "--max-runs", "5000", "--upstream-connections", "2000",
+    ]  # fmt: skip
+
+
 async def _start(
     nursery: trio.Nursery,
     argv: list[str],
@@ -29,10 +39,12 @@ async def _start(
     url_on: str,
     cwd: str | None = None,
     env: dict[str, str] | None = None,
+    count: int = 1,
 ) -> tuple[str, int]:
     """Start a server process (killed when ``nursery`` is cancelled) in ``cwd``; return its
     URL, which it prints first on stdout, or in tokenrelay's startup line on stderr, and its
-    pid."""
+    pid. ``count``: wait for that many startup lines (``tokenrelay serve --workers N``: one
+    from each worker, on the supervisor's stderr)."""
     process: trio.Process = await nursery.start(
         partial(
             trio.run_process,
@@ -50,7 +62,7 @@ async def _start(
     pattern = (
         rb"(http://127\.0\.0\.1:\d+)" if url_on == "stdout" else rb"listening on (http://\S+),"
     )
-    while (found := re.search(pattern, seen)) is None:
+    while len(found := re.findall(pattern, seen)) < count:
         chunk = await stream.receive_some()
         if not chunk:
             raise RuntimeError(f"{argv} exited:\n{seen.decode(errors='replace')}")
@@ -61,7 +73,7 @@ async def _start(
             pass
 
     nursery.start_soon(drain)
-    return found.group(1).decode(), process.pid
+    return found[0].decode(), process.pid
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -101,20 +113,7 @@ async def run(quick: bool) -> list[Result]:
             fake, fake_pid = await _start(
                 nursery, [python, "-m", "benchmarks._fake"], url_on="stdout"
             )
-            serve = [
-                python,
-                "-m",
-                "tokenrelay",
-                "serve",
-                "--port",
-                "0",
-                "--upstream",
-                f"ollama={fake}",
-                "--max-runs",
-                "5000",
-                "--upstream-connections",
-                "2000",
-            ]
+            serve = relay_command(fake)
             memory, memory_pid = await _start(
                 nursery, [*serve, "--db", ":memory:"], url_on="stderr", cwd=directory
             )

@@ -377,3 +377,44 @@ async def test_a_stored_replay_is_the_live_stream_byte_for_byte(
     last = json.loads([e for e in stored if e.id is not None][-1].data)
     assert (last["model"], last["system_fingerprint"], last["choices"]) == ("fake-v2", "fp_1", [])
     assert stored[-1].data == "[DONE]"
+
+
+@bounded(20)
+async def test_messages_of_a_running_answer_longer_than_memory_holds_are_whole(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    """A running answer whose first events the relay dropped (--max-events) is given whole
+    from the file, with the seq to resume after; an interrupted answer whose events expired
+    is an empty answer, never a 500."""
+    fake_server.default = FakeScript(tokens=[f"w{i} " for i in range(500)], interval=0.005)
+    db = tmp_path / "relay.db"
+    served = await start_served(nursery, fake_server, db=str(db), max_events=5, keep_events=0.2)
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=chat("long"), headers={"X-Session-Id": "s"}
+        ) as response:
+            async with SSEReader(response) as reader:
+                await reader.content_events(20)
+            messages = (await client.get("/v1/sessions/s/messages")).json()["data"]
+            running = messages[-1]
+            assert running["status"] == "running"
+            assert running["content"].startswith("w0 w1 w2 ")  # whole, not from seq 15 on
+            assert running["last_seq"] >= 19
+            # Every token through last_seq (token i is seq i here): nothing missing, no more.
+            assert running["content"] == "".join(f"w{i} " for i in range(running["last_seq"] + 1))
+        await client.post("/v1/sessions/s/stop")
+        # As a crash would leave it: no outcome; then its events expire.
+        run = served.run("s")
+        await served.relay.forget("-/s")
+        assert served.service.store is not None
+        await served.service.store.flush()  # its outcome is written: now take it away
+        with sqlite3.connect(db) as connection:
+            connection.execute(
+                "UPDATE runs SET outcome = NULL, state = 'interrupted' WHERE run_id = ?", (run.id,)
+            )
+        while stored_events(db, run.id):  # noqa: ASYNC110 (another connection's writes)
+            await trio.sleep(0.05)
+        gone = await client.get("/v1/sessions/s/messages")
+    assert gone.status_code == 200
+    answer = gone.json()["data"][-1]
+    assert (answer["status"], answer["reason"], answer["content"]) == ("error", "interrupted", "")

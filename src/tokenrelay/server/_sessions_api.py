@@ -9,7 +9,7 @@ from typing import Any, NoReturn, TypeVar
 from quart import Response, g, request
 
 from .._events import Event
-from .._exceptions import ReplayGap, StoreUnavailable
+from .._exceptions import ReplayGap, StoreUnavailable, UnknownRun
 from .._relay import Run
 from ..stores._redis import RemoteRun
 from ..stores._sqlite import StoredRun
@@ -156,16 +156,24 @@ async def messages(session_id: str) -> dict[str, Any]:
     data: list[dict[str, Any]] = []
     for turn in turns:
         data.append({"role": "user", "content": turn.prompt, "run_id": turn.id})
+        last_seq = None
         if live is not None and live.id == turn.id and live.finished_at is None:
-            answer, state, reason = _answer(live.events()), "running", None
+            events = live.events()
+            if len(events) < live.event_count:  # its first events are no longer held here
+                events = await _stored_events(turn.id)
+            answer, state, reason = _answer(events), "running", None
+            # Where a client that shows this partial answer resumes the run from.
+            last_seq = events[-1].seq if events else -1
         elif turn.outcome is not None:
             answer, state, reason = turn.outcome["choices"], *stored_status(turn)[:2]
         else:
-            events = await service.store.events(turn.id)
+            events = await _stored_events(turn.id)
             answer, state, reason = _answer(events), *stored_status(turn)[:2]
         message = dict(answer[0]["message"])
         message.update(run_id=turn.id, status=state, reason=reason)
         message["finish_reason"] = answer[0]["finish_reason"] if state == "done" else None
+        if last_seq is not None:
+            message["last_seq"] = last_seq
         data.append(message)
     return {"object": "list", "session_id": session_id, "data": data}
 
@@ -235,6 +243,16 @@ def _remote_status(session_id: str, remote: RemoteRun) -> dict[str, Any]:
         "duration_ms": None,
         "error": error.get("message") if isinstance(error, dict) else None,
     }
+
+
+async def _stored_events(run_id: str) -> list[Event]:
+    """The run's events as its store has them (none, once they have expired)."""
+    store = relay_service().store
+    assert store is not None
+    try:
+        return await store.events(run_id)
+    except (ReplayGap, UnknownRun):
+        return []
 
 
 def _answer(events: list[Event]) -> list[dict[str, Any]]:

@@ -62,6 +62,20 @@ async def worker(redis: RedisServer, *args: str) -> AsyncIterator[tuple[Server, 
         await process.wait()
 
 
+@asynccontextmanager
+async def two_workers(
+    redis: RedisServer, fake: FakeModelServer
+) -> AsyncIterator[tuple[str, str, httpx2.AsyncClient]]:
+    """Workers A and B on one Redis, in front of the fake model; and a client."""
+    upstream = ["--upstream", f"ollama={fake.ollama_url}", "--model", "fake"]
+    async with (
+        worker(redis, *upstream) as (_, url_a),
+        worker(redis, *upstream) as (_, url_b),
+        httpx2.AsyncClient(timeout=20) as client,
+    ):
+        yield url_a, url_b, client
+
+
 def session() -> str:
     return "s-" + secrets.token_hex(6)
 
@@ -72,13 +86,8 @@ async def test_a_run_started_on_one_worker_resumes_on_the_other(
 ) -> None:
     # Long enough that the resume on B follows it live for a while (2 s of tokens).
     fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(200)], interval=0.01)
-    upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
     name = session()
-    async with (
-        worker(redis_server, *upstream) as (_, url_a),
-        worker(redis_server, *upstream) as (_, url_b),
-        httpx2.AsyncClient(timeout=20) as client,
-    ):
+    async with two_workers(redis_server, fake_server) as (url_a, url_b, client):
         headers = {"X-Session-Id": name}
         async with client.stream(
             "POST", url_a + "/v1/chat/completions", json=chat("count slowly"), headers=headers
@@ -116,13 +125,8 @@ async def test_stop_and_supersede_through_the_other_worker(
     redis_server: RedisServer, fake_server: FakeModelServer
 ) -> None:
     fake_server.default = SLOW
-    upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
     name = session()
-    async with (
-        worker(redis_server, *upstream) as (_, url_a),
-        worker(redis_server, *upstream) as (_, url_b),
-        httpx2.AsyncClient(timeout=20) as client,
-    ):
+    async with two_workers(redis_server, fake_server) as (url_a, url_b, client):
         await detached(client, url_a, name)
         first = fake_server.requests[0]
         stop = await client.post(f"{url_b}/v1/sessions/{name}/stop")
@@ -160,13 +164,8 @@ async def test_enqueue_and_reject_through_the_other_worker(
     redis_server: RedisServer, fake_server: FakeModelServer
 ) -> None:
     fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(30)], interval=0.01)
-    upstream = ["--upstream", f"ollama={fake_server.ollama_url}", "--model", "fake"]
     name = session()
-    async with (
-        worker(redis_server, *upstream) as (_, url_a),
-        worker(redis_server, *upstream) as (_, url_b),
-        httpx2.AsyncClient(timeout=20) as client,
-    ):
+    async with two_workers(redis_server, fake_server) as (url_a, url_b, client):
         await detached(client, url_a, name)
         busy = await client.post(
             url_b + "/v1/chat/completions",

@@ -8,7 +8,9 @@ answered before the request body was read. See docs/upstream-bugs.md and _asgi.p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -135,3 +137,41 @@ async def test_the_openai_sdk_carries_on_after_a_413(
             model="fake", messages=chat("hi")["messages"]
         )
     assert completion.choices[0].message.content
+
+
+@bounded(10)
+async def test_cancelling_the_server_closes_its_upstream_connections_at_once() -> None:
+    """``hypercorn.trio.serve`` cancelled by its parent never runs the lifespan shutdown; the
+    upstream's connections are closed all the same, not left open for the garbage collector
+    (which, mid-run, warned of an unclosed socket in whichever test it happened to run)."""
+    upstream_closed = trio.Event()
+    models = b'{"object":"list","data":[{"id":"raw","object":"model","owned_by":"test"}]}'
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some()
+        assert received.startswith(b"GET /v1/models ")
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(models), models)
+        )
+        # A keep-alive connection, idle in the relay's pool: it ends when the relay closes it.
+        assert await stream.receive_some() == b""
+        upstream_closed.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as server:
+            served = await start_served(
+                server, FakeModelServer(), upstream=f"openai=http://127.0.0.1:{port}/v1"
+            )
+            conn = await RawHTTP.connect(served.url)
+            await conn.send(b"GET /v1/models HTTP/1.1\r\nHost: relay\r\n\r\n")
+            status, _, body = await conn.response()
+            assert (status, json.loads(body)["data"][0]["id"]) == (200, "raw")
+            await conn.aclose()
+            server.cancel_scope.cancel()
+        await upstream_closed.wait()
+        nursery.cancel_scope.cancel()

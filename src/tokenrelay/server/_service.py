@@ -79,7 +79,8 @@ class RelayService:
         #: The Redis store shared with the other workers (``None``: this process alone).
         self.shared: RedisStore | None = None
         self.metrics = Metrics(self._statistics, self._store_errors, self._redis_counts)
-        self._stack = AsyncExitStack()
+        self._upstream_scope = trio.CancelScope()
+        self._upstream_done = trio.Event()
         #: Runs running or waiting, by namespace (for ``max_runs_per_key``).
         self._runs_by_namespace: dict[str, int] = {}
         self._store_scope = trio.CancelScope()
@@ -111,16 +112,7 @@ class RelayService:
     async def start(self, nursery: trio.Nursery) -> None:
         """Open the upstream and start the relay in ``nursery`` (the app's lifespan nursery)."""
         cfg = self.config
-        self.upstream = await self._stack.enter_async_context(
-            open_upstream(
-                cfg.upstream,
-                model=cfg.model,
-                api_key=cfg.upstream_api_key,
-                max_connections=cfg.upstream_connections,
-                demo_prefill=cfg.demo_prefill,
-                demo_token_delay=cfg.demo_token_delay,
-            )
-        )
+        self.upstream = await nursery.start(self._upstream_task)
         if cfg.db != ":memory:":
             self.store = SQLiteStore(cfg.db)
             await self.store.open()
@@ -144,6 +136,32 @@ class RelayService:
         )
         if cfg.stall_timeout is not None:
             await nursery.start(self._stalls.run)
+
+    async def _upstream_task(self, *, task_status: trio.TaskStatus[Upstream]) -> None:
+        """The upstream, open until :meth:`stop` cancels its scope (last), or the app's
+        nursery is cancelled without a lifespan shutdown (as when a parent cancels
+        ``hypercorn.trio.serve``): its HTTP client and connections are closed either way, at
+        once, not left to the garbage collector."""
+        cfg = self.config
+        stack = AsyncExitStack()
+        try:
+            with self._upstream_scope:
+                upstream = await stack.enter_async_context(
+                    open_upstream(
+                        cfg.upstream,
+                        model=cfg.model,
+                        api_key=cfg.upstream_api_key,
+                        max_connections=cfg.upstream_connections,
+                        demo_prefill=cfg.demo_prefill,
+                        demo_token_delay=cfg.demo_token_delay,
+                    )
+                )
+                task_status.started(upstream)
+                await trio.sleep_forever()
+        finally:
+            with trio.move_on_after(cfg.finish_timeout, shield=True):
+                await stack.aclose()
+            self._upstream_done.set()
 
     async def _store_tasks(
         self, store: SQLiteStore, keep: float | None, *, task_status: trio.TaskStatus[None]
@@ -211,7 +229,9 @@ class RelayService:
         if self.store is not None:
             self._store_scope.cancel()  # its tasks end, then it closes
             await self._store_done.wait()
-        await self._stack.aclose()
+        if self.upstream is not None:
+            self._upstream_scope.cancel()
+            await self._upstream_done.wait()
 
     def running_relay(self) -> Relay:
         """The relay, or a 503 once it is shutting down."""

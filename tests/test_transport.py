@@ -62,16 +62,16 @@ async def test_reads_plain_tcp_directly_and_reuses_the_connection(nursery: trio.
     assert connections == 1
 
 
-@pytest.mark.parametrize("poll", ["select.poll", "no select.poll (Windows)"])
+@pytest.mark.parametrize("poll", ["select.epoll", "no select.epoll (not Linux)"])
 @bounded(10)
 async def test_an_idle_connection_the_server_closed_is_not_reused(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, poll: str
 ) -> None:
     # The pool asks each idle connection whether its socket is readable (the server hung
-    # up); the lean stream answers from its own poll object, or where there is no
-    # select.poll, httpcore2's own check does. A wrong answer would send the second request
+    # up); the lean stream answers from the backend's epoll set, or where there is no
+    # select.epoll, httpcore2's own check does. A wrong answer would send the second request
     # down the dead connection and fail it.
-    if poll != "select.poll":
+    if poll != "select.epoll":
         # The transport's view of the select module, as on Windows (trio's stays as it is).
         monkeypatch.setattr(tokenrelay.upstreams._transport, "select", types.ModuleType("select"))
     connections = 0
@@ -90,7 +90,7 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
         first = await client.get(f"http://127.0.0.1:{port}/")
         stream = first.extensions["network_stream"]
         assert isinstance(stream, _LeanStream)
-        assert (stream._poll is not None) == (poll == "select.poll")
+        assert (stream._readiness is not None) == (poll == "select.epoll")
         assert stream.get_extra_info("is_readable") is False
         hang_up.set()
         await trio.lowlevel.wait_readable(stream.get_extra_info("socket"))  # the hang-up is here
@@ -98,6 +98,57 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(
         second = await client.get(f"http://127.0.0.1:{port}/")
     assert (first.text, second.text) == ("hello", "hello")
     assert connections == 2
+
+
+@bounded(10)
+async def test_one_readiness_check_tells_which_of_many_idle_connections_were_hung_up(
+    nursery: trio.Nursery,
+) -> None:
+    # The pool asks every idle connection in one pass, without yielding: one epoll_wait
+    # answers them all, each about its own socket; the next step asks the kernel again.
+    hang_up = trio.Event()
+    connections: list[int] = []  # the client's port of each connection, in accept order
+
+    async def handler(stream: trio.SocketStream) -> None:
+        index = len(connections)
+        connections.append(stream.socket.getpeername()[1])
+        while await _read_request(stream):
+            await stream.send_all(HELLO)
+            if index in (1, 3):  # the server hangs up its second and fourth connections
+                await hang_up.wait()
+                await stream.aclose()
+                return
+
+    port = await _serve(nursery, handler)  # type: ignore[arg-type]
+    url = f"http://127.0.0.1:{port}/"
+    async with tokenrelay.http_client() as client:
+        responses: list[httpx2.Response] = []
+
+        async def get() -> None:
+            responses.append(await client.get(url))
+
+        async with trio.open_nursery() as requests:  # five connections at once
+            for _ in range(5):
+                requests.start_soon(get)
+        streams = [response.extensions["network_stream"] for response in responses]
+        assert len(set(map(id, streams))) == len(connections) == 5
+        assert [stream.get_extra_info("is_readable") for stream in streams] == [False] * 5
+        hung_up = [
+            stream
+            for stream in streams
+            if stream.get_extra_info("socket").getsockname()[1] in (connections[1], connections[3])
+        ]
+        hang_up.set()
+        for stream in hung_up:
+            await trio.lowlevel.wait_readable(stream.get_extra_info("socket"))
+        answers = [stream.get_extra_info("is_readable") for stream in streams]  # in one step
+        assert answers == [stream in hung_up for stream in streams]
+        # The pool drops the two dead connections, and the requests reuse live ones.
+        for _ in range(3):
+            response = await client.get(url)
+            assert response.text == "hello"
+            assert response.extensions["network_stream"] not in hung_up
+        assert len(connections) == 5
 
 
 @bounded(10)

@@ -344,6 +344,40 @@ async def test_a_dead_worker_is_replaced_and_workers_die_with_their_supervisor(
 
 
 @bounded(60)
+async def test_workers_outlive_the_thread_that_started_them(redis_server: RedisServer) -> None:
+    """trio starts a process from one of its worker threads, which ends once it has been idle
+    for trio's thread cache timeout (10 s); PR_SET_PDEATHSIG, which the supervisor used,
+    signals a child when the *thread* that started it ends. So every worker got SIGTERM 10 s
+    after it started, shut down with its streams, and was replaced. A stream through
+    ``--workers 2`` that lasts longer than that ends as answered, and no worker is replaced."""
+    idle = getattr(trio._core._thread_cache, "IDLE_TIMEOUT", 10.0)
+    words = 200
+    delay = f"{(idle + 1.5) / words:.3f}"  # the answer takes about 1.5 s longer than `idle`
+    demo = ["--demo-prefill", "0.01", "--demo-token-delay", delay]
+    async with worker(redis_server, "--workers", "2", *demo) as (supervisor, url):
+        ids: set[str] = set()
+        while len(ids) < 2:  # both workers serve
+            ids |= await worker_ids(url, 4)
+        workers = sorted(children(supervisor.process.pid))
+        assert len(workers) == 2
+        started = trio.current_time()
+        async with (
+            httpx2.AsyncClient(timeout=30) as client,
+            client.stream(
+                "POST", url + "/v1/chat/completions", json=chat(f"write {words} words")
+            ) as response,
+            SSEReader(response) as reader,
+        ):
+            events = await reader.all()
+        took = trio.current_time() - started
+        assert sorted(children(supervisor.process.pid)) == workers
+    chunks = [json.loads(e.data) for e in events if e.data != "[DONE]"]
+    assert "relay" not in chunks[-1]  # not ended by a shutdown
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert took > idle
+
+
+@bounded(60)
 @pytest.mark.filterwarnings(r"ignore:Async generator 'openai\._streaming:ResourceWarning")
 @pytest.mark.filterwarnings(r"ignore:Async generator 'httpx2\.:ResourceWarning")
 @pytest.mark.filterwarnings(r"ignore:Async generator 'httpcore2\.:ResourceWarning")

@@ -9,7 +9,6 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +170,16 @@ async def serve(
     # hypercorn's default of 100 drops connections when many clients arrive at once.
     hypercorn_config.backlog = 2048
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(serve_app, app, hypercorn_config, shutdown_signals=shutdown_signals)
-        )
+
+        async def serving(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve_app(
+                app, hypercorn_config, shutdown_signals=shutdown_signals, task_status=task_status
+            )
+            nursery.cancel_scope.cancel()  # served: the lifeline need not be watched
+
+        if (lifeline := os.environ.get(LIFELINE_FD)) is not None:
+            nursery.start_soon(_watch_lifeline, int(lifeline))
+        binds = await nursery.start(serving)
         logger.info(
             "tokenrelay listening on %s, relaying %s%s",
             binds[0],
@@ -205,7 +211,12 @@ async def supervise(
     host, port = listener.getsockname()[:2]
     url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
     command = [sys.executable, "-m", "tokenrelay", "serve", *argv, "--workers", "1"]
-    env = {**os.environ, LISTEN_FD: str(listener.fileno())}
+    # The workers' lifeline: they hold the read end of a pipe whose write end only this
+    # process holds (and never writes), so they read EOF when it ends, however it ends.
+    # (Not PR_SET_PDEATHSIG: that signals when the *thread* that started a child ends, and
+    # trio starts processes from worker threads that end after 10 s idle.)
+    lifeline, held = os.pipe()
+    env = {**os.environ, LISTEN_FD: str(listener.fileno()), LIFELINE_FD: str(lifeline)}
     processes: set[trio.Process] = set()
     stopping = trio.Event()
     failures = 0
@@ -215,7 +226,7 @@ async def supervise(
         nonlocal failures, exit_code
         while not stopping.is_set():
             process = await trio.lowlevel.open_process(
-                command, env=env, pass_fds=(listener.fileno(),), preexec_fn=_die_with_parent
+                command, env=env, pass_fds=(listener.fileno(), lifeline)
             )
             processes.add(process)
             started = trio.current_time()
@@ -271,11 +282,16 @@ async def supervise(
         finally:
             for process in processes:
                 process.kill()
+            os.close(lifeline)
+            os.close(held)
     return exit_code
 
 
 #: Set for a worker process: the file descriptor of the socket its supervisor listens on.
 LISTEN_FD = "TOKENRELAY_LISTEN_FD"
+
+#: Set for a worker process: the read end of a pipe that reads EOF once its supervisor ends.
+LIFELINE_FD = "TOKENRELAY_LIFELINE_FD"
 
 #: A worker that exits sooner than this after it started "failed at once".
 FAST_EXIT = 1.0
@@ -287,13 +303,12 @@ FAST_FAILURES = 5
 SHUTDOWN_GRACE = 15.0
 
 
-def _die_with_parent() -> None:  # pragma: no cover (runs in the child, before exec)
-    """In a worker, before it runs: have the kernel send it SIGTERM if its supervisor dies."""
-    if sys.platform == "linux":
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+async def _watch_lifeline(fd: int) -> None:
+    """In a worker: once its supervisor has ended (the lifeline pipe reads EOF), shut down
+    as on SIGTERM, gracefully."""
+    await trio.lowlevel.wait_readable(fd)
+    logger.warning("supervisor_gone: shutting down")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _check_redis(url: str) -> None:

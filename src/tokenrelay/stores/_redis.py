@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +40,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import coredis
 import coredis.exceptions
 import trio
@@ -60,6 +62,12 @@ T = TypeVar("T")
 
 #: What coredis raises when Redis cannot be reached or answers an error.
 REDIS_ERRORS: tuple[type[Exception], ...] = (coredis.exceptions.RedisError, OSError)
+#: And what coredis's pubsub can raise when its connection closes under it (see ``_listen``).
+_LISTEN_ERRORS: tuple[type[Exception], ...] = (
+    *REDIS_ERRORS,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
 
 # KEYS: lease, fence, current. ARGV: run id, worker, lease ms, keep ms, prefix, orphan JSON.
 # Takes the lease if it is free; a previous run of the session that never ended (its owner
@@ -659,8 +667,12 @@ class RedisStore:
                     task_status = trio.TASK_STATUS_IGNORED
                     async for message in sub:
                         self._obey(message)
-            except REDIS_ERRORS as exc:
-                self._failed(exc)
+            except* _LISTEN_ERRORS as group:
+                # (coredis's pubsub, cancelled along with its client, can unsubscribe on the
+                # connection its client has just closed, and raise anyio's ClosedResourceError
+                # on its way out: see docs/upstream-bugs.md. Cancelled, that is no failure.)
+                if trio.current_effective_deadline() != -math.inf:
+                    self._failed(group.exceptions[0])
             await trio.sleep(self.lease / 8)  # then subscribe again
 
     def _obey(self, message: Any) -> None:

@@ -418,3 +418,27 @@ async def test_messages_of_a_running_answer_longer_than_memory_holds_are_whole(
     assert gone.status_code == 200
     answer = gone.json()["data"][-1]
     assert (answer["status"], answer["reason"], answer["content"]) == ("error", "interrupted", "")
+
+
+@bounded(20)
+async def test_a_finished_answer_longer_than_memory_holds_is_stored_whole(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    """The answer recorded when a run ends is built from all its events, not from the few
+    the relay still holds (--max-events): the stored answer of a long chat completion and of
+    a long response is the whole text."""
+    words = [f"w{i} " for i in range(60)]
+    fake_server.default = FakeScript(tokens=words, interval=0.001)
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"), max_events=5)
+    async with httpx2.AsyncClient(base_url=served.url, timeout=10) as client:
+        chat_answer = await client.post(
+            "/v1/chat/completions", json=chat("long", stream=False), headers={"X-Session-Id": "s"}
+        )
+        response = await client.post("/v1/responses", json={"input": "long", "model": "fake"})
+        messages = (await client.get("/v1/sessions/s/messages")).json()["data"]
+        stored = (await client.get(f"/v1/responses/{response.json()['id']}")).json()
+    whole = "".join(words)
+    assert chat_answer.json()["choices"][0]["message"]["content"] == whole
+    assert (messages[-1]["status"], messages[-1]["content"]) == ("done", whole)
+    assert stored["status"] == "completed"
+    assert stored["output"][0]["content"][0]["text"] == whole

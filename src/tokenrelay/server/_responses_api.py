@@ -309,7 +309,7 @@ async def create_response() -> Response:
         _completed_at(run)
         service.metrics.run_ended(run)
         if service.store is not None:
-            record = outcome(run, events)
+            record = outcome(run, await service.all_events(run, events))
             record["response_completed_at"] = run.info["completed_at"]
             service.store.record_outcome(run.id, record)
         await trio.lowlevel.checkpoint()

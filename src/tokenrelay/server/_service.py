@@ -17,6 +17,7 @@ import trio
 from quart import current_app
 
 from .._events import Event, RunStatus
+from .._exceptions import RelayError
 from .._guard import ClosableAsyncIterator, pump
 from .._lifecycle import lifecycle
 from .._reaper import Reaper
@@ -313,8 +314,21 @@ class RelayService:
         as it was produced (whole, or partial)."""
         self.metrics.run_ended(run)
         if self.store is not None:
+            events = await self.all_events(run, events)
             self.store.record_outcome(run.id, outcome(run, events))
         await trio.lowlevel.checkpoint()
+
+    async def all_events(self, run: Run, events: list[Event]) -> list[Event]:
+        """Every event of a run that has ended, for recording its answer: ``events`` (what
+        the relay still holds) when they are all of them, else what the store has (the run's
+        log was flushed before ``on_finish``). Never fewer than ``events``."""
+        if self.store is None or len(events) >= run.event_count:
+            return events
+        try:
+            stored = await self.store.events(run.id)
+        except RelayError:  # not stored (a write failed), or expired already
+            return events
+        return stored if len(stored) > len(events) else events
 
     # -- watching ---------------------------------------------------------------------------
 

@@ -466,6 +466,9 @@ class Follow {
     // Resuming a stored partial answer: its text stays until the first replayed event
     // replaces it (or, if the replay is no longer possible, until the run ends).
     this.replacing = false;
+    // Resuming after the stored answer's last event (`last_seq` of /messages): its text stays
+    // and grows (or, if the replay is no longer possible, follows the stored answer).
+    this.fromStored = false;
     this.gap = false;
     // Settled once the run has started (its response's headers came) or failed to.
     this.accepted = new Promise((resolve) => {
@@ -574,7 +577,7 @@ class Follow {
   }
 
   finish() {
-    if (this.gap && this.replacing) {
+    if (this.gap && (this.replacing || this.fromStored)) {
       // Its first events are no longer held: keep the stored text, and follow the stored
       // answer instead until the run ends.
       this.followStored();
@@ -688,7 +691,7 @@ class Follow {
   /** Follow the run again from the event after the last one applied. */
   async resume() {
     // A page that opens a running answer resumes it; a broken stream reconnects.
-    this.phase = this.lastSeq === -1 && this.attempt === 0 ? "resuming" : "reconnecting";
+    this.phase = this.attempt === 0 ? "resuming" : "reconnecting";
     this.reconnectAt = 0;
     tick();
     let response;
@@ -875,10 +878,20 @@ async function showSession(id, keepStatus, loaded) {
   ui.transcript.scrollTop = ui.transcript.scrollHeight;
   loaded(); // the history is on screen: a message sent now continues it
   if (last !== null && last.message.status === "running") {
-    // Replayed from its first event: the stored text is replaced by the replay's, which
-    // appears once, whole, then follows live.
     const follow = new Follow(id, last.view, { runId: last.message.run_id ?? null });
-    follow.replacing = true;
+    if (Number.isInteger(last.message.last_seq)) {
+      // The answer as it is through event `last_seq` is on screen: resume after it.
+      follow.lastSeq = last.message.last_seq;
+      follow.fromStored = true;
+      if (last.view.content) {
+        follow.firstAt = now(); // its first tokens are on screen already
+        last.view.setState("streaming");
+      }
+    } else {
+      // Replayed from its first event: the stored text is replaced by the replay's, which
+      // appears once, whole, then follows live.
+      follow.replacing = true;
+    }
     state.active = follow;
     updateButtons();
     await follow.resume();

@@ -344,3 +344,32 @@ async def test_a_read_waits_for_the_batch_being_written(tmp_path: Path) -> None:
     [found] = seen  # ... and sees it
     assert found is not None
     assert found.prompt == "hello"  # type: ignore[attr-defined]
+
+
+@bounded(30)
+async def test_reads_at_the_same_time_each_get_their_events(tmp_path: Path) -> None:
+    """Reads share one reader connection: taken one at a time (two threads on it at once
+    nested one read's transaction in the other's: "cannot start a transaction within a
+    transaction"). Many runs ending at once (a shutdown) each read their events back."""
+    tokens = [f'"t{i}"' for i in range(5_000)]
+
+    async def produce(emit: Emit) -> None:
+        for data in tokens:
+            await emit(data)
+
+    async with (
+        open_sqlite_store(tmp_path / "relay.db") as store,
+        tokenrelay.open_relay(store=store) as relay,
+    ):
+        runs = [await relay.start(f"s{i}", produce) for i in range(8)]
+        for run in runs:
+            await run.wait_finished()
+        found: dict[str, list[str]] = {}
+
+        async def read(run_id: str) -> None:
+            found[run_id] = [event.data for event in await store.events(run_id)]
+
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                nursery.start_soon(read, run.id)
+    assert all(found[run.id] == tokens for run in runs)

@@ -9,6 +9,7 @@ detached run must outlive its client. A request only holds a :class:`Watch` on i
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn, cast
@@ -321,13 +322,16 @@ class RelayService:
     async def all_events(self, run: Run, events: list[Event]) -> list[Event]:
         """Every event of a run that has ended, for recording its answer: ``events`` (what
         the relay still holds) when they are all of them, else what the store has (the run's
-        log was flushed before ``on_finish``). Never fewer than ``events``."""
+        log was flushed before ``on_finish``). Never fewer than ``events``, and within half
+        of ``finish_timeout``: the answer is recorded either way."""
         if self.store is None or len(events) >= run.event_count:
             return events
-        try:
-            stored = await self.store.events(run.id)
-        except RelayError:  # not stored (a write failed), or expired already
-            return events
+        stored: list[Event] = []
+        with trio.move_on_after(self.config.finish_timeout / 2):
+            try:
+                stored = await self.store.events(run.id)
+            except (RelayError, sqlite3.Error) as exc:  # not stored (a write failed)...
+                lifecycle("answer_from_memory", logging.WARNING, run=run.id, error=str(exc))
         return stored if len(stored) > len(events) else events
 
     # -- watching ---------------------------------------------------------------------------

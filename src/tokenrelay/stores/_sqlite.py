@@ -174,6 +174,10 @@ class SQLiteStore:
         #: same after a restart).
         self.secret = b""
         self._write_lock = trio.Lock()  # one batch at a time on the writer connection
+        # One read at a time on the reader connection: two threads on it at once would nest
+        # one read's transaction in the other's ("cannot start a transaction within a
+        # transaction"), and a close could come in the middle of a read.
+        self._read_lock = trio.Lock()
         self._something = trio.Event()  # set when the first item of a batch is queued
         self._full = trio.Event()  # set when a batch should be written at once
 
@@ -244,7 +248,8 @@ class SQLiteStore:
             if self._writer is not None and self._pending:
                 batch, self._pending = self._pending, []
                 await trio.to_thread.run_sync(self._write_batch, batch)
-            await trio.to_thread.run_sync(self._close)
+            async with self._read_lock:
+                await trio.to_thread.run_sync(self._close)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued items in batches until cancelled (start it with ``nursery.start``)."""
@@ -365,7 +370,8 @@ class SQLiteStore:
             assert self._reader is not None
             return self._reader.execute(sql, parameters).fetchall()
 
-        return await trio.to_thread.run_sync(read)
+        async with self._read_lock:
+            return await trio.to_thread.run_sync(read)
 
     async def latest_run(self, namespace: str, session: str) -> StoredRun | None:
         """The session's latest stored run, ``None`` if there is none."""
@@ -536,7 +542,8 @@ class SQLiteStore:
             finally:
                 db.execute("COMMIT")
 
-        found = await trio.to_thread.run_sync(read)
+        async with self._read_lock:
+            found = await trio.to_thread.run_sync(read)
         if found is None:
             raise UnknownRun(run_id)
         expired, count, rows = found

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 
 import hypercorn.trio
@@ -31,13 +31,14 @@ async def serve(
     config: Config,
     *,
     shutdown_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` (a quart-trio app with :func:`relay_blueprint` registered, or one made
-    by :func:`create_app`) with hypercorn's trio worker until one of ``shutdown_signals``;
-    then stop accepting, stop every run with reason ``"shutdown"``, let their ``on_finish``
-    run, close the connections, and return. Started with ``nursery.start``, it reports the
-    addresses it listens on.
+    by :func:`create_app`) with hypercorn's trio worker until one of ``shutdown_signals``
+    (or until ``shutdown`` is set); then stop accepting, stop every run with reason
+    ``"shutdown"``, let their ``on_finish`` run, close the connections, and return. Started
+    with ``nursery.start``, it reports the addresses it listens on.
 
     Raises:
         CannotListen: hypercorn could not bind ``config.bind`` (one line, with the reason).
@@ -45,9 +46,10 @@ async def serve(
     service: RelayService = app.extensions[EXTENSION]
 
     async def until_signal() -> None:
-        async for signum in signals:
-            logger.info("shutting_down signal=%s", signal.Signals(signum).name)
-            break
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(_first_signal, signals, waiting.cancel_scope)
+            if shutdown is not None:
+                waiting.start_soon(_until_set, shutdown, waiting.cancel_scope)
         await service.drain()
 
     # Caught from the start: a signal that comes before hypercorn asks for its shutdown
@@ -63,6 +65,18 @@ async def serve(
                 reason = error.strerror if isinstance(error, OSError) and error.strerror else error
                 raise CannotListen(f"cannot listen on {config.bind[0]}: {reason}") from group
             task_status.started(binds)
+
+
+async def _first_signal(signals: AsyncIterator[int], done: trio.CancelScope) -> None:
+    async for signum in signals:
+        logger.info("shutting_down signal=%s", signal.Signals(signum).name)
+        break
+    done.cancel()
+
+
+async def _until_set(event: trio.Event, done: trio.CancelScope) -> None:
+    await event.wait()
+    done.cancel()
 
 
 def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -169,16 +169,21 @@ async def serve(
     hypercorn_config.graceful_timeout = 5.0
     # hypercorn's default of 100 drops connections when many clients arrive at once.
     hypercorn_config.backlog = 2048
+    supervisor_gone = trio.Event()
     async with trio.open_nursery() as nursery:
 
         async def serving(*, task_status: trio.TaskStatus[list[str]]) -> None:
             await serve_app(
-                app, hypercorn_config, shutdown_signals=shutdown_signals, task_status=task_status
+                app,
+                hypercorn_config,
+                shutdown_signals=shutdown_signals,
+                shutdown=supervisor_gone,
+                task_status=task_status,
             )
             nursery.cancel_scope.cancel()  # served: the lifeline need not be watched
 
-        if (lifeline := os.environ.get(LIFELINE_FD)) is not None:
-            nursery.start_soon(_watch_lifeline, int(lifeline))
+        if (lifeline := os.environ.pop(LIFELINE_FD, None)) is not None:
+            await nursery.start(_watch_lifeline, int(lifeline), supervisor_gone)
         binds = await nursery.start(serving)
         logger.info(
             "tokenrelay listening on %s, relaying %s%s",
@@ -200,7 +205,7 @@ async def supervise(
     shared Redis. SIGINT and SIGTERM are passed on to them; once they have all shut down
     (killed if they take longer than ``SHUTDOWN_GRACE``), this returns 0. A worker that dies
     meanwhile is replaced, unless workers keep dying at once (``FAST_FAILURES`` in a row):
-    then all are stopped and this returns 1. Workers die with their supervisor (Linux)."""
+    then all are stopped and this returns 1. Workers die with their supervisor."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     try:
         listener = socket.create_server((config.host, config.port), family=family, backlog=2048)
@@ -211,12 +216,16 @@ async def supervise(
     host, port = listener.getsockname()[:2]
     url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
     command = [sys.executable, "-m", "tokenrelay", "serve", *argv, "--workers", "1"]
-    # The workers' lifeline: they hold the read end of a pipe whose write end only this
-    # process holds (and never writes), so they read EOF when it ends, however it ends.
+    # The workers' lifeline: they hold one end of a socket pair whose other end only this
+    # process holds (and never writes to), so they read EOF when it ends, however it ends.
     # (Not PR_SET_PDEATHSIG: that signals when the *thread* that started a child ends, and
     # trio starts processes from worker threads that end after 10 s idle.)
-    lifeline, held = os.pipe()
-    env = {**os.environ, LISTEN_FD: str(listener.fileno()), LIFELINE_FD: str(lifeline)}
+    lifeline, held = socket.socketpair()
+    env = {
+        **os.environ,
+        LISTEN_FD: str(listener.fileno()),
+        LIFELINE_FD: str(lifeline.fileno()),
+    }
     processes: set[trio.Process] = set()
     stopping = trio.Event()
     failures = 0
@@ -226,7 +235,7 @@ async def supervise(
         nonlocal failures, exit_code
         while not stopping.is_set():
             process = await trio.lowlevel.open_process(
-                command, env=env, pass_fds=(listener.fileno(), lifeline)
+                command, env=env, pass_fds=(listener.fileno(), lifeline.fileno())
             )
             processes.add(process)
             started = trio.current_time()
@@ -267,7 +276,12 @@ async def supervise(
             stopping.set()
             return
 
-    with listener, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        listener,
+        lifeline,
+        held,
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+    ):
         try:
             async with trio.open_nursery() as outer:
                 outer.start_soon(on_signal)
@@ -282,15 +296,13 @@ async def supervise(
         finally:
             for process in processes:
                 process.kill()
-            os.close(lifeline)
-            os.close(held)
     return exit_code
 
 
 #: Set for a worker process: the file descriptor of the socket its supervisor listens on.
 LISTEN_FD = "TOKENRELAY_LISTEN_FD"
 
-#: Set for a worker process: the read end of a pipe that reads EOF once its supervisor ends.
+#: Set for a worker process: its end of a socket pair that reads EOF once its supervisor ends.
 LIFELINE_FD = "TOKENRELAY_LIFELINE_FD"
 
 #: A worker that exits sooner than this after it started "failed at once".
@@ -303,12 +315,15 @@ FAST_FAILURES = 5
 SHUTDOWN_GRACE = 15.0
 
 
-async def _watch_lifeline(fd: int) -> None:
-    """In a worker: once its supervisor has ended (the lifeline pipe reads EOF), shut down
-    as on SIGTERM, gracefully."""
+async def _watch_lifeline(
+    fd: int, gone: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """In a worker: set ``gone`` (the server then shuts down as on SIGTERM) once its
+    supervisor has ended, which the lifeline tells by reading EOF."""
+    task_status.started()
     await trio.lowlevel.wait_readable(fd)
     logger.warning("supervisor_gone: shutting down")
-    os.kill(os.getpid(), signal.SIGTERM)
+    gone.set()
 
 
 async def _check_redis(url: str) -> None:

@@ -10,6 +10,7 @@ import struct
 import types
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import httpx2
 import pytest
@@ -132,7 +133,13 @@ async def test_one_readiness_check_tells_which_of_many_idle_connections_were_hun
                 requests.start_soon(get)
         streams = [response.extensions["network_stream"] for response in responses]
         assert len(set(map(id, streams))) == len(connections) == 5
+        readiness = streams[0]._readiness
+        assert readiness is not None
+        assert all(stream._readiness is readiness for stream in streams)
+        counted = CountingEpoll(readiness._epoll)
+        readiness._epoll = counted  # type: ignore[assignment]
         assert [stream.get_extra_info("is_readable") for stream in streams] == [False] * 5
+        assert counted.polls == 1  # one system call answered the five
         hung_up = [
             stream
             for stream in streams
@@ -143,12 +150,29 @@ async def test_one_readiness_check_tells_which_of_many_idle_connections_were_hun
             await trio.lowlevel.wait_readable(stream.get_extra_info("socket"))
         answers = [stream.get_extra_info("is_readable") for stream in streams]  # in one step
         assert answers == [stream in hung_up for stream in streams]
+        assert counted.polls == 2  # asked again after the task yielded, once
         # The pool drops the two dead connections, and the requests reuse live ones.
         for _ in range(3):
             response = await client.get(url)
             assert response.text == "hello"
             assert response.extensions["network_stream"] not in hung_up
         assert len(connections) == 5
+    assert readiness._epoll is None  # every connection closed: the epoll set too
+
+
+class CountingEpoll:
+    """An epoll object that counts its ``poll`` calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.polls = 0
+
+    def poll(self, *args: Any) -> Any:
+        self.polls += 1
+        return self.inner.poll(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 @bounded(10)

@@ -86,9 +86,13 @@ class _LeanStream(AsyncNetworkStream):
         self._readiness: _Readiness | None = None
         self._fd = -1
         if self._socket is not None and readiness is not None:
-            self._fd = self._socket.fileno()
-            readiness.add(self._fd)
-            self._readiness = readiness
+            try:
+                readiness.add(self._socket.fileno())
+            except OSError:  # no descriptor left for the epoll set: httpcore2's check then
+                pass
+            else:
+                self._fd = self._socket.fileno()
+                self._readiness = readiness
         #: Plain TCP: what was written and not yet sent, and the write timeout it was given.
         self._unsent = b""
         self._unsent_timeout: float | None = None
@@ -165,6 +169,11 @@ class _Readiness:
     A task's step is told by trio's private count of the times it yielded
     (``Task._schedule_points``) together with the task itself: within one step no other task
     runs, so the answer is exactly as fresh as one system call per socket would be.
+
+    The set holds the connections in use too (a connection is idle or not without telling
+    its stream), so one answer lists the readable ones among those as well: a pass costs one
+    system call and a set of the sockets readable at that instant, where it cost one system
+    call per idle connection.
     """
 
     __slots__ = ("_count", "_epoll", "_readable", "_step", "_task")
@@ -181,9 +190,15 @@ class _Readiness:
         return hasattr(select, "epoll") and hasattr(trio.lowlevel.Task, "_schedule_points")
 
     def add(self, fd: int) -> None:
-        if self._epoll is None:
-            self._epoll = select.epoll()
-        self._epoll.register(fd, select.EPOLLIN)
+        """Watch ``fd`` (raises :exc:`OSError` if it cannot be: nothing is changed then)."""
+        epoll = self._epoll if self._epoll is not None else select.epoll()
+        try:
+            epoll.register(fd, select.EPOLLIN)
+        except OSError:
+            if not self._count:
+                epoll.close()
+            raise
+        self._epoll = epoll
         self._count += 1
         self._task = None  # an answer from before does not cover this socket
 

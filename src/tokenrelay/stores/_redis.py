@@ -671,8 +671,11 @@ class RedisStore:
                 # (coredis's pubsub, cancelled along with its client, can unsubscribe on the
                 # connection its client has just closed, and raise anyio's ClosedResourceError
                 # on its way out: see docs/upstream-bugs.md. Cancelled, that is no failure.)
-                if trio.current_effective_deadline() != -math.inf:
-                    self._failed(group.exceptions[0])
+                if trio.current_effective_deadline() != -math.inf:  # not cancelled
+                    first: BaseException = group
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    self._failed(first)
             await trio.sleep(self.lease / 8)  # then subscribe again
 
     def _obey(self, message: Any) -> None:

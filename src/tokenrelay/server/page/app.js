@@ -469,6 +469,7 @@ class Follow {
     // Resuming after the stored answer's last event (`last_seq` of /messages): its text stays
     // and grows (or, if the replay is no longer possible, follows the stored answer).
     this.fromStored = false;
+    this.storedShape = null; // what followStored last showed
     this.gap = false;
     // Settled once the run has started (its response's headers came) or failed to.
     this.accepted = new Promise((resolve) => {
@@ -638,10 +639,10 @@ class Follow {
       }
       const answer = messages.find((m) => m.role === "assistant" && m.run_id === this.runId);
       if (answer === undefined) return;
-      if (answer.content && answer.content !== this.view.content) {
-        this.view.clear();
-        this.view.addContent(answer.content);
-        this.view.flush();
+      const shape = storedShape(answer);
+      if (answer.content || answer.reasoning_content || answer.tool_calls?.length) {
+        if (shape !== this.storedShape) showStored(this.view, answer);
+        this.storedShape = shape;
       }
       if (answer.status !== "running") {
         this.ended = true;
@@ -864,11 +865,7 @@ async function showSession(id, keepStatus, loaded) {
       continue;
     }
     const view = addAssistant();
-    view.addContent(message.content ?? "");
-    view.addReasoning(message.reasoning_content ?? message.reasoning ?? "");
-    if (Array.isArray(message.tool_calls)) {
-      view.addToolCalls(message.tool_calls.map((call, index) => ({ index, ...call })));
-    }
+    showStored(view, message);
     if (message.status === "stopped") view.setState("stopped", message.reason);
     else if (message.status === "error") {
       view.setState(message.reason === "interrupted" ? "interrupted" : "error");
@@ -883,7 +880,7 @@ async function showSession(id, keepStatus, loaded) {
       // The answer as it is through event `last_seq` is on screen: resume after it.
       follow.lastSeq = last.message.last_seq;
       follow.fromStored = true;
-      if (last.view.content) {
+      if (last.view.content || last.view.reasoning || last.view.tools.length) {
         follow.firstAt = now(); // its first tokens are on screen already
         last.view.setState("streaming");
       }
@@ -896,6 +893,27 @@ async function showSession(id, keepStatus, loaded) {
     updateButtons();
     await follow.resume();
   }
+}
+
+/** Show a stored answer in `view` (content, reasoning and tool calls), in place of what it
+ * showed. */
+function showStored(view, message) {
+  view.clear();
+  view.addContent(message.content ?? "");
+  view.addReasoning(message.reasoning_content ?? message.reasoning ?? "");
+  if (Array.isArray(message.tool_calls)) {
+    view.addToolCalls(message.tool_calls.map((call, index) => ({ index, ...call })));
+  }
+  view.flush();
+}
+
+/** A stored answer's text, reasoning and tool calls, to tell whether it has changed. */
+function storedShape(message) {
+  return JSON.stringify([
+    message.content ?? "",
+    message.reasoning_content ?? message.reasoning ?? "",
+    message.tool_calls ?? [],
+  ]);
 }
 
 /** A session's stored messages. Without a store (`--db :memory:`) only a running answer is

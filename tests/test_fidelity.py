@@ -15,6 +15,8 @@ import trio
 from _helpers import bounded
 from _server_helpers import Served, SSEReader, chat, seqs, start_served
 from tokenrelay import RunStatus
+from tokenrelay._events import Event
+from tokenrelay.server._sessions_api import _answer
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 pytestmark = [
@@ -253,3 +255,24 @@ async def test_reasoning_keeps_a_stream_alive_but_keep_alives_do_not(
     assert served.run("t").status is RunStatus.DONE
     assert dripped.status_code == 504
     assert served.run("d").reason == "first_token_timeout"
+
+
+def test_a_stored_answer_names_each_tool_call_by_its_stream_index() -> None:
+    """/messages gives a running answer's tool calls with the ``index`` their pieces carry in
+    the stream: a client that shows them and resumes after ``last_seq`` adds the pieces still
+    to come to the right call, also where an upstream numbers its calls 2 and 5."""
+
+    def piece(index: int, **fields: Any) -> str:
+        delta = {"tool_calls": [{"index": index, **fields}]}
+        return "c" + json.dumps({"index": 0, "delta": delta, "finish_reason": None})
+
+    data = [
+        piece(5, id="b", type="function", function={"name": "g", "arguments": ""}),
+        piece(2, id="a", type="function", function={"name": "f", "arguments": '{"x"'}),
+        piece(2, function={"arguments": ": 1}"}),
+    ]
+    message = _answer([Event(seq, text, "r") for seq, text in enumerate(data)])[0]["message"]
+    assert [(c["index"], c["id"], c["function"]) for c in message["tool_calls"]] == [
+        (2, "a", {"name": "f", "arguments": '{"x": 1}'}),
+        (5, "b", {"name": "g", "arguments": ""}),
+    ]

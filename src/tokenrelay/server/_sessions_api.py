@@ -256,10 +256,18 @@ async def _stored_events(run_id: str) -> list[Event]:
 
 
 def _answer(events: list[Event]) -> list[dict[str, Any]]:
+    """The choices ``events`` make, each tool call of choice 0 with its stream ``index``."""
     answer = Answer()
     for event in events:
         answer.add(event.data)
-    return answer.choices()
+    choices = answer.choices()
+    message = choices[0]["message"]
+    if message.get("tool_calls"):
+        message["tool_calls"] = [
+            {"index": index, **call}
+            for index, call in zip(answer.tool_indexes(), message["tool_calls"], strict=True)
+        ]
+    return choices
 
 
 def _held_run(session_id: str) -> Run:

@@ -204,6 +204,13 @@ class Answer:
             self._choice(0)
         return [self._choices[index].message(index) for index in sorted(self._choices)]
 
+    def tool_indexes(self, choice: int = 0) -> list[int]:
+        """The stream ``index`` of each of a choice's tool calls, in the order
+        :meth:`choices` lists them (what a client resuming the stream needs, to add the
+        pieces still to come to the right call)."""
+        found = self._choices.get(choice)
+        return sorted(found.tools) if found is not None else []
+
 
 class _Choice:
     __slots__ = ("content", "extra", "finish_reason", "logprobs", "reasoning", "refusal", "tools")

@@ -153,6 +153,20 @@ async def test_the_raw_stream_is_event_and_data_pairs(
         assert body["sequence_number"] == number
 
 
+@bounded(20)
+async def test_a_quiet_response_stream_gets_keep_alive_comments(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    fake_server.default = FakeScript(tokens=["late"], prefill=0.5)
+    served = await start_served(nursery, fake_server, keepalive=0.1)
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        response = await client.post(
+            "/v1/responses", json={"input": "hi", "stream": True, "model": "fake"}
+        )
+    assert response.text.count(": keep-alive\n\n") >= 2
+    assert '"type":"response.completed"' in response.text.replace(" ", "")
+
+
 # -- polling, cancel -----------------------------------------------------------------------------
 
 

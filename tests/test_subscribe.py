@@ -7,6 +7,7 @@ from trio.testing import MockClock
 import tokenrelay
 from _helpers import piped, read_all
 from tokenrelay import Emit, Event, ReplayGap, RunStatus, UnknownSession
+from tokenrelay.server._responses import Polled
 from tokenrelay.stores._memory import READER_BUFFER
 from tokenrelay.testing import ScriptedUpstream
 
@@ -229,3 +230,39 @@ async def test_after_must_be_a_seq(autojump_clock: MockClock) -> None:
         await relay.start("s", piped(ScriptedUpstream(["a"])))
         with pytest.raises(ValueError, match="after must be -1"):
             relay.subscribe("s", after=-2)
+
+
+class _QuietReader:
+    """What ``Polled`` asks of a Redis reader: ``poll(wait)`` gives what has arrived, or
+    waits for it and gives nothing after ``wait``, or sooner (a Redis reader waits at most
+    half a lease at a time)."""
+
+    def __init__(self, arrivals: dict[float, list[Event]]) -> None:
+        self.arrivals = arrivals
+
+    async def poll(self, wait: float) -> list[Event]:
+        wait = min(wait, 0.4)
+        now = trio.current_time()
+        due = [at for at in self.arrivals if at <= now + wait]
+        if not due:
+            await trio.sleep(wait)
+            return []
+        await trio.sleep_until(min(due))
+        return self.arrivals.pop(min(due))
+
+
+async def test_polled_gives_a_keep_alive_each_quiet_period_and_events_as_they_come(
+    mock_clock: MockClock,
+) -> None:
+    """The remote streams' keep-alive timing: ``None`` once per ``keepalive`` seconds without
+    events, counted from the last events or keep-alive, never cut short by the reader's own
+    shorter waits."""
+    mock_clock.autojump_threshold = 0
+    event = Event(0, '"hi"', "r")
+    start = trio.current_time()
+    polled = Polled(_QuietReader({start + 2.5: [event]}), 1.0)  # type: ignore[arg-type]
+    got = []
+    for _ in range(4):
+        got.append((await polled.next(), trio.current_time() - start))
+    assert [batch for batch, _ in got] == [None, None, [event], None]
+    assert [at for _, at in got] == pytest.approx([1.0, 2.0, 2.5, 3.5])

@@ -12,6 +12,7 @@ from quart import Response
 
 from .._events import Event, RunStatus
 from .._exceptions import ReplayGap
+from .._relay import Subscription
 from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
@@ -21,13 +22,46 @@ from ._sse import DONE, ChunkRenderer, sse_comment, sse_error, sse_retry
 
 __all__ = [
     "INTERRUPTED",
+    "Polled",
     "complete",
     "gap_response",
+    "next_batch",
     "remote_response",
     "sse_response",
     "stored_response",
     "stored_status",
 ]
+
+
+async def next_batch(sub: Subscription, keepalive: float) -> list[Event] | None:
+    """The next events of ``sub`` (``sub.receive_batch()``, raising as it does), or ``None``
+    once ``keepalive`` seconds pass without any: a keep-alive comment is due."""
+    # A bare scope: once per write, cheaper than move_on_after's context manager.
+    with trio.CancelScope(deadline=trio.current_time() + keepalive):
+        return await sub.receive_batch()
+    return None
+
+
+class Polled:
+    """A Redis reader's events with keep-alives: :meth:`next` is the next events, or ``None``
+    each time ``keepalive`` seconds pass without any. It never cancels a read (coredis would
+    drop the connection): ``reader.poll`` returns empty after at most the wait it is given."""
+
+    def __init__(self, reader: RedisReader, keepalive: float) -> None:
+        self.reader = reader
+        self.keepalive = keepalive
+        self._quiet_since = trio.current_time()
+
+    async def next(self) -> list[Event] | None:
+        """Raises as ``reader.poll()`` does (:exc:`trio.EndOfChannel` at the run's ending,
+        :exc:`ReplayGap`)."""
+        while True:
+            wait = self.keepalive - (trio.current_time() - self._quiet_since)
+            batch = await self.reader.poll(wait)
+            now = trio.current_time()
+            if batch or now - self._quiet_since >= self.keepalive:
+                self._quiet_since = now
+                return batch or None
 
 
 def sse_response(
@@ -74,9 +108,7 @@ async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncItera
         while True:
             batch: list[Event] | None = None
             try:
-                # A bare scope: once per write, cheaper than move_on_after's context manager.
-                with trio.CancelScope(deadline=trio.current_time() + keepalive):
-                    batch = await sub.receive_batch()
+                batch = await next_batch(sub, keepalive)
             except trio.EndOfChannel:
                 break
             except trio.ClosedResourceError:
@@ -198,25 +230,19 @@ async def _remote_stream(
     role = reader.position == 0  # from the start: the role chunk opens the answer
     renderer: ChunkRenderer | None = None
     info = remote.info
-    keepalive = service.config.keepalive
-    quiet_since = trio.current_time()
+    polled = Polled(reader, service.config.keepalive)
     try:
         while True:
             try:
-                # Not cancelled mid-read (coredis would drop the connection): it returns
-                # empty after at most the wait.
-                batch = await reader.poll(keepalive - (trio.current_time() - quiet_since))
+                batch = await polled.next()
             except trio.EndOfChannel:
                 break
             except ReplayGap as gap:
                 yield opening + _gap_event(gap) + DONE
                 return
-            if not batch:
-                if trio.current_time() - quiet_since >= keepalive:
-                    quiet_since = trio.current_time()
-                    yield b": keep-alive\n\n"
+            if batch is None:
+                yield b": keep-alive\n\n"
                 continue
-            quiet_since = trio.current_time()
             if renderer is None:
                 # Named as its owner named it with its first events (which may not have been
                 # in Redis yet when the run was looked up).

@@ -46,7 +46,7 @@ from ._errors import (
     store_unavailable,
     too_large,
 )
-from ._responses import INTERRUPTED
+from ._responses import INTERRUPTED, Polled, next_batch
 from ._responses_input import (
     ResponsesRequest,
     answer_messages,
@@ -455,8 +455,7 @@ async def _live_stream(
         while True:
             batch: list[Event] | None = None
             try:
-                with trio.move_on_after(keepalive):
-                    batch = await sub.receive_batch()
+                batch = await next_batch(sub, keepalive)
             except trio.EndOfChannel:
                 break
             except trio.ClosedResourceError:
@@ -498,24 +497,20 @@ async def _remote_live_stream(
     assert service.shared is not None
     head = found.meta["head"]
     renderer = ResponseRenderer(head)
-    keepalive = service.config.keepalive
-    quiet_since = trio.current_time()
+    polled = Polled(reader, service.config.keepalive)
     try:
         yield sse_comment(f"tokenrelay response {head['id']}") + _sse(renderer.start(), after)
         while True:
             try:
-                batch = await reader.poll(keepalive - (trio.current_time() - quiet_since))
+                batch = await polled.next()
             except trio.EndOfChannel:
                 break
             except ReplayGap as gap:
                 yield _sse([renderer.error("replay_gap", str(gap))], after)
                 return
-            if not batch:
-                if trio.current_time() - quiet_since >= keepalive:
-                    quiet_since = trio.current_time()
-                    yield b": keep-alive\n\n"
+            if batch is None:
+                yield b": keep-alive\n\n"
                 continue
-            quiet_since = trio.current_time()
             events: list[dict[str, Any]] = []
             for event in batch:
                 events += renderer.feed(event.data)

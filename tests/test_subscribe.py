@@ -266,3 +266,79 @@ async def test_polled_gives_a_keep_alive_each_quiet_period_and_events_as_they_co
         got.append((await polled.next(), trio.current_time() - start))
     assert [batch for batch, _ in got] == [None, None, [event], None]
     assert [at for _, at in got] == pytest.approx([1.0, 2.0, 2.5, 3.5])
+
+
+async def test_a_nudge_wakes_a_waiting_subscriber_with_nothing(autojump_clock: MockClock) -> None:
+    """``nudge()`` makes a waiting ``receive_batch`` return ``[]`` at once; a nudge while
+    nobody waits changes nothing: what is ready is handed out, and the next wait is for the
+    next event."""
+    upstream = ScriptedUpstream(TOKENS[:3], prefill=1.0, interval=1.0)
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(upstream))
+        async with relay.subscribe("s") as sub:
+            assert sub.nudgeable
+            woken: list[tuple[float, list[str]]] = []
+
+            async def receive() -> None:
+                batch = data(await sub.receive_batch())
+                woken.append((trio.current_time(), batch))
+
+            async def nudge_at(when: float) -> None:
+                await trio.sleep_until(when)
+                sub.nudge()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(nudge_at, 0.5)  # waiting for t0 (at 1.0)
+                nursery.start_soon(nudge_at, 1.5)  # t1 due at 2.0
+                await receive()
+                await receive()
+                await receive()
+            await trio.sleep(0.75)
+            sub.nudge()  # at 2.25, nobody waiting, t1 (at 2.0) ready
+            await receive()
+            await receive()
+            assert woken == [(0.5, []), (1.0, ["t0"]), (1.5, []), (2.25, ["t1"]), (3.0, ["t2"])]
+            with pytest.raises(trio.EndOfChannel):
+                await sub.receive_batch()
+            sub.nudge()  # the log is closed: nothing to wake, nothing raised
+
+
+async def test_a_nudged_receive_waits_on(autojump_clock: MockClock) -> None:
+    """``receive()`` hands out events only: a nudge does not end its wait."""
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(ScriptedUpstream(["late"], prefill=2.0)))
+        async with relay.subscribe("s") as sub, trio.open_nursery() as nursery:
+
+            async def nudge() -> None:
+                await trio.sleep(1.0)
+                sub.nudge()
+
+            nursery.start_soon(nudge)
+            event = await sub.receive()
+        assert (event.data, trio.current_time()) == ("late", 2.0)
+
+
+async def test_service_keep_alives_come_after_each_quiet_keepalive(
+    autojump_clock: MockClock,
+) -> None:
+    """The server's streams wait with ``RelayService.next_batch``: ``None`` (a keep-alive is
+    due) each ``keepalive`` seconds that a wait lasts, counted from the wait's start, and the
+    events as they come; a stream busier than that gets no keep-alive."""
+    service = tokenrelay.RelayService(tokenrelay.ServerConfig(keepalive=1.0, upstream="demo"))
+    tokens = ["a", "b", *[f"c{i}" for i in range(10)]]
+    upstream = ScriptedUpstream(tokens, prefill=2.5, interval=[1.25, *[0.5] * 10])
+    async with tokenrelay.open_relay() as relay, trio.open_nursery() as nursery:
+        await nursery.start(service._keepalives.run)
+        run = await relay.start("s", piped(upstream))
+        watch = service.watch(run)
+        got: list[tuple[list[str] | None, float]] = []
+        while True:
+            try:
+                batch = await service.next_batch(watch)
+            except trio.EndOfChannel:
+                break
+            got.append((None if batch is None else data(batch), trio.current_time()))
+        service.unwatch(watch)
+        nursery.cancel_scope.cancel()
+    assert got[:5] == [(None, 1.0), (None, 2.0), (["a"], 2.5), (None, 3.5), (["b"], 3.75)]
+    assert [batch for batch, _ in got[5:]] == [[f"c{i}"] for i in range(10)]

@@ -71,7 +71,12 @@ class LogReader(Protocol):
     async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
         """Wait for at least one event, then return every event that is ready (up to
         ``max_events``), in order. Raises :exc:`trio.EndOfChannel` at the end of the log
-        and :exc:`ReplayGap` if events it needs were dropped."""
+        and :exc:`ReplayGap` if events it needs were dropped.
+
+        A reader may also have a ``nudge()`` method (the readers of every store tokenrelay
+        ships do): called from another task, it makes a waiting ``receive_batch`` return
+        ``[]`` at once, and does nothing to a reader that is not waiting (see
+        :meth:`Subscription.nudge`)."""
         ...
 
     def close(self) -> None:

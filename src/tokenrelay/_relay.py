@@ -297,10 +297,26 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
 
     async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
         """Wait for at least one event, then return all that are ready (at most
-        ``max_events``), in order. For writers that coalesce events into one write."""
+        ``max_events``), in order. For writers that coalesce events into one write. Returns
+        ``[]`` when woken by :meth:`nudge`."""
         if self._closed:
             raise trio.ClosedResourceError("this subscription was closed")
         return await self._reader.receive_batch(max_events)
+
+    @property
+    def nudgeable(self) -> bool:
+        """Whether :meth:`nudge` can wake this subscription (the run's store has readers
+        that can be nudged: every store tokenrelay ships has)."""
+        return hasattr(self._reader, "nudge")
+
+    def nudge(self) -> None:
+        """Wake a :meth:`receive_batch` waiting in another task: it returns ``[]`` at once.
+        For a writer with a timer of its own (a keep-alive comment after a quiet spell, say),
+        instead of a cancel scope around every wait. A subscription that is not waiting is
+        left as it is. Does nothing if not :attr:`nudgeable`."""
+        nudge: Callable[[], None] | None = getattr(self._reader, "nudge", None)
+        if nudge is not None and not self._closed:
+            nudge()
 
     def close(self) -> None:
         """:meth:`aclose` without waiting: stop following the run at once. A task blocked in

@@ -12,7 +12,6 @@ from quart import Response
 
 from .._events import Event, RunStatus
 from .._exceptions import ReplayGap
-from .._relay import Subscription
 from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
@@ -25,21 +24,11 @@ __all__ = [
     "Polled",
     "complete",
     "gap_response",
-    "next_batch",
     "remote_response",
     "sse_response",
     "stored_response",
     "stored_status",
 ]
-
-
-async def next_batch(sub: Subscription, keepalive: float) -> list[Event] | None:
-    """The next events of ``sub`` (``sub.receive_batch()``, raising as it does), or ``None``
-    once ``keepalive`` seconds pass without any: a keep-alive comment is due."""
-    # A bare scope: once per write, cheaper than move_on_after's context manager.
-    with trio.CancelScope(deadline=trio.current_time() + keepalive):
-        return await sub.receive_batch()
-    return None
 
 
 class Polled:
@@ -87,13 +76,12 @@ def gap_response(gap: ReplayGap, headers: Mapping[str, str]) -> Response:
 
 
 async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncIterator[bytes]:
-    run, sub = watch.run, watch.sub
+    run = watch.run
     info = run.info
     renderer = ChunkRenderer(
         run.id, info.get("created", 0), include_usage=info.get("include_usage", False)
     )
     renderer.name(info.get("model", ""), info.get("system_fingerprint"))
-    keepalive = service.config.keepalive
     # Flushed at once, before any token: the client (and any proxy) sees the stream is up.
     comment = sse_comment(f"tokenrelay run {run.id}")
     retry = sse_retry()  # rides on the first event that has data
@@ -108,7 +96,7 @@ async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncItera
         while True:
             batch: list[Event] | None = None
             try:
-                batch = await next_batch(sub, keepalive)
+                batch = await service.next_batch(watch)
             except trio.EndOfChannel:
                 break
             except trio.ClosedResourceError:

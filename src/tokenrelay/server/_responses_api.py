@@ -46,7 +46,7 @@ from ._errors import (
     store_unavailable,
     too_large,
 )
-from ._responses import INTERRUPTED, Polled, next_batch
+from ._responses import INTERRUPTED, Polled
 from ._responses_input import (
     ResponsesRequest,
     answer_messages,
@@ -445,9 +445,8 @@ async def _live_stream(
 ) -> AsyncIterator[bytes]:
     """The response's events after ``after``, rendered from the run's first event on: what
     the log holds, then live, then the terminal event."""
-    run, sub = watch.run, watch.sub
+    run = watch.run
     renderer = ResponseRenderer(head)
-    keepalive = service.config.keepalive
     try:
         service.writing(watch)
         yield sse_comment(f"tokenrelay response {head['id']}") + _sse(renderer.start(), after)
@@ -455,7 +454,7 @@ async def _live_stream(
         while True:
             batch: list[Event] | None = None
             try:
-                batch = await next_batch(sub, keepalive)
+                batch = await service.next_batch(watch)
             except trio.EndOfChannel:
                 break
             except trio.ClosedResourceError:

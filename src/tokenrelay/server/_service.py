@@ -50,7 +50,7 @@ class Watch:
     request is over (see :func:`~tokenrelay.server._asgi.at_request_end`), and the state of
     the write in progress, for the stall check."""
 
-    __slots__ = ("armed", "ended", "since", "sub")
+    __slots__ = ("armed", "ended", "idle_since", "keepalive_armed", "since", "sub")
 
     def __init__(self, sub: Subscription) -> None:
         self.sub = sub
@@ -60,6 +60,10 @@ class Watch:
         self.since: float | None = None
         #: Whether a stall check is due for this watch.
         self.armed = False
+        #: When the wait for the next events in progress began (``None``: not waiting).
+        self.idle_since: float | None = None
+        #: Whether a keep-alive check is due for this watch.
+        self.keepalive_armed = False
 
     @property
     def run(self) -> Run:
@@ -92,6 +96,7 @@ class RelayService:
         #: The upstream's model list, and until when (trio clock) it is reused.
         self.models_cache: tuple[float, list[dict[str, Any]]] | None = None
         self._stalls: Reaper[Watch] = Reaper(self._check_stall)
+        self._keepalives: Reaper[Watch] = Reaper(self._keep_alive)
 
     def _store_errors(self) -> int:
         return self.store.write_errors if self.store is not None else 0
@@ -138,6 +143,7 @@ class RelayService:
         )
         if cfg.stall_timeout is not None:
             await nursery.start(self._stalls.run)
+        await nursery.start(self._keepalives.run)
 
     async def _upstream_task(self, *, task_status: trio.TaskStatus[Upstream]) -> None:
         """The upstream, open until :meth:`stop` cancels its scope (last), or the app's
@@ -361,6 +367,45 @@ class RelayService:
         if timeout is not None and not watch.armed:
             watch.armed = True
             self._stalls.arm(now + timeout, watch)
+
+    async def next_batch(self, watch: Watch) -> list[Event] | None:
+        """The next events of ``watch``'s subscription (``receive_batch()``, raising as it
+        does), or ``None`` once ``keepalive`` seconds pass without any: a keep-alive comment
+        is due.
+
+        A stream waits once per token, so the quiet spell is timed without a cancel scope per
+        wait: one task for all streams (a :class:`Reaper`) checks each waiting stream once
+        per ``keepalive`` seconds, and nudges the subscription of one that has been waiting
+        that long. (A subscription that cannot be nudged is waited on in a scope.)"""
+        sub = watch.sub
+        keepalive = self.config.keepalive
+        now = trio.current_time()
+        if not sub.nudgeable:
+            with trio.CancelScope(deadline=now + keepalive):
+                return await sub.receive_batch()
+            return None
+        watch.idle_since = now
+        if not watch.keepalive_armed:
+            watch.keepalive_armed = True
+            self._keepalives.arm(now + keepalive, watch)
+        try:
+            batch = await sub.receive_batch()
+        finally:
+            watch.idle_since = None
+        return batch or None
+
+    def _keep_alive(self, watch: Watch) -> None:
+        """Nudge ``watch``'s stream if its wait has lasted ``keepalive`` seconds."""
+        since = watch.idle_since
+        if since is None or watch.sub.closed:
+            watch.keepalive_armed = False  # its next wait arms it again
+            return
+        due = since + self.config.keepalive
+        if trio.current_time() >= due:
+            watch.keepalive_armed = False
+            watch.sub.nudge()
+        else:
+            self._keepalives.arm(due, watch)
 
     def _check_stall(self, watch: Watch) -> None:
         """Drop a watch whose write has been blocked for ``stall_timeout``: its run is then no

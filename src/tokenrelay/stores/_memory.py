@@ -10,6 +10,8 @@ bounded, gets :class:`ReplayGap`, never a silent skip).
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 
 from .._events import Event
@@ -20,6 +22,10 @@ __all__ = ["READER_BUFFER", "MemoryRunLog", "MemoryStore"]
 
 #: Events queued per reader before it is switched to catching up from the log.
 READER_BUFFER = 256
+
+#: What :meth:`_MemoryReader.nudge` puts in a reader's channel: before every seq, so the
+#: catching-up code skips it like any event already handed out.
+_NUDGE = Event(-1, "", "")
 
 
 class MemoryStore:
@@ -273,6 +279,8 @@ class _MemoryReader:
             except trio.EndOfChannel:
                 self._live = False
                 continue
+            if event is _NUDGE:
+                return []
             if event.seq < self._next:
                 continue
             self._next = event.seq + 1
@@ -281,7 +289,17 @@ class _MemoryReader:
             return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
 
     async def receive(self) -> Event:
-        return (await self.receive_batch(1))[0]
+        while not (batch := await self.receive_batch(1)):
+            pass  # nudged
+        return batch[0]
+
+    def nudge(self) -> None:
+        """Wake a :meth:`receive_batch` waiting for the next event: it returns ``[]``. (A
+        reader that is not waiting has events ready, or is closed: nothing happens then, but
+        for one slot of its channel taken until its next batch.)"""
+        if self._live:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._send.send_nowait(_NUDGE)
 
     def close(self) -> None:
         log = self._log

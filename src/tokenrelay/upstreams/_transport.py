@@ -47,6 +47,7 @@ expected the client is left as httpx2 built it (correct, only without the saving
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import ssl
 import weakref
@@ -63,6 +64,9 @@ from httpcore2._async import http11 as httpcore2_http11
 from httpx2._transports import default as httpx2_default
 
 __all__ = ["LeanBody", "LeanTrioBackend", "lean_body", "use_lean_backend"]
+
+#: Whether a socket's descriptor can be read with ``os.read`` (not on Windows).
+_READ_FD = os.name == "posix"
 
 #: The most bytes a plain TCP stream keeps unsent before it sends them (see ``write``).
 UNSENT_LIMIT = 64 * 1024
@@ -96,16 +100,38 @@ class _LeanStream(AsyncNetworkStream):
         #: Plain TCP: what was written and not yet sent, and the write timeout it was given.
         self._unsent = b""
         self._unsent_timeout: float | None = None
+        #: Whether the last read filled its buffer.
+        self._full = False
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self._unsent:
             await self._send_unsent()
-        if timeout is not None or self._socket is None:
+        sock = self._socket
+        if timeout is not None or sock is None:
             return await self._inner.read(max_bytes, timeout)
         try:
-            return await self._socket.recv(max_bytes)
+            if self._full or not _READ_FD:
+                # A read that filled its buffer leaves more waiting, as a rule: try at once.
+                data = await sock.recv(max_bytes)
+            else:
+                data = await self._recv_when_readable(sock, max_bytes)
         except (OSError, trio.ClosedResourceError) as exc:  # what a trio socket raises
             raise httpcore2.ReadError(str(exc) or type(exc).__name__) from exc
+        self._full = len(data) == max_bytes
+        return data
+
+    async def _recv_when_readable(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+        """Wait until ``sock`` is readable, then read it. A relayed stream's next piece has
+        not arrived yet when it is asked for (the last one was just read), so trio's
+        ``recv``, which first tries and then waits, makes a system call and raises and
+        catches ``BlockingIOError`` for nothing, once per token. (The wait is the checkpoint.)
+        """
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return os.read(sock.fileno(), max_bytes)
+            except BlockingIOError:  # woken, yet nothing to read: wait again
+                continue
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         # A request's head and body are two writes: on plain TCP they are kept and sent as

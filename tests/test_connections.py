@@ -117,6 +117,47 @@ async def test_an_error_before_the_body_was_read_closes_or_keeps_the_connection_
     await conn.aclose()
 
 
+@pytest.mark.parametrize(
+    ("what", "authorization", "status"),
+    [("over the size limit", "Bearer k", 413), ("without a valid key", "Bearer nope", 401)],
+)
+@bounded(20)
+async def test_an_early_answer_waits_for_the_rest_of_a_short_body_and_keeps_the_connection(
+    nursery: trio.Nursery,
+    fake_server: FakeModelServer,
+    what: str,
+    authorization: str,
+    status: int,
+) -> None:
+    """The answer goes out while the body is still coming in: the connection is not closed
+    under the client's next request (hypercorn closes it, without saying so, when the
+    response ends before the body has all been read)."""
+    served = await start_served(nursery, fake_server, max_body=1000, api_keys=("k",))
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'
+    for _ in range(5):
+        conn = await RawHTTP.connect(served.url)
+        async with trio.open_nursery() as sending:
+            sending.start_soon(conn.send, big_post(len(body), authorization=authorization) + body)
+            answered, headers, _ = await conn.response()
+        assert (answered, headers.get("connection")) == (status, None), what
+        await conn.send(HEALTHZ)
+        assert (await conn.response())[0] == 200
+        await conn.aclose()
+
+
+@bounded(20)
+async def test_an_early_answer_before_a_long_body_says_it_closes(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    served = await start_served(nursery, fake_server, max_body=1000)
+    conn = await RawHTTP.connect(served.url)
+    await conn.send(big_post(10_000_000) + b"x" * 50_000)
+    answered, headers, _ = await conn.response()
+    assert (answered, headers.get("connection")) == (413, "close")
+    assert await conn.closed_by_server()
+    await conn.aclose()
+
+
 # The SDK leaves its async generators for trio to finalize (see test_openai_sdk.py).
 @pytest.mark.filterwarnings(r"ignore:Async generator 'httpx2\.:ResourceWarning")
 @pytest.mark.filterwarnings(r"ignore:Async generator 'httpcore2\.:ResourceWarning")

@@ -25,12 +25,20 @@ same bytes differently (request smuggling).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPResponseStartEvent,
+    Scope,
+)
 
 __all__ = ["CloseConnections", "at_request_end", "close_connections"]
 
@@ -61,15 +69,29 @@ class CloseConnections:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        names = {name.lower() for name, _ in scope["headers"]}
-        if b"content-length" in names and b"transfer-encoding" in names:
+        headers = {name.lower(): value for name, value in scope["headers"]}
+        if b"content-length" in headers and b"transfer-encoding" in headers:
             await _refuse_ambiguous_length(send)
             return
+        body = _RequestBody(headers)
+        closing = False
+
+        async def receive_tracked() -> ASGIReceiveEvent:
+            message = await receive()
+            if message["type"] == "http.request":
+                body.arrived(message)
+            return message
 
         async def send_last_shielded(message: ASGISendEvent) -> None:
+            nonlocal closing
             try:
+                if message["type"] == "http.response.start" and body.too_much_left():
+                    message = _closing(message)
+                    closing = True
                 if message["type"] == "http.response.body" and not message.get("more_body"):
                     with trio.CancelScope(shield=True):
+                        if not closing:
+                            await body.wait_for_the_rest()
                         await send(message)
                 else:
                     await send(message)
@@ -80,10 +102,70 @@ class CloseConnections:
                 pass
 
         try:
-            await self.app(scope, receive, send_last_shielded)
+            await self.app(scope, receive_tracked, send_last_shielded)
         finally:
             for callback in cast(dict[str, Any], scope).get(_AT_END, ()):
                 callback()
+
+
+#: A response that starts before its request's body has all arrived waits, at its end, for
+#: the rest of the body if it is at most this long (and says ``Connection: close`` if not).
+DRAIN_BYTES = 256 << 10
+#: ... for at most this long.
+DRAIN_SECONDS = 1.0
+
+
+class _RequestBody:
+    """How much of a request's body has reached the app (quart-trio reads it all, in a task
+    of its own, whether or not the handler asks for it).
+
+    hypercorn closes a connection, without saying so, when a response ends before the
+    request's body was read to its end (it cannot find the next request past it). A client
+    that sent its whole request and reuses the connection then sees it closed under its next
+    request ("Server disconnected without sending a response"), so an early answer (a 413
+    or a 401, say) lost the client's next request whenever the response was faster than
+    the body. So, as Go's net/http does: the end of such a response waits (bounded) for the
+    rest of a short body, which keeps the connection, and a response that will not wait
+    for a long one says ``Connection: close``. See docs/upstream-bugs.md."""
+
+    __slots__ = ("_complete", "_left")
+
+    def __init__(self, headers: dict[bytes, bytes]) -> None:
+        self._complete: trio.Event | None = None  # made only when waited for
+        #: Bytes still to come (``None``: unknown, chunked); 0 once it has all arrived.
+        self._left: int | None = None
+        if b"transfer-encoding" not in headers:
+            with contextlib.suppress(ValueError):  # h11 checked it: "unknown" if not a number
+                self._left = int(headers.get(b"content-length", b"0"))
+
+    def arrived(self, message: ASGIReceiveEvent) -> None:
+        if self._left == 0:
+            return
+        if message.get("more_body", False):
+            if self._left is not None:
+                self._left = max(1, self._left - len(cast(bytes, message.get("body", b""))))
+            return
+        self._left = 0
+        if self._complete is not None:
+            self._complete.set()
+
+    def too_much_left(self) -> bool:
+        """Whether so much of the body is still to come that the response will not wait."""
+        return self._left is None or self._left > DRAIN_BYTES
+
+    async def wait_for_the_rest(self) -> None:
+        """Wait, at most :data:`DRAIN_SECONDS`, for the body to have all arrived."""
+        if self._left == 0:
+            return
+        self._complete = self._complete or trio.Event()
+        with trio.move_on_after(DRAIN_SECONDS):
+            await self._complete.wait()
+
+
+def _closing(start: HTTPResponseStartEvent) -> HTTPResponseStartEvent:
+    """``http.response.start`` with ``Connection: close`` (see :class:`_RequestBody`)."""
+    headers = [(name, value) for name, value in start["headers"] if name.lower() != b"connection"]
+    return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
 _AMBIGUOUS = json.dumps(

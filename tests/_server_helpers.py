@@ -25,6 +25,7 @@ from hypercorn.config import Config
 from quart_trio import QuartTrio
 
 import tokenrelay
+from tokenrelay.server._hypercorn import use_direct_writes
 from tokenrelay.testing import FakeModelServer
 from tokenrelay.upstreams._lines import LineSplitter, SSEEvent, SSEParser
 
@@ -56,6 +57,8 @@ async def serve_app(
     config.errorlog = logging.getLogger("tokenrelay.server")
     config.graceful_timeout = 0.5
     config.keep_alive_timeout = keep_alive_timeout
+    # As tokenrelay.server.serve (and so ``tokenrelay serve``) runs hypercorn.
+    assert use_direct_writes()
     binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
     return str(binds[0])
 

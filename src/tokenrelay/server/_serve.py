@@ -15,6 +15,7 @@ import trio
 from hypercorn.config import Config
 from quart import Quart
 
+from ._hypercorn import use_direct_writes
 from ._service import EXTENSION, RelayService
 
 __all__ = ["CannotListen", "serve"]
@@ -40,10 +41,14 @@ async def serve(
     ``"shutdown"``, let their ``on_finish`` run, close the connections, and return. Started
     with ``nursery.start``, it reports the addresses it listens on.
 
+    From then on, hypercorn's trio worker in this process hands each write of a plain TCP
+    connection to the socket at once when the kernel takes it all (``server/_hypercorn.py``).
+
     Raises:
         CannotListen: hypercorn could not bind ``config.bind`` (one line, with the reason).
     """
     service: RelayService = app.extensions[EXTENSION]
+    use_direct_writes()
 
     async def until_signal() -> None:
         async with trio.open_nursery() as waiting:

@@ -1,0 +1,206 @@
+"""hypercorn's trio worker with ``DirectWriteTCPServer`` (server/_hypercorn.py), as
+``tokenrelay serve`` runs it: streamed writes go to the socket at once, what the kernel does
+not take goes through hypercorn's own ``send_all``, and a client that vanishes is a closed
+connection. Raw sockets and a raw ASGI app on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import hypercorn.trio
+import hypercorn.trio.run
+import pytest
+import trio
+from hypercorn.config import Config
+
+from _helpers import bounded
+from tokenrelay.server._hypercorn import DirectWriteTCPServer, use_direct_writes
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def chunk(i: int, size: int) -> bytes:
+    return (f"{i:08d}" * (size // 8 + 1)).encode()[:size]
+
+
+class StreamingApp:
+    """Streams ``chunks`` body messages of ``size`` bytes; records how its response ended."""
+
+    def __init__(self, chunks: int, size: int) -> None:
+        self.chunks = chunks
+        self.size = size
+        self.sent = 0
+        self.finished = trio.Event()
+        self.disconnected = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_disconnect, receive, nursery.cancel_scope)
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                for i in range(self.chunks):
+                    body = chunk(i, self.size)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    self.sent += 1
+                    # hypercorn's send to a closed connection returns without a checkpoint.
+                    await trio.lowlevel.checkpoint()
+                # Shielded: hypercorn tells of the disconnect, then closes, in this last send.
+                with trio.CancelScope(shield=True):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                nursery.cancel_scope.cancel()
+        finally:
+            self.finished.set()
+
+    async def _until_disconnect(self, receive: Receive, done: trio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        done.cancel()
+
+
+async def serve(nursery: trio.Nursery, app: StreamingApp) -> int:
+    assert use_direct_writes()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("tokenrelay.server")
+    config.graceful_timeout = 0.5
+    binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
+    return int(str(binds[0]).rsplit(":", 1)[1])
+
+
+class SendAllCalls(list[int]):
+    """Bytes of each ``SocketStream.send_all`` call, but for the test's own (a request
+    written by a client through a stream made with :func:`client_stream`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = trio.Event()
+
+
+def count_send_all(monkeypatch: pytest.MonkeyPatch) -> SendAllCalls:
+    calls = SendAllCalls()
+    original = trio.SocketStream.send_all
+
+    async def send_all(self: trio.SocketStream, data: Any) -> None:
+        if not getattr(self.socket, "is_client", False):
+            calls.append(len(data))
+            calls.called.set()
+        await original(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", send_all)
+    return calls
+
+
+async def client_stream(port: int, receive_buffer: int | None = None) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    sock.is_client = True  # type: ignore[attr-defined]
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def read_response(stream: trio.SocketStream) -> bytes:
+    """Everything until the server closes (the requests say ``Connection: close``)."""
+    received = bytearray()
+    while data := await stream.receive_some(1 << 16):
+        received += data
+    return bytes(received)
+
+
+def body_of(response: bytes) -> bytes:
+    """The de-chunked body of one HTTP/1.1 response."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    body = bytearray()
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return bytes(body)
+        body += rest[:size]
+        rest = rest[size + 2 :]
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def test_the_worker_is_hypercorns_own_class_with_direct_writes() -> None:
+    assert use_direct_writes()
+    assert hypercorn.trio.run.TCPServer is DirectWriteTCPServer  # type: ignore[attr-defined]
+    assert use_direct_writes()  # idempotent
+
+
+@bounded(10)
+async def test_streamed_writes_go_to_the_socket_without_send_all(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = StreamingApp(chunks=200, size=100)
+    port = await serve(nursery, app)
+    calls = count_send_all(monkeypatch)
+    stream = await client_stream(port)
+    async with stream:
+        await stream.send_all(REQUEST)
+        response = await read_response(stream)
+    assert body_of(response) == b"".join(chunk(i, 100) for i in range(200))
+    assert calls == []  # the head, 200 chunks and the end: each taken by the kernel at once
+
+
+@bounded(20)
+async def test_what_the_kernel_does_not_take_goes_through_send_all_in_order(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 16 MiB to a client that reads nothing at first: the socket's buffers fill, a write is
+    # taken in part (or not at all) and hypercorn's shielded send_all waits for the rest.
+    app = StreamingApp(chunks=64, size=256 << 10)
+    port = await serve(nursery, app)
+    calls = count_send_all(monkeypatch)
+    stream = await client_stream(port, receive_buffer=4096)
+    async with stream:
+        await stream.send_all(REQUEST)
+        await calls.called.wait()  # the server is waiting in send_all: the client is behind
+        assert app.sent < app.chunks
+        response = await read_response(stream)
+    body = body_of(response)
+    expected = b"".join(chunk(i, 256 << 10) for i in range(64))
+    assert len(body) == len(expected)
+    assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
+    assert app.finished.is_set()
+
+
+@bounded(10)
+async def test_a_client_that_resets_mid_stream_is_a_closed_connection(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = StreamingApp(chunks=1_000_000, size=1000)
+    port = await serve(nursery, app)
+    stream = await client_stream(port)
+    await stream.send_all(REQUEST)
+    await stream.receive_some(1 << 16)  # streaming
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()  # a reset, not an orderly end
+    await app.finished.wait()  # told of the disconnect, it stopped
+    assert app.disconnected
+    assert app.sent < app.chunks
+    # The server goes on serving.
+    small = StreamingApp(chunks=3, size=10)
+    port = await serve(nursery, small)
+    stream = await client_stream(port)
+    async with stream:
+        await stream.send_all(REQUEST)
+        assert body_of(await read_response(stream)) == b"".join(chunk(i, 10) for i in range(3))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import re
 import signal
@@ -310,3 +311,23 @@ async def test_an_app_that_mounts_the_blueprint_shuts_down_like_tokenrelay_serve
         assert trio.current_time() - signalled < 2.0
     finally:
         server.process.kill()
+
+
+def test_a_started_server_freezes_what_lives_and_collects_the_young_less_often() -> None:
+    """``settle_gc`` (called by ``tokenrelay serve`` once it listens): what exists then is
+    out of every later collection, and the youngest generation is collected less often.
+    (Undone at the end: this is the test process's collector.)"""
+    from tokenrelay.server.cli import GC_THRESHOLD, settle_gc
+
+    threshold = gc.get_threshold()
+    try:
+        settle_gc()
+        assert gc.get_freeze_count() > 10_000
+        assert gc.get_threshold() == (GC_THRESHOLD, *threshold[1:])
+        garbage: list[object] = []
+        garbage.append(garbage)  # a cycle made afterwards is collected as ever
+        del garbage
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

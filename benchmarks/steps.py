@@ -21,6 +21,7 @@ import trio
 from hypercorn.config import Config
 
 from tokenrelay.server import ServerConfig, create_app
+from tokenrelay.server._hypercorn import use_direct_writes
 
 
 class StepCounter(trio.abc.Instrument):
@@ -66,6 +67,7 @@ async def main(streams: int, rounds: int) -> None:
         config.bind = ["127.0.0.1:0"]
         config.accesslog = None
         config.backlog = 2048
+        use_direct_writes()  # as tokenrelay.server.serve does
         binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
         url = binds[0]
         tokens = 0

@@ -314,14 +314,14 @@ async def test_an_app_that_mounts_the_blueprint_shuts_down_like_tokenrelay_serve
 
 
 def test_a_started_server_freezes_what_lives_and_collects_the_young_less_often() -> None:
-    """``settle_gc`` (called by ``tokenrelay serve`` once it listens): what exists then is
+    """``_settle_gc`` (called by ``tokenrelay serve`` once it listens): what exists then is
     out of every later collection, and the youngest generation is collected less often.
     (Undone at the end: this is the test process's collector.)"""
-    from tokenrelay.server.cli import GC_THRESHOLD, settle_gc
+    from tokenrelay.server.cli import GC_THRESHOLD, _settle_gc
 
     threshold = gc.get_threshold()
     try:
-        settle_gc()
+        _settle_gc()
         assert gc.get_freeze_count() > 10_000
         assert gc.get_threshold() == (GC_THRESHOLD, *threshold[1:])
         garbage: list[object] = []

@@ -89,6 +89,8 @@ class SendAllCalls(list[int]):
     def __init__(self) -> None:
         super().__init__()
         self.called = trio.Event()
+        #: Whether a call carried a response head.
+        self.head = False
 
 
 def count_send_all(monkeypatch: pytest.MonkeyPatch) -> SendAllCalls:
@@ -98,6 +100,7 @@ def count_send_all(monkeypatch: pytest.MonkeyPatch) -> SendAllCalls:
     async def send_all(self: trio.SocketStream, data: Any) -> None:
         if not getattr(self.socket, "is_client", False):
             calls.append(len(data))
+            calls.head |= bytes(data[:9]) == b"HTTP/1.1 "
             calls.called.set()
         await original(self, data)
 
@@ -179,6 +182,10 @@ async def test_what_the_kernel_does_not_take_goes_through_send_all_in_order(
     expected = b"".join(chunk(i, 256 << 10) for i in range(64))
     assert len(body) == len(expected)
     assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
+    # The head went to the socket directly, and so did the start of the body: send_all
+    # carried only the rest.
+    assert not calls.head
+    assert sum(calls) < len(response)
     await app.finished.wait()  # closed within its last send: it ends right after
 
 

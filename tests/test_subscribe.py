@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import trio
 from trio.testing import MockClock
@@ -7,6 +10,7 @@ from trio.testing import MockClock
 import tokenrelay
 from _helpers import piped, read_all
 from tokenrelay import Emit, Event, ReplayGap, RunStatus, UnknownSession
+from tokenrelay._reaper import Reaper
 from tokenrelay.server._responses import Polled
 from tokenrelay.stores._memory import READER_BUFFER
 from tokenrelay.testing import ScriptedUpstream
@@ -342,3 +346,46 @@ async def test_service_keep_alives_come_after_each_quiet_keepalive(
         nursery.cancel_scope.cancel()
     assert got[:5] == [(None, 1.0), (None, 2.0), (["a"], 2.5), (None, 3.5), (["b"], 3.75)]
     assert [batch for batch, _ in got[5:]] == [[f"c{i}"] for i in range(10)]
+
+
+async def test_a_stream_that_ended_is_not_held_by_its_pending_keep_alive(
+    autojump_clock: MockClock,
+) -> None:
+    """The keep-alive check of a stream is armed for ``keepalive`` seconds on; a stream that
+    ends before then is not kept alive by it (nor, through it, its run)."""
+    service = tokenrelay.RelayService(tokenrelay.ServerConfig(keepalive=10.0, upstream="demo"))
+    async with tokenrelay.open_relay() as relay, trio.open_nursery() as nursery:
+        await nursery.start(service._keepalives.run)
+        run = await relay.start("s", piped(ScriptedUpstream(["a"], prefill=1.0)))
+        watch = service.watch(run)
+        batch = await service.next_batch(watch)  # armed at 0, due at 10
+        assert batch is not None
+        assert data(batch) == ["a"]
+        assert len(service._keepalives) == 1
+        service.unwatch(watch)
+        gone = weakref.ref(watch)
+        del watch
+        gc.collect()
+        assert gone() is None
+        assert trio.current_time() == 1.0
+        await trio.sleep(10.0)  # its check comes due, finds it gone
+        assert len(service._keepalives) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_reaper_keeps_nothing_it_has_fired(autojump_clock: MockClock) -> None:
+    class Key:
+        pass
+
+    fired: list[float] = []
+    reaper: Reaper[Key] = Reaper(lambda key: fired.append(trio.current_time()))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        key = Key()
+        reaper.arm(1.0, key)
+        gone = weakref.ref(key)
+        del key
+        await trio.sleep(2.0)  # fired at 1.0; the reaper now sleeps with nothing armed
+        gc.collect()
+        assert (fired, gone()) == ([1.0], None)
+        nursery.cancel_scope.cancel()

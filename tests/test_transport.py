@@ -12,10 +12,13 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import httpcore2
 import httpx2
 import pytest
 import trio
+import trio.testing
 import trustme
+from httpcore2._backends.trio import TrioStream
 
 import tokenrelay
 import tokenrelay.upstreams._transport
@@ -258,3 +261,39 @@ async def test_connections_through_a_proxy_keep_httpx2s_own_backend() -> None:
     async with httpx2.AsyncClient(transport=transport) as client:
         use_lean_backend(client)
         assert not isinstance(backend(transport), LeanTrioBackend)
+
+
+async def test_a_lean_read_of_a_socket_closed_meanwhile_is_a_read_error() -> None:
+    """The pool may close a connection's socket from another task between two reads: the
+    next read raises httpcore2's ReadError (what trio's recv gave), every time."""
+    ours, theirs = trio.socket.socketpair()
+    lean = _LeanStream(TrioStream(trio.SocketStream(ours)))
+    ours.close()
+    for _ in range(2):
+        with pytest.raises(httpcore2.ReadError):
+            await lean.read(1024)
+    theirs.close()
+
+
+async def test_lean_reads_wait_first_then_read_at_once_after_a_full_read() -> None:
+    """A read waits for the socket and then reads it; one that filled its buffer is followed
+    by one that reads at once (more is waiting, as a rule). Nothing is lost either way."""
+    ours, theirs = trio.socket.socketpair()
+    lean = _LeanStream(TrioStream(trio.SocketStream(ours)))
+    payload = bytes(range(256)) * 40  # 10,240 bytes
+    received = b""
+    async with trio.open_nursery() as nursery:
+
+        async def send_later() -> None:
+            await trio.testing.wait_all_tasks_blocked()  # the reader is waiting
+            await theirs.send(payload)
+
+        nursery.start_soon(send_later)
+        received += await lean.read(1024)  # waited, then read: the buffer is full
+        assert lean._full
+        while len(received) < len(payload):
+            received += await lean.read(4096)
+    assert received == payload
+    assert not lean._full  # the last read did not fill its buffer
+    ours.close()
+    theirs.close()

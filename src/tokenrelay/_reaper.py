@@ -52,3 +52,4 @@ class Reaper(Generic[K]):
             while heap and heap[0][0] <= now:
                 _, _, key = heapq.heappop(heap)
                 self._on_due(key)
+                del key  # not kept alive by this frame while it sleeps

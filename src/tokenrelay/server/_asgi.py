@@ -73,24 +73,32 @@ class CloseConnections:
         if b"content-length" in headers and b"transfer-encoding" in headers:
             await _refuse_ambiguous_length(send)
             return
-        body = _RequestBody(headers)
+        # HTTP/1 only: an HTTP/2 response ends its stream, never the connection.
+        body = _RequestBody(headers) if scope.get("http_version") in ("1.0", "1.1") else None
         closing = False
 
         async def receive_tracked() -> ASGIReceiveEvent:
             message = await receive()
-            if message["type"] == "http.request":
-                body.arrived(message)
+            if body is not None:
+                if message["type"] == "http.request":
+                    body.arrived(message)
+                elif message["type"] == "http.disconnect":
+                    body.gone()
             return message
 
         async def send_last_shielded(message: ASGISendEvent) -> None:
             nonlocal closing
             try:
-                if message["type"] == "http.response.start" and body.too_much_left():
+                if (
+                    message["type"] == "http.response.start"
+                    and body is not None
+                    and body.too_much_left()
+                ):
                     message = _closing(message)
                     closing = True
                 if message["type"] == "http.response.body" and not message.get("more_body"):
                     with trio.CancelScope(shield=True):
-                        if not closing:
+                        if body is not None and not closing:
                             await body.wait_for_the_rest()
                         await send(message)
                 else:
@@ -145,6 +153,12 @@ class _RequestBody:
             if self._left is not None:
                 self._left = max(1, self._left - len(cast(bytes, message.get("body", b""))))
             return
+        self._left = 0
+        if self._complete is not None:
+            self._complete.set()
+
+    def gone(self) -> None:
+        """The client hung up: no more of the body will come."""
         self._left = 0
         if self._complete is not None:
             self._complete.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+import weakref
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn, cast
 
@@ -50,7 +51,7 @@ class Watch:
     request is over (see :func:`~tokenrelay.server._asgi.at_request_end`), and the state of
     the write in progress, for the stall check."""
 
-    __slots__ = ("armed", "ended", "idle_since", "keepalive_armed", "since", "sub")
+    __slots__ = ("__weakref__", "armed", "ended", "idle_since", "keepalive_armed", "since", "sub")
 
     def __init__(self, sub: Subscription) -> None:
         self.sub = sub
@@ -95,8 +96,9 @@ class RelayService:
         self._redis_done = trio.Event()
         #: The upstream's model list, and until when (trio clock) it is reused.
         self.models_cache: tuple[float, list[dict[str, Any]]] | None = None
-        self._stalls: Reaper[Watch] = Reaper(self._check_stall)
-        self._keepalives: Reaper[Watch] = Reaper(self._keep_alive)
+        # Weak references: a stream that ended is not kept alive until its check comes due.
+        self._stalls: Reaper[weakref.ref[Watch]] = Reaper(self._check_stall)
+        self._keepalives: Reaper[weakref.ref[Watch]] = Reaper(self._keep_alive)
 
     def _store_errors(self) -> int:
         return self.store.write_errors if self.store is not None else 0
@@ -366,7 +368,7 @@ class RelayService:
         timeout = self.config.stall_timeout
         if timeout is not None and not watch.armed:
             watch.armed = True
-            self._stalls.arm(now + timeout, watch)
+            self._stalls.arm(now + timeout, weakref.ref(watch))
 
     async def next_batch(self, watch: Watch) -> list[Event] | None:
         """The next events of ``watch``'s subscription (``receive_batch()``, raising as it
@@ -387,15 +389,18 @@ class RelayService:
         watch.idle_since = now
         if not watch.keepalive_armed:
             watch.keepalive_armed = True
-            self._keepalives.arm(now + keepalive, watch)
+            self._keepalives.arm(now + keepalive, weakref.ref(watch))
         try:
             batch = await sub.receive_batch()
         finally:
             watch.idle_since = None
         return batch or None
 
-    def _keep_alive(self, watch: Watch) -> None:
-        """Nudge ``watch``'s stream if its wait has lasted ``keepalive`` seconds."""
+    def _keep_alive(self, ref: weakref.ref[Watch]) -> None:
+        """Nudge the watch's stream if its wait has lasted ``keepalive`` seconds."""
+        watch = ref()
+        if watch is None:
+            return
         since = watch.idle_since
         if since is None or watch.sub.closed:
             watch.keepalive_armed = False  # its next wait arms it again
@@ -405,19 +410,22 @@ class RelayService:
             watch.keepalive_armed = False
             watch.sub.nudge()
         else:
-            self._keepalives.arm(due, watch)
+            self._keepalives.arm(due, ref)
 
-    def _check_stall(self, watch: Watch) -> None:
+    def _check_stall(self, ref: weakref.ref[Watch]) -> None:
         """Drop a watch whose write has been blocked for ``stall_timeout``: its run is then no
         longer held on its account (its connection stays until the client or the kernel gives
         up on it; hypercorn cannot cancel a write)."""
+        watch = ref()
+        if watch is None:
+            return
         timeout = self.config.stall_timeout
         assert timeout is not None
         since = watch.since
         if since is None:
             watch.armed = False  # the next write arms it again
         elif trio.current_time() - since < timeout:
-            self._stalls.arm(since + timeout, watch)
+            self._stalls.arm(since + timeout, ref)
         else:
             watch.armed = False
             run = watch.run

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +155,13 @@ async def serve(
     config: ServerConfig,
     *,
     shutdown_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    tune_gc: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until SIGINT or SIGTERM: then stop accepting, stop every run with
     reason ``"shutdown"`` (their streams end with a chunk saying so), let ``on_finish`` run,
-    and return."""
+    and return. ``tune_gc``: tune this process's garbage collector once listening (the
+    ``tokenrelay`` command's own process does; see ``_settle_gc``)."""
     app = create_app(config)
     hypercorn_config = HypercornConfig()
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -186,7 +189,8 @@ async def serve(
         if (lifeline := os.environ.pop(LIFELINE_FD, None)) is not None:
             await nursery.start(_watch_lifeline, int(lifeline), supervisor_gone)
         binds = await nursery.start(serving)
-        settle_gc()
+        if tune_gc:
+            _settle_gc()
         logger.info(
             "tokenrelay listening on %s, relaying %s%s",
             binds[0],
@@ -200,7 +204,7 @@ async def serve(
 GC_THRESHOLD = 5000
 
 
-def settle_gc() -> None:
+def _settle_gc() -> None:
     """Tune the garbage collector for a serving process, once it has started.
 
     Everything made until now (modules, the app, its routes: some 120,000 objects) lives as
@@ -379,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.workers > 1:
             return trio.run(supervise, config, list(sys.argv[2:] if argv is None else argv[1:]))
         else:
-            trio.run(serve, config)
+            trio.run(partial(serve, config, tune_gc=True))
     except CannotListen as exc:
         print(f"tokenrelay: {exc}", file=sys.stderr)
         return 2

@@ -127,9 +127,12 @@ class _LeanStream(AsyncNetworkStream):
         catches ``BlockingIOError`` for nothing, once per token. (The wait is the checkpoint.)
         """
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            fd = sock.fileno()
+            if fd < 0:  # closed by another task since the last read
+                raise trio.ClosedResourceError("the socket was closed")
+            await trio.lowlevel.wait_readable(fd)
             try:
-                return os.read(sock.fileno(), max_bytes)
+                return os.read(fd, max_bytes)
             except BlockingIOError:  # woken, yet nothing to read: wait again
                 continue
 

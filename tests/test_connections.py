@@ -83,6 +83,14 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
     await conn.aclose()
 
 
+#: Answers a request gets before its body is read: too large by its Content-Length, or with
+#: a key the server does not know.
+EARLY_ANSWERS = pytest.mark.parametrize(
+    ("what", "authorization", "status"),
+    [("over the size limit", "Bearer k", 413), ("without a valid key", "Bearer nope", 401)],
+)
+
+
 def big_post(length: int, *, authorization: str = "Bearer k") -> bytes:
     return (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nAuthorization: {authorization}\r\n"
@@ -90,10 +98,7 @@ def big_post(length: int, *, authorization: str = "Bearer k") -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize(
-    ("what", "authorization", "status"),
-    [("over the size limit", "Bearer k", 413), ("without a valid key", "Bearer nope", 401)],
-)
+@EARLY_ANSWERS
 @bounded(20)
 async def test_an_error_before_the_body_was_read_closes_or_keeps_the_connection_usable(
     nursery: trio.Nursery,
@@ -122,10 +127,7 @@ async def test_an_error_before_the_body_was_read_closes_or_keeps_the_connection_
     await conn.aclose()
 
 
-@pytest.mark.parametrize(
-    ("what", "authorization", "status"),
-    [("over the size limit", "Bearer k", 413), ("without a valid key", "Bearer nope", 401)],
-)
+@EARLY_ANSWERS
 @bounded(20)
 async def test_an_early_answer_waits_for_the_rest_of_a_short_body_and_keeps_the_connection(
     nursery: trio.Nursery,

@@ -11,7 +11,7 @@ import tokenrelay
 from _helpers import piped, read_all
 from tokenrelay import Emit, Event, ReplayGap, RunStatus, UnknownSession
 from tokenrelay._reaper import Reaper
-from tokenrelay.server._responses import Polled
+from tokenrelay.server._responses import Polled, _stream
 from tokenrelay.stores._memory import READER_BUFFER
 from tokenrelay.testing import ScriptedUpstream
 
@@ -388,4 +388,47 @@ async def test_the_reaper_keeps_nothing_it_has_fired(autojump_clock: MockClock) 
         await trio.sleep(2.0)  # fired at 1.0; the reaper now sleeps with nothing armed
         gc.collect()
         assert (fired, gone()) == ([1.0], None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_receive_ready_hands_out_what_is_there_without_waiting(
+    autojump_clock: MockClock,
+) -> None:
+    upstream = ScriptedUpstream(["a", "b", "c"], prefill=1.0, interval=[0.0, 1.0])
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(upstream))
+        async with relay.subscribe("s") as sub:
+            assert sub.receive_ready() == []  # nothing yet, and no wait
+            await trio.sleep(1.5)
+            assert data(sub.receive_ready()) == ["a", "b"]
+            assert sub.receive_ready() == []
+            assert data(await sub.receive_batch()) == ["c"]
+            assert trio.current_time() == 2.0
+            await trio.sleep(1.0)
+            assert sub.receive_ready() == []  # the end is for receive_batch to tell
+            with pytest.raises(trio.EndOfChannel):
+                await sub.receive_batch()
+
+
+async def test_a_new_stream_opens_with_what_is_already_there_in_one_write(
+    autojump_clock: MockClock,
+) -> None:
+    """The opening of a chat stream (its comment, ``retry:`` and role chunk) and the events
+    already in the run's log go out as one write; what comes later, as it comes."""
+    service = tokenrelay.RelayService(tokenrelay.ServerConfig(upstream="demo"))
+    upstream = ScriptedUpstream(['"Hel"', '"lo"'], prefill=1.0, interval=[5.0])
+    async with tokenrelay.open_relay() as relay, trio.open_nursery() as nursery:
+        await nursery.start(service._keepalives.run)
+        run = await relay.start("s", piped(upstream))
+        watch = service.watch(run)
+        await trio.sleep(1.5)  # "Hel" is in the log
+        body = _stream(service, watch, -1)
+        first = await body.__anext__()
+        assert first.startswith(b": tokenrelay run ")
+        assert first.index(b'"role":"assistant"') < first.index(b'"content":"Hel"')
+        assert trio.current_time() == 1.5
+        second = await body.__anext__()
+        assert b'"content":"lo"' in second
+        assert trio.current_time() == 6.0
+        await body.aclose()
         nursery.cancel_scope.cancel()

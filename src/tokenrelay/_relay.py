@@ -303,6 +303,17 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
             raise trio.ClosedResourceError("this subscription was closed")
         return await self._reader.receive_batch(max_events)
 
+    def receive_ready(self, max_events: int = MAX_BATCH) -> list[Event]:
+        """The events that :meth:`receive_batch` would return at once, without waiting (and
+        without a schedule point): ``[]`` if none is ready, or if the run's store has readers
+        that cannot say (every store tokenrelay ships can). For a writer whose first write
+        can carry what is already there. Raises :exc:`ReplayGap` as ``receive_batch`` does;
+        the end of the run is for ``receive_batch`` to tell."""
+        if self._closed:
+            raise trio.ClosedResourceError("this subscription was closed")
+        ready: Callable[[int], list[Event]] | None = getattr(self._reader, "receive_ready", None)
+        return [] if ready is None else ready(max_events)
+
     @property
     def nudgeable(self) -> bool:
         """Whether :meth:`nudge` can wake this subscription (the run's store has readers

@@ -88,8 +88,16 @@ async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncItera
     try:
         service.writing(watch)
         if after == -1:  # what is ready at once goes out in one write
-            yield comment + retry + renderer.role()
+            opening = comment + retry + renderer.role()
             retry = b""
+            try:
+                ready = watch.sub.receive_ready()
+            except ReplayGap:  # fell behind already: the loop below says so
+                ready = []
+            if ready:
+                renderer.name(info.get("model", ""), info.get("system_fingerprint"))
+                opening += renderer.events(ready)
+            yield opening
         else:
             yield comment
         watch.since = None

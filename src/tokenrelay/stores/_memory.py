@@ -293,6 +293,10 @@ class _MemoryReader:
             pass  # nudged
         return batch[0]
 
+    def receive_ready(self, max_events: int = MAX_BATCH) -> list[Event]:
+        """The events ready now (at most ``max_events``), without waiting: ``[]`` if none."""
+        return self._take_ready(max_events)
+
     def nudge(self) -> None:
         """Wake a :meth:`receive_batch` waiting for the next event: it returns ``[]``. (A
         reader that is not waiting has events ready, or is closed: nothing happens then, but

@@ -73,10 +73,12 @@ class LogReader(Protocol):
         ``max_events``), in order. Raises :exc:`trio.EndOfChannel` at the end of the log
         and :exc:`ReplayGap` if events it needs were dropped.
 
-        A reader may also have a ``nudge()`` method (the readers of every store tokenrelay
-        ships do): called from another task, it makes a waiting ``receive_batch`` return
-        ``[]`` at once, and does nothing to a reader that is not waiting (see
-        :meth:`Subscription.nudge`)."""
+        A reader may also have (the readers of every store tokenrelay ships do) a
+        ``nudge()`` method: called from another task, it makes a waiting ``receive_batch``
+        return ``[]`` at once, and does nothing to a reader that is not waiting (see
+        :meth:`Subscription.nudge`); and ``receive_ready(max_events)``: what
+        ``receive_batch`` would return at once, without waiting, ``[]`` if nothing (see
+        :meth:`Subscription.receive_ready`)."""
         ...
 
     def close(self) -> None:

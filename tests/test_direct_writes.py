@@ -125,6 +125,13 @@ async def read_response(stream: trio.SocketStream) -> bytes:
     return bytes(received)
 
 
+async def fetch(port: int) -> bytes:
+    """The de-chunked body of a whole response to ``REQUEST``."""
+    async with await client_stream(port) as stream:
+        await stream.send_all(REQUEST)
+        return body_of(await read_response(stream))
+
+
 def body_of(response: bytes) -> bytes:
     """The de-chunked body of one HTTP/1.1 response."""
     head, _, rest = response.partition(b"\r\n\r\n")
@@ -155,11 +162,7 @@ async def test_streamed_writes_go_to_the_socket_without_send_all(
     app = StreamingApp(chunks=200, size=100)
     port = await serve(nursery, app)
     calls = count_send_all(monkeypatch)
-    stream = await client_stream(port)
-    async with stream:
-        await stream.send_all(REQUEST)
-        response = await read_response(stream)
-    assert body_of(response) == b"".join(chunk(i, 100) for i in range(200))
+    assert await fetch(port) == b"".join(chunk(i, 100) for i in range(200))
     assert calls == []  # the head, 200 chunks and the end: each taken by the kernel at once
 
 
@@ -206,8 +209,5 @@ async def test_a_client_that_resets_mid_stream_is_a_closed_connection(
     # The server goes on serving.
     small = StreamingApp(chunks=3, size=10)
     port = await serve(nursery, small)
-    stream = await client_stream(port)
-    async with stream:
-        await stream.send_all(REQUEST)
-        assert body_of(await read_response(stream)) == b"".join(chunk(i, 10) for i in range(3))
+    assert await fetch(port) == b"".join(chunk(i, 10) for i in range(3))
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

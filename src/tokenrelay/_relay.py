@@ -259,6 +259,10 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
         self._reader = reader
         self._holding = False
         self._closed = False
+        # The reader's optional methods (see LogReader), looked up once: nudgeable is asked
+        # at every wait.
+        self._nudge: Callable[[], None] | None = getattr(reader, "nudge", None)
+        self._ready: Callable[[int], list[Event]] | None = getattr(reader, "receive_ready", None)
 
     async def __aenter__(self) -> Subscription:
         self.hold()
@@ -311,23 +315,21 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
         the end of the run is for ``receive_batch`` to tell."""
         if self._closed:
             raise trio.ClosedResourceError("this subscription was closed")
-        ready: Callable[[int], list[Event]] | None = getattr(self._reader, "receive_ready", None)
-        return [] if ready is None else ready(max_events)
+        return [] if self._ready is None else self._ready(max_events)
 
     @property
     def nudgeable(self) -> bool:
         """Whether :meth:`nudge` can wake this subscription (the run's store has readers
         that can be nudged: every store tokenrelay ships has)."""
-        return hasattr(self._reader, "nudge")
+        return self._nudge is not None
 
     def nudge(self) -> None:
         """Wake a :meth:`receive_batch` waiting in another task: it returns ``[]`` at once.
         For a writer with a timer of its own (a keep-alive comment after a quiet spell, say),
         instead of a cancel scope around every wait. A subscription that is not waiting is
         left as it is. Does nothing if not :attr:`nudgeable`."""
-        nudge: Callable[[], None] | None = getattr(self._reader, "nudge", None)
-        if nudge is not None and not self._closed:
-            nudge()
+        if self._nudge is not None and not self._closed:
+            self._nudge()
 
     def close(self) -> None:
         """:meth:`aclose` without waiting: stop following the run at once. A task blocked in

@@ -8,6 +8,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,15 +17,18 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx2
 import hypercorn.trio
+import pytest
 import trio
 from hypercorn.config import Config
 from quart_trio import QuartTrio
 
 import tokenrelay
+from tokenrelay.server import _hypercorn
 from tokenrelay.server._hypercorn import use_direct_writes
 from tokenrelay.testing import FakeModelServer
 from tokenrelay.upstreams._lines import LineSplitter, SSEEvent, SSEParser
@@ -79,6 +83,27 @@ async def start_served(
     app = tokenrelay.create_app(tokenrelay.ServerConfig(**settings))
     url = await serve_app(nursery, app, keep_alive_timeout=keep_alive_timeout)
     return Served(url, app, app.extensions["tokenrelay"], fake)
+
+
+def record_writes(monkeypatch: pytest.MonkeyPatch, url: str | None = None) -> list[bytes]:
+    """What the server hands the kernel directly, write by write, from now on (``os.write``
+    in server/_hypercorn.py): on connections to ``url`` only, if given (a fake model server
+    in the same process is served by hypercorn too)."""
+    writes: list[bytes] = []
+    port = None if url is None else port_of(url)
+
+    def write(fd: int, data: Any) -> int:
+        if port is None or _local_port(fd) == port:
+            writes.append(bytes(data))
+        return os.write(fd, data)
+
+    monkeypatch.setattr(_hypercorn, "os", SimpleNamespace(write=write, name=os.name))
+    return writes
+
+
+def _local_port(fd: int) -> int:
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return int(sock.getsockname()[1])
 
 
 def port_of(url: str) -> int:

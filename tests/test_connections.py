@@ -24,7 +24,7 @@ import trio.testing
 
 import tokenrelay.server._asgi
 from _helpers import bounded
-from _server_helpers import RawHTTP, chat, port_of, start_served
+from _server_helpers import RawHTTP, chat, port_of, record_writes, start_served
 from tokenrelay.testing import FakeModelServer
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
@@ -275,3 +275,61 @@ async def test_cancelling_the_server_closes_its_upstream_connections_at_once() -
             server.cancel_scope.cancel()
         await upstream_closed.wait()
         nursery.cancel_scope.cancel()
+
+
+STREAMS = pytest.mark.parametrize(
+    ("path", "body", "last"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+            b"data: [DONE]\n\n",
+        ),
+        ("/v1/responses", {"model": "fake", "stream": True, "input": "hi"}, b"response.completed"),
+    ],
+)
+
+
+@STREAMS
+@bounded(20)
+async def test_a_stream_s_head_goes_out_with_its_opening_and_its_last_event_with_its_end(
+    nursery: trio.Nursery,
+    fake_server: FakeModelServer,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    body: dict[str, Any],
+    last: bytes,
+) -> None:
+    served = await start_served(nursery, fake_server)
+    writes = record_writes(monkeypatch, served.url)
+    data = json.dumps(body).encode()
+    conn = await RawHTTP.connect(served.url)
+    await conn.send(
+        f"POST {path} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+        + data
+    )
+    assert await conn.closed_by_server()
+    await conn.aclose()
+    # One write: the head and the stream's opening comment; one: the last event and the end
+    # of the chunked body. Each was two.
+    assert writes[0].startswith(b"HTTP/1.1 200")
+    assert b": tokenrelay " in writes[0]
+    assert last in writes[-1]
+    assert writes[-1].endswith(b"\r\n0\r\n\r\n")
+    assert all(not write.startswith(b"0\r\n") for write in writes)
+
+
+@bounded(10)
+async def test_a_json_response_is_one_write(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = await start_served(nursery, fake_server)
+    writes = record_writes(monkeypatch, served.url)
+    conn = await RawHTTP.connect(served.url)
+    await conn.send(HEALTHZ_THEN_CLOSE)
+    status, _, body = await conn.response()
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+    assert await conn.closed_by_server()
+    await conn.aclose()
+    assert len(writes) == 1

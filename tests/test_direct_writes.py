@@ -20,7 +20,8 @@ import trio
 from hypercorn.config import Config
 
 from _helpers import bounded
-from tokenrelay.server._hypercorn import DirectWriteTCPServer, use_direct_writes
+from _server_helpers import record_writes
+from tokenrelay.server._hypercorn import DirectWriteTCPServer, gathered_writes, use_direct_writes
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -211,3 +212,117 @@ async def test_a_client_that_resets_mid_stream_is_a_closed_connection(
     port = await serve(nursery, small)
     assert await fetch(port) == b"".join(chunk(i, 10) for i in range(3))
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class GatheringApp:
+    """Answers with a head, ``pieces`` and the end; ``gather`` says which sends are made in
+    one ``gathered_writes`` block: "head+first", "last+end", or "all"."""
+
+    def __init__(self, pieces: list[bytes], gather: str) -> None:
+        self.pieces = pieces
+        self.gather = gather
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        body = [
+            {"type": "http.response.body", "body": piece, "more_body": True}
+            for piece in self.pieces
+        ]
+        end = {"type": "http.response.body", "body": b"", "more_body": False}
+        messages = [start, *body, end]
+        if self.gather == "all":
+            async with gathered_writes():
+                for message in messages:
+                    await send(message)
+            return
+        cut = 2 if self.gather == "head+first" else len(messages) - 2
+        together = messages[:cut] if self.gather == "head+first" else messages[cut:]
+        if self.gather == "head+first":
+            async with gathered_writes():
+                for message in together:
+                    await send(message)
+            for message in messages[cut:]:
+                await send(message)
+        else:
+            for message in messages[:cut]:
+                await send(message)
+            async with gathered_writes():
+                for message in together:
+                    await send(message)
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
+@pytest.mark.parametrize(
+    ("gather", "expected"),
+    [
+        # The head and the first piece; the second piece; the end.
+        ("head+first", [("HTTP/1.1 200", b"one"), (b"two",), (b"0\r\n\r\n",)]),
+        # The head; the first piece; the last piece and the end.
+        ("last+end", [("HTTP/1.1 200",), (b"one",), (b"two", b"0\r\n\r\n")]),
+        # Everything.
+        ("all", [("HTTP/1.1 200", b"one", b"two", b"0\r\n\r\n")]),
+    ],
+)
+@bounded(10)
+async def test_gathered_writes_are_one_write(
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    gather: str,
+    expected: list[tuple[Any, ...]],
+) -> None:
+    port = await serve(nursery, GatheringApp([b"one", b"two"], gather))  # type: ignore[arg-type]
+    writes = record_writes(monkeypatch)
+    assert await fetch(port) == b"onetwo"
+    assert len(writes) == len(expected), writes
+    for write, parts in zip(writes, expected, strict=True):
+        for part in parts:
+            assert (part.encode() if isinstance(part, str) else part) in write, (part, write)
+
+
+class InterleavingApp:
+    """Gathers its head, then lets another task write a piece of the body (ASGI allows any
+    task of the app to send) before its block ends: that write must carry the head first."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        go, wrote = trio.Event(), trio.Event()
+
+        async def other() -> None:
+            await go.wait()
+            await send({"type": "http.response.body", "body": b"other", "more_body": True})
+            wrote.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)  # started outside the block: its writes are not kept
+            async with gathered_writes():
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                go.set()
+                await wrote.wait()
+                await send({"type": "http.response.body", "body": b"mine", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@bounded(10)
+async def test_a_write_from_another_task_writes_what_was_gathered_first(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = await serve(nursery, InterleavingApp())  # type: ignore[arg-type]
+    writes = record_writes(monkeypatch)
+    assert await fetch(port) == b"othermine"
+    # The other task's write carried the gathered head before its own piece; the block's
+    # end wrote its own piece.
+    assert writes[0].startswith(b"HTTP/1.1 200")
+    assert writes[0].endswith(b"5\r\nother\r\n")
+    assert writes[1] == b"4\r\nmine\r\n"

@@ -1,5 +1,6 @@
-"""An ASGI middleware that lets hypercorn close quart-trio's connections, and runs the
-request-end callbacks registered with :func:`at_request_end`.
+"""An ASGI middleware that lets hypercorn close quart-trio's connections, runs the
+request-end callbacks registered with :func:`at_request_end`, and writes a response's head
+with its first piece of body (and a :class:`LastBody` with its end).
 
 quart-trio runs a request as two tasks in one nursery: one reads ASGI messages, one handles
 the request and sends the response; whichever ends first cancels the other. hypercorn, on the
@@ -40,7 +41,9 @@ from hypercorn.typing import (
     Scope,
 )
 
-__all__ = ["CloseConnections", "at_request_end", "close_connections"]
+from ._hypercorn import gathered_writes
+
+__all__ = ["CloseConnections", "LastBody", "at_request_end", "close_connections"]
 
 _AT_END = "tokenrelay.at_request_end"
 
@@ -58,7 +61,13 @@ ASGIApp = Any  # an ASGI 3 callable (Quart's ``asgi_app`` is a bound method)
 
 class CloseConnections:
     """Wraps an ASGI app (``app.asgi_app = CloseConnections(app.asgi_app)``) so that the last
-    message of each HTTP response is sent shielded from cancellation."""
+    message of each HTTP response is sent shielded from cancellation.
+
+    On HTTP/1 it also saves writes: a response's head waits for the first piece of its body
+    and goes out with it, and a :class:`LastBody` goes out with the response's end (on
+    :class:`~tokenrelay.server._hypercorn.DirectWriteTCPServer`, one write each). A client
+    sees the head no later than the first byte of the body; every stream tokenrelay serves
+    writes that at once."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -86,23 +95,39 @@ class CloseConnections:
                     body.gone()
             return message
 
+        # HTTP/1: the head waits for the body's first piece, and a LastBody for the end of the
+        # response, to be written with it (gathered_writes: one write, not two).
+        start: HTTPResponseStartEvent | None = None
+        last: bytes | None = None
+
         async def send_last_shielded(message: ASGISendEvent) -> None:
-            nonlocal closing
+            nonlocal closing, start, last
             try:
-                if (
-                    message["type"] == "http.response.start"
-                    and body is not None
-                    and body.too_much_left()
-                ):
-                    message = _closing(message)
-                    closing = True
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    with trio.CancelScope(shield=True):
-                        if body is not None and not closing:
-                            await body.wait_for_the_rest()
-                        await send(message)
-                else:
-                    await send(message)
+                if message["type"] == "http.response.start":
+                    if body is not None and body.too_much_left():
+                        message = _closing(message)
+                        closing = True
+                    if body is not None:
+                        start = message
+                        return
+                elif message["type"] == "http.response.body":
+                    data = message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if body is not None and more and type(data) is LastBody and last is None:
+                        last = data
+                        return
+                    if last is not None:
+                        message = {**message, "body": last + data}
+                        last = None
+                    if not more:
+                        with trio.CancelScope(shield=True):
+                            if body is not None and not closing:
+                                await body.wait_for_the_rest()
+                            held, start = start, None
+                            await _send_after(send, held, message)
+                        return
+                held, start = start, None
+                await _send_after(send, held, message)
             except trio.BusyResourceError:
                 # hypercorn's reading task is closing this connection at this very moment
                 # (a protocol error from the client; its close does not take the send lock):
@@ -111,9 +136,30 @@ class CloseConnections:
 
         try:
             await self.app(scope, receive_tracked, send_last_shielded)
+            # An app that returns without ending its response (Quart always ends it): what is
+            # held goes out as it came, and hypercorn deals with the rest.
+            if start is not None:
+                await send(start)
+            if last is not None:
+                await send({"type": "http.response.body", "body": last, "more_body": True})
         finally:
             for callback in cast(dict[str, Any], scope).get(_AT_END, ()):
                 callback()
+
+
+async def _send_after(
+    send: ASGISendCallable, start: HTTPResponseStartEvent | None, message: ASGISendEvent
+) -> None:
+    """Send ``message``, after ``start`` if it was held, in one write; a response's last piece
+    of body goes out with the body's end (hypercorn writes them apart)."""
+    last = message["type"] == "http.response.body" and not message.get("more_body", False)
+    if start is None and not (last and message.get("body")):
+        await send(message)
+        return
+    async with gathered_writes():
+        if start is not None:
+            await send(start)
+        await send(message)
 
 
 #: A response that starts before its request's body has all arrived waits, at its end, for
@@ -207,6 +253,16 @@ async def _refuse_ambiguous_length(send: ASGISendCallable) -> None:
         }
     )
     await send({"type": "http.response.body", "body": _AMBIGUOUS, "more_body": False})
+
+
+class LastBody(bytes):
+    """A piece of a response body after which the app sends nothing but the response's end
+    (Quart's closing ``more_body: False``): :class:`CloseConnections` writes the two together,
+    on HTTP/1. A streamed response's ``[DONE]`` and the chunked body's end are then one
+    write, not two. Only a promise about what follows: a piece that is not the last is sent
+    all the same, with the next one."""
+
+    __slots__ = ()
 
 
 def close_connections(app: Any) -> None:

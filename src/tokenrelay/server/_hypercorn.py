@@ -14,6 +14,12 @@ client that reads slowly), for a lock that is held, and for TLS. A write stays a
 point (one, not two), is cancellable only before any byte is written, and a connection that
 fails is reported to hypercorn's protocol exactly as before.
 
+It also lets a response's writes be gathered (:class:`gathered_writes`): hypercorn writes a
+response's head as soon as the app starts the response, and the end of a chunked body (its
+``0\r\n\r\n``) apart from the body's last bytes, each a system call and a schedule point
+of its own. Inside ``async with gathered_writes():`` a task's writes are kept and made as
+one, at the block's end.
+
 hypercorn has no parameter for the server class: :func:`use_direct_writes` sets it in
 hypercorn's trio worker for the whole process, which :func:`tokenrelay.server.serve` (and so
 ``tokenrelay serve``) does before it starts serving.
@@ -22,13 +28,15 @@ hypercorn's trio worker for the whole process, which :func:`tokenrelay.server.se
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
+from types import TracebackType
 
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
-__all__ = ["DirectWriteTCPServer", "use_direct_writes"]
+__all__ = ["DirectWriteTCPServer", "gathered_writes", "use_direct_writes"]
 
 #: Whether a socket's descriptor can be written with ``os.write`` (not on Windows).
 _WRITE_FD = os.name == "posix"
@@ -36,25 +44,47 @@ _WRITE_FD = os.name == "posix"
 
 class DirectWriteTCPServer(TCPServer):
     """hypercorn's ``TCPServer``, whose writes on plain TCP go straight to the socket when
-    the kernel takes them."""
+    the kernel takes them, and can be gathered (:class:`gathered_writes`)."""
+
+    #: Bytes gathered and not written yet. Any write of this connection, from any task,
+    #: writes them first, and a close writes them before it closes: nothing is reordered.
+    _gathered = b""
 
     async def protocol_send(self, event: Event) -> None:
         # hypercorn annotates it as an SSLStream; on plain TCP it is a SocketStream.
-        stream: trio.abc.Stream = self.stream
-        if type(event) is not RawData or not isinstance(stream, trio.SocketStream):
+        plain = isinstance(self.stream, trio.SocketStream)
+        if type(event) is not RawData or not plain:
+            if self._gathered:  # (Closed, say: what was gathered goes out first)
+                await self._write(self._take_gathered())
             await super().protocol_send(event)
             return
+        gathering = _GATHERING.get()
+        if gathering is not None:
+            gathering._servers.append(self)
+            self._gathered += event.data
+            return
+        data = event.data
+        if self._gathered:
+            data = self._take_gathered() + data
+        await self._write(data)
+
+    def _take_gathered(self) -> bytes:
+        data, self._gathered = self._gathered, b""
+        return data
+
+    async def _write(self, data: bytes) -> None:
+        stream: trio.abc.Stream = self.stream
+        assert isinstance(stream, trio.SocketStream)
         lock = self.send_lock
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:  # a write in progress: wait for it as hypercorn does
-            await super().protocol_send(event)
+            await super().protocol_send(RawData(data=data))
             return
         try:
             await trio.lowlevel.checkpoint_if_cancelled()  # nothing is written if cancelled
-            data = event.data
             try:
-                sent = os.write(stream.socket.fileno(), data) if _WRITE_FD else 0
+                sent = os.write(stream.socket.fileno(), data) if data and _WRITE_FD else 0
             except BlockingIOError:  # the socket's buffer is full: wait below
                 sent = 0
             except OSError:  # reset, closed, or shut down by hypercorn's reading task
@@ -70,6 +100,44 @@ class DirectWriteTCPServer(TCPServer):
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             lock.release()
+
+
+_GATHERING: ContextVar[gathered_writes | None] = ContextVar("tokenrelay_gathering", default=None)
+
+
+class gathered_writes:
+    """``async with gathered_writes():`` keeps the socket writes that this task makes in the
+    block (on connections served by :class:`DirectWriteTCPServer`), and makes them as one
+    write at the block's end: a response's head and the first piece of its body, say, or the
+    last piece and the end of a chunked body. One system call and one schedule point, where
+    each write is one of each; nothing else in the block waits for them.
+
+    Nothing is reordered: any other write of the connection, from any task, writes what is
+    gathered first, and so does closing it. A block that raises leaves what it gathered to
+    be written that way (or dropped with the connection). Elsewhere (TLS, another server) the
+    writes are made as they come. Only for HTTP/1: an HTTP/2 write may wait for flow
+    control, which must not wait for bytes kept here.
+    """
+
+    __slots__ = ("_servers", "_token")
+
+    def __init__(self) -> None:
+        self._servers: list[DirectWriteTCPServer] = []
+
+    async def __aenter__(self) -> None:
+        self._token = _GATHERING.set(self)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        _GATHERING.reset(self._token)
+        if exc_value is None:
+            for server in dict.fromkeys(self._servers):
+                if server._gathered:  # (unless another write took it already)
+                    await server._write(server._take_gathered())
 
 
 def use_direct_writes() -> bool:

@@ -15,6 +15,7 @@ from .._exceptions import ReplayGap
 from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
+from ._asgi import LastBody
 from ._errors import error_body, run_error_response
 from ._service import RelayService, Watch
 from ._sse import DONE, ChunkRenderer, sse_comment, sse_error, sse_retry
@@ -111,7 +112,7 @@ async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncItera
                 return  # dropped while its last write was stalled: nobody reads it
             except ReplayGap as gap:
                 watch.ended = True
-                yield retry + _gap_event(gap) + DONE
+                yield LastBody(retry + _gap_event(gap) + DONE)
                 return
             service.writing(watch)
             if batch is None:
@@ -124,7 +125,7 @@ async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncItera
                 retry = b""
             watch.since = None
         watch.ended = True
-        yield retry + renderer.ending(run)
+        yield LastBody(retry + renderer.ending(run))
     finally:
         service.unwatch(watch)
 
@@ -234,7 +235,7 @@ async def _remote_stream(
             except trio.EndOfChannel:
                 break
             except ReplayGap as gap:
-                yield opening + _gap_event(gap) + DONE
+                yield LastBody(opening + _gap_event(gap) + DONE)
                 return
             if batch is None:
                 yield b": keep-alive\n\n"
@@ -255,8 +256,11 @@ async def _remote_stream(
         if role:
             opening += renderer.role()
         ending = reader.ending or {}
-        yield opening + _ending(
-            renderer, ending.get("status", "error"), ending.get("reason"), ending.get("error")
+        yield LastBody(
+            opening
+            + _ending(
+                renderer, ending.get("status", "error"), ending.get("reason"), ending.get("error")
+            )
         )
     finally:
         reader.close()

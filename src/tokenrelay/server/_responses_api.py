@@ -36,7 +36,7 @@ from .._relay import OnBusy, Run
 from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
-from ._asgi import at_request_end
+from ._asgi import LastBody, at_request_end
 from ._chat_api import check_session_id, parse_json, refuse_start
 from ._errors import (
     fail,
@@ -461,7 +461,7 @@ async def _live_stream(
                 return  # dropped while its last write was stalled: nobody reads it
             except ReplayGap as gap:
                 watch.ended = True
-                yield _sse([renderer.error("replay_gap", str(gap))], after)
+                yield LastBody(_sse([renderer.error("replay_gap", str(gap))], after))
                 return
             if batch is None:
                 service.writing(watch)
@@ -482,7 +482,7 @@ async def _live_stream(
         end = _sse(renderer.finish(ending), after)
         if renderer.seq <= after:  # asked to resume after an event that never came
             end = _sse([renderer.error("invalid_starting_after", _beyond(after, renderer))], -1)
-        yield end
+        yield LastBody(end)
     finally:
         service.unwatch(watch)
 
@@ -505,7 +505,7 @@ async def _remote_live_stream(
             except trio.EndOfChannel:
                 break
             except ReplayGap as gap:
-                yield _sse([renderer.error("replay_gap", str(gap))], after)
+                yield LastBody(_sse([renderer.error("replay_gap", str(gap))], after))
                 return
             if batch is None:
                 yield b": keep-alive\n\n"
@@ -522,7 +522,7 @@ async def _remote_live_stream(
         end = _sse(renderer.finish(ending), after)
         if renderer.seq <= after:  # asked to resume after an event that never came
             end = _sse([renderer.error("invalid_starting_after", _beyond(after, renderer))], -1)
-        yield end
+        yield LastBody(end)
     finally:
         reader.close()
 

@@ -262,3 +262,58 @@ def test_an_async_generator_annotated_as_an_async_iterator_type_checks(tmp_path:
     )
     out, err, status = mypy_api.run(["--strict", "--no-incremental", str(program)])
     assert status == 0, out + err
+
+
+class SaysAllAtOnce:
+    """An upstream whose whole answer is there at once (its items come without a schedule
+    point): it notes, when closed, how much of it a reader had taken by then."""
+
+    def __init__(self, items: list[str], received: list[str]) -> None:
+        self._items = iter(items)
+        self._received = received
+        self.taken_when_closed: int | None = None
+
+    def __aiter__(self) -> SaysAllAtOnce:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self.taken_when_closed = len(self._received)
+        await trio.lowlevel.checkpoint()
+
+
+async def test_readers_take_the_last_events_before_the_upstream_is_closed(
+    autojump_clock: MockClock,
+) -> None:
+    received: list[str] = []
+    send, receive = trio.open_memory_channel[str](10)
+    upstream = SaysAllAtOnce(["a", "b", "c"], received)
+
+    async def reader() -> None:  # as a writer does: what is ready, in one step
+        async for item in receive:
+            received.append(item)
+            while True:
+                try:
+                    received.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+
+    async def emit(data: str) -> None:
+        send.send_nowait(data)  # wakes the reader; no schedule point, as the relay's emit
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await tokenrelay.pump(
+            upstream, emit, lambda item: (item,), first_token_timeout=None, token_timeout=None
+        )
+        send.close()
+    # The reader had its turn between the answer's end and the close (readers write what
+    # they take in that turn), whichever order trio ran the two tasks in.
+    assert upstream.taken_when_closed == 3
+    assert received == ["a", "b", "c"]

@@ -260,3 +260,10 @@ async def pump(
             await items.open()
             accepted.set()
         await items._pump(emit, encode)
+        # The answer is complete. Closing the upstream and finishing the run come next; the
+        # readers woken by the last events should not wait for that. trio runs a batch of
+        # runnable tasks in either order, so after two schedule points each of them has had
+        # its turn (a writer writes in its first step). Cancel-shielded: a stop arriving now
+        # does not turn a complete answer into a stopped one.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()

@@ -154,15 +154,28 @@ SQLITE = "tokenrelay serve --db FILE"
 RATIO = "--db FILE / :memory:"
 
 
-async def _first_token(targets: list[tuple[str, str, int]], rounds: int) -> list[Result]:
+async def _first_token(
+    targets: list[tuple[str, str, int]], rounds: int, blocks: int = 10
+) -> list[Result]:
+    """``rounds`` sequential 1-token requests to each target, in ``blocks`` blocks taken in
+    turn (interleaved, so that the machine's mood drifts over all of them alike)."""
     print("time to first token ...", file=sys.stderr)
-    ttft, per_request = [], []
-    for name, url, pid in targets:
-        before = _cpu_seconds(pid)
-        done = await _load(url, 1, "first", rounds)
-        used = _cpu_seconds(pid) - before
-        ttft.append(Result("time to first token", name, "s", [t for r in done for t in r["ttfts"]]))
-        per_request.append(Result("CPU per 1-token request", name, "s", [used / len(done)]))
+    ttfts: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+    used: dict[str, float] = dict.fromkeys(ttfts, 0.0)
+    done: dict[str, int] = dict.fromkeys(ttfts, 0)
+    for block in range(blocks):
+        size = rounds // blocks + (block < rounds % blocks)
+        for name, url, pid in targets:
+            before = _cpu_seconds(pid)
+            loads = await _load(url, 1, "first", size)
+            used[name] += _cpu_seconds(pid) - before
+            done[name] += len(loads)
+            ttfts[name] += [t for r in loads for t in r["ttfts"]]
+    ttft = [Result("time to first token", name, "s", ttfts[name]) for name, _, _ in targets]
+    per_request = [
+        Result("CPU per 1-token request", name, "s", [used[name] / max(1, done[name])])
+        for name, _, _ in targets
+    ]
     return ttft + per_request
 
 

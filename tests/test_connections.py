@@ -25,7 +25,7 @@ import trio.testing
 import tokenrelay.server._asgi
 from _helpers import bounded
 from _server_helpers import RawHTTP, chat, port_of, record_writes, start_served
-from tokenrelay.testing import FakeModelServer
+from tokenrelay.testing import FakeModelServer, FakeScript
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
 HEALTHZ_THEN_CLOSE = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
@@ -189,6 +189,37 @@ async def test_a_client_that_hangs_up_mid_body_ends_the_wait_for_it(
     await conn.aclose()
 
 
+async def h2_exchange(
+    url: str, headers: list[tuple[str, str]], body: bytes | None
+) -> tuple[dict[bytes, bytes], bytes]:
+    """One request over HTTP/2 (cleartext, prior knowledge): its response's headers and body.
+    ``body=None`` sends none, whatever the headers say."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port_of(url))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    stream_id = client.get_next_available_stream_id()
+    base = [(":scheme", "http"), (":authority", "relay")]
+    client.send_headers(stream_id, [*headers[:2], *base, *headers[2:]])
+    if body is not None:
+        client.send_data(stream_id, body, end_stream=True)
+    await stream.send_all(client.data_to_send())
+    response: dict[bytes, bytes] = {}
+    data = bytearray()
+    while True:
+        events = client.receive_data(await stream.receive_some())
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived):
+                response = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                data += event.data
+                client.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        await stream.send_all(client.data_to_send())
+        if any(isinstance(event, h2.events.StreamEnded) for event in events):
+            break
+    await stream.aclose()
+    return response, bytes(data)
+
+
 @bounded(10)
 async def test_an_early_answer_over_http2_does_not_wait_for_the_body(
     nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
@@ -196,25 +227,28 @@ async def test_an_early_answer_over_http2_does_not_wait_for_the_body(
     """HTTP/2 (cleartext, prior knowledge) ends a stream, never its connection: no wait."""
     monkeypatch.setattr(tokenrelay.server._asgi, "DRAIN_SECONDS", 20.0)  # a wait would show
     served = await start_served(nursery, fake_server, max_body=1000)
-    stream = await trio.open_tcp_stream("127.0.0.1", port_of(served.url))
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    stream_id = client.get_next_available_stream_id()
-    headers = [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http")]
-    headers += [(":authority", "relay"), ("content-length", "2000")]  # never sent
-    client.send_headers(stream_id, headers)
-    await stream.send_all(client.data_to_send())
-    status = None
-    while True:
-        events = client.receive_data(await stream.receive_some())
-        await stream.send_all(client.data_to_send())
-        for event in events:
-            if isinstance(event, h2.events.ResponseReceived):
-                status = dict(event.headers)[b":status"]
-        if any(isinstance(event, h2.events.StreamEnded) for event in events):
-            break
-    assert status == b"413"
-    await stream.aclose()
+    headers = [(":method", "POST"), (":path", "/v1/chat/completions")]
+    headers += [("content-length", "2000")]  # never sent
+    response, _ = await h2_exchange(served.url, headers, None)
+    assert response[b":status"] == b"413"
+
+
+@bounded(10)
+async def test_a_stream_the_upstream_refuses_is_an_http_error_over_http2_too(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    """The response is made before the upstream answers, and replaced by the error before
+    anything of it is sent: on HTTP/2 as on HTTP/1 (test_server.py)."""
+    fake_server.default = FakeScript(fault="status", status=429, message="busy", retry_after="3")
+    served = await start_served(nursery, fake_server)
+    body = json.dumps({"model": "fake", "stream": True, "messages": chat("hi")["messages"]})
+    headers = [(":method", "POST"), (":path", "/v1/chat/completions")]
+    headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+    response, data = await h2_exchange(served.url, headers, body.encode())
+    assert response[b":status"] == b"429"
+    assert response[b"content-type"] == b"application/json"
+    assert response[b"retry-after"] == b"3"
+    assert json.loads(data)["error"]["type"] == "upstream_rate_limited"
 
 
 # The SDK leaves its async generators for trio to finalize (see test_openai_sdk.py).

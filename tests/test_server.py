@@ -531,6 +531,10 @@ async def test_upstream_failures_before_streaming(
         for stream in (True, False):
             response = await client.post("/v1/chat/completions", json=chat(stream=stream))
             assert response.status_code == status
+            # A stream's response was made before the upstream refused: it is replaced
+            # whole, as a plain JSON error with the run's headers.
+            assert response.headers["content-type"] == "application/json"
+            assert {"x-session-id", "x-run-id"} <= set(response.headers)
             error = response.json()["error"]
             assert error["type"] == type_
             if script.fault == "status":

@@ -27,6 +27,7 @@ from tokenrelay import (
     UpstreamStatusError,
 )
 from tokenrelay.testing import FakeModelServer, FakeScript
+from tokenrelay.upstreams._http import HTTPDeltaStream
 
 #: Generous bound on "the model server saw the close at once": measured locally in a few ms.
 CLOSE_SEEN_WITHIN = 0.5
@@ -390,3 +391,38 @@ def test_a_connect_timeout_is_a_504_and_a_refusal_a_502() -> None:
     ):
         run.error = error
         assert run_error(run)[0] == status
+
+
+@bounded(20)
+async def test_sent_is_set_once_the_request_is_out_and_the_answer_awaited(
+    fake_server: FakeModelServer, client: httpx2.AsyncClient, dialect: str
+) -> None:
+    fake_server.default = FakeScript(tokens=["late"], prefill=60.0)  # the model "thinks"
+    stream = make_upstream(dialect, fake_server, client).stream(ask())
+    assert isinstance(stream, HTTPDeltaStream)
+    assert not stream.sent.is_set()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.open)
+        await stream.sent.wait()
+        # The request had been written: the model server reads it while the stream still
+        # waits for the answer's head.
+        await fake_server.wait_for_requests(1)
+        assert fake_server.requests[0].body["messages"][0]["content"] == "hi"
+        nursery.cancel_scope.cancel()
+    await stream.aclose()
+
+
+@bounded(20)
+async def test_sent_is_set_when_the_stream_fails_or_closes_before_sending(
+    client: httpx2.AsyncClient,
+) -> None:
+    refused = tokenrelay.OllamaUpstream(f"http://127.0.0.1:{closed_port()}", client, model="m")
+    stream = refused.stream(ask())
+    assert isinstance(stream, HTTPDeltaStream)
+    with pytest.raises(UpstreamConnectError):
+        await stream.open()
+    assert stream.sent.is_set()
+    never = refused.stream(ask())
+    assert isinstance(never, HTTPDeltaStream)
+    await never.aclose()
+    assert never.sent.is_set()

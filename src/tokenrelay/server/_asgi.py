@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import trio
 from hypercorn.typing import (
@@ -37,13 +37,20 @@ from hypercorn.typing import (
     ASGIReceiveEvent,
     ASGISendCallable,
     ASGISendEvent,
+    HTTPResponseBodyEvent,
     HTTPResponseStartEvent,
     Scope,
 )
 
 from ._hypercorn import gathered_writes
 
-__all__ = ["CloseConnections", "LastBody", "at_request_end", "close_connections"]
+__all__ = [
+    "CloseConnections",
+    "LastBody",
+    "ReplacedResponse",
+    "at_request_end",
+    "close_connections",
+]
 
 _AT_END = "tokenrelay.at_request_end"
 
@@ -95,25 +102,36 @@ class CloseConnections:
                     body.gone()
             return message
 
-        # HTTP/1: the head waits for the body's first piece, and a LastBody for the end of the
-        # response, to be written with it (gathered_writes: one write, not two).
+        # The head waits for the body's first piece (which may replace it: ReplacedResponse);
+        # on HTTP/1 the two go out in one write, and a LastBody with the response's end.
         start: HTTPResponseStartEvent | None = None
         last: bytes | None = None
+        replaced = False
 
         async def send_last_shielded(message: ASGISendEvent) -> None:
-            nonlocal closing, start, last
+            nonlocal closing, start, last, replaced
+            if replaced:  # the app's own end of the response it replaced
+                return
             try:
                 if message["type"] == "http.response.start":
                     if body is not None and body.too_much_left():
                         message = _closing(message)
                         closing = True
-                    if body is not None:
-                        start = message
-                        return
-                elif message["type"] == "http.response.body":
+                    start = message
+                    return
+                if message["type"] == "http.response.body":
                     data = message.get("body", b"")
                     more = message.get("more_body", False)
-                    if body is not None and more and type(data) is LastBody and last is None:
+                    if type(data) is ReplacedResponse and start is not None:
+                        replaced = True
+                        start = {**start, "status": data.status, "headers": data.headers}
+                        if closing:
+                            start = _closing(start)
+                        message = HTTPResponseBodyEvent(
+                            type="http.response.body", body=bytes(data), more_body=False
+                        )
+                        more = False
+                    elif body is not None and more and type(data) is LastBody and last is None:
                         last = data
                         return
                     if last is not None:
@@ -124,10 +142,10 @@ class CloseConnections:
                             if body is not None and not closing:
                                 await body.wait_for_the_rest()
                             held, start = start, None
-                            await _send_after(send, held, message)
+                            await _send_after(send, held, message, gather=body is not None)
                         return
                 held, start = start, None
-                await _send_after(send, held, message)
+                await _send_after(send, held, message, gather=body is not None)
             except trio.BusyResourceError:
                 # hypercorn's reading task is closing this connection at this very moment
                 # (a protocol error from the client; its close does not take the send lock):
@@ -148,12 +166,18 @@ class CloseConnections:
 
 
 async def _send_after(
-    send: ASGISendCallable, start: HTTPResponseStartEvent | None, message: ASGISendEvent
+    send: ASGISendCallable,
+    start: HTTPResponseStartEvent | None,
+    message: ASGISendEvent,
+    *,
+    gather: bool,
 ) -> None:
-    """Send ``message``, after ``start`` if it was held, in one write; a response's last piece
-    of body goes out with the body's end (hypercorn writes them apart)."""
+    """Send ``message``, after ``start`` if it was held; on HTTP/1 (``gather``) in one write,
+    and a response's last piece of body with the body's end (hypercorn writes them apart)."""
     last = message["type"] == "http.response.body" and not message.get("more_body", False)
-    if start is None and not (last and message.get("body")):
+    if not gather or (start is None and not (last and message.get("body"))):
+        if start is not None:
+            await send(start)
         await send(message)
         return
     async with gathered_writes():
@@ -253,6 +277,23 @@ async def _refuse_ambiguous_length(send: ASGISendCallable) -> None:
         }
     )
     await send({"type": "http.response.body", "body": _AMBIGUOUS, "more_body": False})
+
+
+class ReplacedResponse(bytes):
+    """A first piece of response body that replaces the response: its status and headers
+    instead of those the app started it with, and this body, whole. :class:`CloseConnections`
+    holds a response's head until its first piece of body, so an app can start a response
+    early and still answer with an error, as long as it has written nothing yet. (Without
+    the wrapper, the bytes would be the started response's body.)"""
+
+    def __new__(cls, body: bytes, status: int, headers: list[tuple[bytes, bytes]]) -> Self:
+        answer = super().__new__(cls, body)
+        answer.status = status
+        answer.headers = headers
+        return answer
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
 
 
 class LastBody(bytes):

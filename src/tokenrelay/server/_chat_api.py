@@ -56,7 +56,8 @@ async def chat_completions() -> Response:
     service.admit(namespace, key, call.on_busy)
     accepted = trio.Event()
     run, watch = await start_run(service, call, stream, namespace, key, accepted)
-    return await respond(service, call, run, watch, accepted)
+    sent: trio.Event | None = getattr(stream, "sent", None)  # (HTTP upstreams have it)
+    return await respond(service, call, run, watch, accepted, sent)
 
 
 async def parse_chat(service: RelayService) -> ChatCall:
@@ -92,8 +93,12 @@ async def start_run(
     hold it for the request. ``accepted`` is set once the upstream has accepted the request,
     or the run has ended before that."""
 
+    sent: trio.Event | None = getattr(stream, "sent", None)
+
     async def on_finish(run: Run, events: list[Event]) -> None:
         accepted.set()  # it ended before the upstream accepted it: stop waiting too
+        if sent is not None:
+            sent.set()  # (a run stopped before its producer started never opened it)
         service.release(namespace)
         await service.on_finish(run, events)
 
@@ -127,11 +132,25 @@ async def start_run(
 
 
 async def respond(
-    service: RelayService, call: ChatCall, run: Run, watch: Watch, accepted: trio.Event
+    service: RelayService,
+    call: ChatCall,
+    run: Run,
+    watch: Watch,
+    accepted: trio.Event,
+    sent: trio.Event | None = None,
 ) -> Response:
     """An HTTP error if the run failed before the upstream accepted the request; else the
-    stream, or the whole answer."""
+    stream, or the whole answer.
+
+    A stream whose upstream tells when its request has gone out (``sent``) is made while
+    the model works: Quart's share of the response is done by the time the model answers,
+    and its head is written with the first piece of the stream. If the upstream refuses
+    the request instead, that first piece replaces the response with the HTTP error
+    (:class:`~tokenrelay.server._asgi.ReplacedResponse`): nothing was written yet."""
     headers = {"X-Session-Id": call.session_id, "X-Run-Id": run.id}
+    if call.chat.stream and sent is not None:
+        await sent.wait()
+        return sse_response(service, watch, -1, headers, accepted=accepted)
     await accepted.wait()
     if run.status is RunStatus.ERROR and run.event_count == 0:
         watch.ended = True

@@ -17,6 +17,7 @@ from .._exceptions import (
     UpstreamTimeout,
 )
 from .._relay import Run
+from ._asgi import ReplacedResponse
 
 __all__ = [
     "HTTPError",
@@ -139,7 +140,25 @@ def run_error_response(run: Run, headers: Mapping[str, str]) -> Response:
     when it rate-limited us)."""
     status, body = run_error(run)
     response = Response(json.dumps(body), status=status, mimetype="application/json")
-    response.headers.update(headers)
-    if isinstance(run.error, UpstreamRateLimited) and run.error.retry_after is not None:
-        response.headers["Retry-After"] = str(math.ceil(run.error.retry_after))
+    response.headers.update(_run_error_headers(run, headers))
     return response
+
+
+def run_error_answer(run: Run, headers: Mapping[str, str]) -> ReplacedResponse:
+    """:func:`run_error_response`, for a stream whose response has started but not been
+    written: the wrapper answers with it instead (see :class:`ReplacedResponse`)."""
+    status, body = run_error(run)
+    data = json.dumps(body).encode()
+    fields = {
+        "Content-Type": "application/json",
+        "Content-Length": str(len(data)),
+        **_run_error_headers(run, headers),
+    }
+    return ReplacedResponse(data, status, [(k.encode(), v.encode()) for k, v in fields.items()])
+
+
+def _run_error_headers(run: Run, headers: Mapping[str, str]) -> dict[str, str]:
+    fields = dict(headers)
+    if isinstance(run.error, UpstreamRateLimited) and run.error.retry_after is not None:
+        fields["Retry-After"] = str(math.ceil(run.error.retry_after))
+    return fields

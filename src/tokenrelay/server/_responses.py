@@ -16,7 +16,7 @@ from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._asgi import LastBody
-from ._errors import error_body, run_error_response
+from ._errors import error_body, run_error_answer, run_error_response
 from ._service import RelayService, Watch
 from ._sse import DONE, ChunkRenderer, sse_comment, sse_error, sse_retry
 
@@ -55,10 +55,17 @@ class Polled:
 
 
 def sse_response(
-    service: RelayService, watch: Watch, after: int, headers: Mapping[str, str]
+    service: RelayService,
+    watch: Watch,
+    after: int,
+    headers: Mapping[str, str],
+    *,
+    accepted: trio.Event | None = None,
 ) -> Response:
-    """A ``text/event-stream`` response following ``watch``'s run from ``after`` on."""
-    response = _event_stream(_stream(service, watch, after), headers)
+    """A ``text/event-stream`` response following ``watch``'s run from ``after`` on. With
+    ``accepted``, made before the upstream has accepted the run's request: its body waits
+    for that, and answers with the HTTP error instead if the run failed before it."""
+    response = _event_stream(_stream(service, watch, after, accepted, headers), headers)
     response.timeout = None  # Quart's RESPONSE_TIMEOUT must not cut a long stream
     return response
 
@@ -76,8 +83,21 @@ def gap_response(gap: ReplayGap, headers: Mapping[str, str]) -> Response:
     return _event_stream(comment + sse_retry() + _gap_event(gap) + DONE, headers)
 
 
-async def _stream(service: RelayService, watch: Watch, after: int) -> AsyncIterator[bytes]:
+async def _stream(
+    service: RelayService,
+    watch: Watch,
+    after: int,
+    accepted: trio.Event | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> AsyncIterator[bytes]:
     run = watch.run
+    if accepted is not None:
+        await accepted.wait()
+        if run.status is RunStatus.ERROR and run.event_count == 0:
+            watch.ended = True
+            service.unwatch(watch)
+            yield run_error_answer(run, headers or {})
+            return
     info = run.info
     renderer = ChunkRenderer(
         run.id, info.get("created", 0), include_usage=info.get("include_usage", False)

@@ -199,7 +199,12 @@ class HTTPUpstream:
 
 
 class HTTPDeltaStream:
-    """One streaming ``POST`` to a model server, decoded into deltas."""
+    """One streaming ``POST`` to a model server, decoded into deltas.
+
+    :attr:`sent` is set once the request has gone out and its answer is awaited, or the
+    stream has ended (or failed) before that: the model works from then on, and a server
+    can use the wait to prepare its own response (``tokenrelay serve`` does).
+    """
 
     def __init__(
         self,
@@ -233,6 +238,7 @@ class HTTPDeltaStream:
         self._ended = False
         self._closed = False
         self._deltas = 0
+        self.sent = trio.Event()
 
     def __aiter__(self) -> HTTPDeltaStream:
         return self
@@ -303,10 +309,19 @@ class HTTPDeltaStream:
             return None
 
     async def _open(self) -> None:
-        with _transport_errors(self._upstream, "closed before it answered"):
-            response = await self._stack.enter_async_context(
-                self._client.stream("POST", self._url, json=self._payload, headers=self._headers)
-            )
+        try:
+            with _transport_errors(self._upstream, "closed before it answered"):
+                response = await self._stack.enter_async_context(
+                    self._client.stream(
+                        "POST",
+                        self._url,
+                        json=self._payload,
+                        headers=self._headers,
+                        extensions={"trace": self._trace},
+                    )
+                )
+        finally:
+            self.sent.set()
         if response.status_code >= 400:
             await _raise_for_status(self._upstream, response)
         if self._content_type is not None:
@@ -322,11 +337,18 @@ class HTTPDeltaStream:
             self._stack.push_async_callback(chunks.aclose)
         self._opened = True
 
+    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore2's ``trace`` extension: the request's head and body are written (the
+        lean stream sends them at the first read), and the answer's head is awaited next."""
+        if event.endswith(".receive_response_headers.started"):
+            self.sent.set()
+
     async def aclose(self) -> None:
         """Close the response. If the upstream had said the answer was complete, what is left
         of the response (normally just its end) is read first, so that the connection goes
         back to the pool; otherwise the connection is closed at once, which is what makes a
         model server stop generating."""
+        self.sent.set()
         if self._decoder.finished and not self._ended and not self._closed:
             await self._drain()
         self._closed = True

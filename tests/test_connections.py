@@ -17,14 +17,17 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import httpx2
 import openai
 import pytest
 import trio
 import trio.testing
 
+import tokenrelay
 import tokenrelay.server._asgi
+import tokenrelay.server._responses
 from _helpers import bounded
-from _server_helpers import RawHTTP, chat, port_of, record_writes, start_served
+from _server_helpers import RawHTTP, chat, port_of, record_writes, serve_app, start_served
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
@@ -367,3 +370,56 @@ async def test_a_json_response_is_one_write(
     assert await conn.closed_by_server()
     await conn.aclose()
     assert len(writes) == 1
+
+
+@bounded(20)
+async def test_a_host_app_s_own_streams_keep_their_heads_and_refusals_keep_its_headers(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's routes hold a response's head until its first piece of body; the other
+    routes of an app that mounts the relay do not. A refused stream is replaced whole, but
+    for the headers the app's after_request hooks added (CORS, say)."""
+    app = tokenrelay.create_app(
+        tokenrelay.ServerConfig(upstream=f"openai={fake_server.openai_url}", db=":memory:")
+    )
+    first_piece = trio.Event()
+
+    @app.get("/host-stream")
+    async def host_stream() -> Any:
+        async def body() -> Any:
+            await first_piece.wait()
+            yield b"late"
+
+        return body(), 200, {"Content-Type": "text/plain"}
+
+    @app.after_request
+    async def cors(response: Any) -> Any:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    replaced = []
+    answer = tokenrelay.server._responses.run_error_answer
+
+    def spy(*args: Any) -> Any:
+        replaced.append(args)
+        return answer(*args)
+
+    monkeypatch.setattr(tokenrelay.server._responses, "run_error_answer", spy)
+    url = await serve_app(nursery, app)
+    conn = await RawHTTP.connect(url)
+    await conn.send(b"GET /host-stream HTTP/1.1\r\nHost: relay\r\n\r\n")
+    while b"\r\n\r\n" not in conn.buffer:  # the head comes before the first piece
+        conn.buffer += await conn.stream.receive_some()
+    assert conn.buffer.startswith(b"HTTP/1.1 200")
+    first_piece.set()
+    await conn.aclose()
+
+    fake_server.default = FakeScript(fault="status", status=429, message="busy", retry_after="3")
+    async with httpx2.AsyncClient(base_url=url) as client:
+        response = await client.post("/v1/chat/completions", json=chat(stream=True))
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert response.headers["content-type"] == "application/json"
+    assert "cache-control" not in response.headers  # the stream's, not the error's
+    assert len(replaced) == 1  # made as a stream, then replaced before anything was written

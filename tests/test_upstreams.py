@@ -397,7 +397,7 @@ def test_a_connect_timeout_is_a_504_and_a_refusal_a_502() -> None:
 async def test_sent_is_set_once_the_request_is_out_and_the_answer_awaited(
     fake_server: FakeModelServer, client: httpx2.AsyncClient, dialect: str
 ) -> None:
-    fake_server.default = FakeScript(tokens=["late"], prefill=60.0)  # the model "thinks"
+    fake_server.default = FakeScript(fault="no_headers")  # the answer's head never comes
     stream = make_upstream(dialect, fake_server, client).stream(ask())
     assert isinstance(stream, HTTPDeltaStream)
     assert not stream.sent.is_set()

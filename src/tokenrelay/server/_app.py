@@ -7,7 +7,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .._exceptions import InvalidRequest
-from ._asgi import close_connections
+from ._asgi import close_connections, hold_head
 from ._chat_api import chat_completions
 from ._config import ServerConfig
 from ._errors import HTTPError, werkzeug_error
@@ -76,6 +76,7 @@ def relay_blueprint(config: ServerConfig | None = None, *, page: bool = False) -
     bp.record_once(lambda state: install(state.app))  # type: ignore[arg-type]
     bp.before_app_serving(_start)
     bp.after_app_serving(_stop)
+    bp.before_request(_hold_heads)
     bp.before_request(_authenticate)
     bp.register_error_handler(HTTPError, _http_error)
     bp.register_error_handler(InvalidRequest, _invalid_request)
@@ -115,6 +116,11 @@ async def _start() -> None:
 
 async def _stop() -> None:
     await relay_service().stop()
+
+
+async def _hold_heads() -> None:
+    # The relay's own responses write their first piece at once: their heads wait for it.
+    hold_head(request.scope)
 
 
 async def _authenticate() -> None:

@@ -50,9 +50,19 @@ __all__ = [
     "ReplacedResponse",
     "at_request_end",
     "close_connections",
+    "hold_head",
 ]
 
 _AT_END = "tokenrelay.at_request_end"
+_HOLD = "tokenrelay.hold_head"
+
+
+def hold_head(scope: Scope) -> None:
+    """Let :class:`CloseConnections` hold this request's response head until the first piece
+    of its body (see there). For responses that write their first piece at once: a head held
+    while the app waits is a head the client waits for. The relay's routes opt in; other
+    routes of an app that mounts the relay keep their heads as they were."""
+    cast(dict[str, Any], scope)[_HOLD] = True
 
 
 def at_request_end(scope: Scope, callback: Callable[[], object]) -> None:
@@ -92,9 +102,12 @@ class CloseConnections:
         # HTTP/1 only: an HTTP/2 response ends its stream, never the connection.
         body = _RequestBody(headers) if scope.get("http_version") in ("1.0", "1.1") else None
         closing = False
+        gone = False  # the client left (http.disconnect)
 
         async def receive_tracked() -> ASGIReceiveEvent:
+            nonlocal gone
             message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
             if body is not None:
                 if message["type"] == "http.request":
                     body.arrived(message)
@@ -117,14 +130,15 @@ class CloseConnections:
                     if body is not None and body.too_much_left():
                         message = _closing(message)
                         closing = True
-                    start = message
-                    return
+                    if scope.get(_HOLD):
+                        start = message
+                        return
                 if message["type"] == "http.response.body":
                     data = message.get("body", b"")
                     more = message.get("more_body", False)
                     if type(data) is ReplacedResponse and start is not None:
                         replaced = True
-                        start = {**start, "status": data.status, "headers": data.headers}
+                        start = _replaced(start, data)
                         if closing:
                             start = _closing(start)
                         message = HTTPResponseBodyEvent(
@@ -154,15 +168,30 @@ class CloseConnections:
 
         try:
             await self.app(scope, receive_tracked, send_last_shielded)
-            # An app that returns without ending its response (Quart always ends it): what is
-            # held goes out as it came, and hypercorn deals with the rest.
-            if start is not None:
-                await send(start)
-            if last is not None:
-                await send({"type": "http.response.body", "body": last, "more_body": True})
+            # An app that returns without ending its response (Quart always ends it, unless
+            # its client left): what is held goes out as it came, and hypercorn deals with
+            # the rest. Nothing goes to a client that has left.
+            if not gone:
+                if start is not None:
+                    await send(start)
+                if last is not None:
+                    await send({"type": "http.response.body", "body": last, "more_body": True})
         finally:
             for callback in cast(dict[str, Any], scope).get(_AT_END, ()):
                 callback()
+
+
+#: Headers of a started response that describe its body: a replacement brings its own.
+_BODY_HEADERS = {b"content-type", b"content-length", b"transfer-encoding", b"cache-control"}
+
+
+def _replaced(start: HTTPResponseStartEvent, answer: ReplacedResponse) -> HTTPResponseStartEvent:
+    """``start`` with ``answer``'s status and headers. The started response's other headers
+    stay (those an ``after_request`` hook added: CORS, cookies), but for those describing its
+    body and those ``answer`` sets itself."""
+    names = _BODY_HEADERS | {b"x-accel-buffering"} | {name.lower() for name, _ in answer.headers}
+    kept = [(name, value) for name, value in start["headers"] if name.lower() not in names]
+    return {**start, "status": answer.status, "headers": [*kept, *answer.headers]}
 
 
 async def _send_after(

@@ -56,8 +56,7 @@ async def chat_completions() -> Response:
     service.admit(namespace, key, call.on_busy)
     accepted = trio.Event()
     run, watch = await start_run(service, call, stream, namespace, key, accepted)
-    sent: trio.Event | None = getattr(stream, "sent", None)  # (HTTP upstreams have it)
-    return await respond(service, call, run, watch, accepted, sent)
+    return await respond(service, call, run, watch, accepted, _sent(stream))
 
 
 async def parse_chat(service: RelayService) -> ChatCall:
@@ -93,13 +92,13 @@ async def start_run(
     hold it for the request. ``accepted`` is set once the upstream has accepted the request,
     or the run has ended before that."""
 
-    sent: trio.Event | None = getattr(stream, "sent", None)
+    sent = _sent(stream)
 
     async def on_finish(run: Run, events: list[Event]) -> None:
+        service.release(namespace)
         accepted.set()  # it ended before the upstream accepted it: stop waiting too
         if sent is not None:
             sent.set()  # (a run stopped before its producer started never opened it)
-        service.release(namespace)
         await service.on_finish(run, events)
 
     info: dict[str, Any] = {
@@ -159,6 +158,12 @@ async def respond(
     if call.chat.stream:
         return sse_response(service, watch, -1, headers)
     return await complete(service, watch, headers)
+
+
+def _sent(stream: object) -> trio.Event | None:
+    """The stream's "request sent" event (``HTTPDeltaStream.sent``), if it has one."""
+    sent = getattr(stream, "sent", None)
+    return sent if isinstance(sent, trio.Event) else None
 
 
 def refuse_start(exc: BaseException, session_id: str, stop: str = "stop") -> None:

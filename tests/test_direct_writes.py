@@ -293,6 +293,9 @@ class InterleavingApp:
     """Gathers its head, then lets another task write a piece of the body (ASGI allows any
     task of the app to send) before its block ends: that write must carry the head first."""
 
+    def __init__(self, start_inside: bool) -> None:
+        self.start_inside = start_inside
+
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
@@ -305,20 +308,24 @@ class InterleavingApp:
             wrote.set()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(other)  # started outside the block: its writes are not kept
+            if not self.start_inside:
+                nursery.start_soon(other)
             async with gathered_writes():
                 await send({"type": "http.response.start", "status": 200, "headers": []})
+                if self.start_inside:  # it inherits the block's context, not its gathering
+                    nursery.start_soon(other)
                 go.set()
                 await wrote.wait()
                 await send({"type": "http.response.body", "body": b"mine", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+@pytest.mark.parametrize("start_inside", [False, True])
 @bounded(10)
 async def test_a_write_from_another_task_writes_what_was_gathered_first(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, start_inside: bool
 ) -> None:
-    port = await serve(nursery, InterleavingApp())  # type: ignore[arg-type]
+    port = await serve(nursery, InterleavingApp(start_inside))  # type: ignore[arg-type]
     writes = record_writes(monkeypatch)
     assert await fetch(port) == b"othermine"
     # The other task's write carried the gathered head before its own piece; the block's

@@ -59,8 +59,9 @@ class DirectWriteTCPServer(TCPServer):
             await super().protocol_send(event)
             return
         gathering = _GATHERING.get()
-        if gathering is not None:
-            gathering._servers.append(self)
+        # (A task started inside a block inherits its context, not its gathering.)
+        if gathering is not None and gathering._task is trio.lowlevel.current_task():
+            gathering._servers[self] = None
             self._gathered += event.data
             return
         data = event.data
@@ -119,12 +120,14 @@ class gathered_writes:
     control, which must not wait for bytes kept here.
     """
 
-    __slots__ = ("_servers", "_token")
+    __slots__ = ("_servers", "_task", "_token")
 
     def __init__(self) -> None:
-        self._servers: list[DirectWriteTCPServer] = []
+        #: The servers with writes kept by this block, in order (a dict as an ordered set).
+        self._servers: dict[DirectWriteTCPServer, None] = {}
 
     async def __aenter__(self) -> None:
+        self._task = trio.lowlevel.current_task()
         self._token = _GATHERING.set(self)
 
     async def __aexit__(
@@ -135,7 +138,7 @@ class gathered_writes:
     ) -> None:
         _GATHERING.reset(self._token)
         if exc_value is None:
-            for server in dict.fromkeys(self._servers):
+            for server in self._servers:
                 if server._gathered:  # (unless another write took it already)
                     await server._write(server._take_gathered())
 

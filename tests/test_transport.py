@@ -23,7 +23,12 @@ from httpcore2._backends.trio import TrioStream
 import tokenrelay
 import tokenrelay.upstreams._transport
 from _helpers import bounded
-from tokenrelay.upstreams._transport import LeanTrioBackend, _LeanStream, use_lean_backend
+from tokenrelay.upstreams._transport import (
+    LeanTrioBackend,
+    ShardedPool,
+    _LeanStream,
+    use_lean_backend,
+)
 
 HELLO = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -125,7 +130,9 @@ async def test_one_readiness_check_tells_which_of_many_idle_connections_were_hun
 
     port = await _serve(nursery, handler)  # type: ignore[arg-type]
     url = f"http://127.0.0.1:{port}/"
-    async with tokenrelay.http_client() as client:
+    # One pool (not split into shards), so that every request may reuse any live connection.
+    async with tokenrelay.http_client(max_connections=ShardedPool.SHARD_CONNECTIONS) as client:
+        assert type(client._transport._pool) is httpcore2.AsyncConnectionPool  # type: ignore[attr-defined]
         responses: list[httpx2.Response] = []
 
         async def get() -> None:
@@ -161,6 +168,160 @@ async def test_one_readiness_check_tells_which_of_many_idle_connections_were_hun
             assert response.extensions["network_stream"] not in hung_up
         assert len(connections) == 5
     assert readiness._epoll is None  # every connection closed: the epoll set too
+
+
+def _sharded(client: httpx2.AsyncClient) -> ShardedPool:
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    assert isinstance(pool, ShardedPool)
+    return pool
+
+
+async def test_a_big_pool_is_split_into_shards_with_its_settings() -> None:
+    async with tokenrelay.http_client(max_connections=100) as client:
+        shards = _sharded(client).shards
+    assert [shard._max_connections for shard in shards] == [15, 15, 14, 14, 14, 14, 14]
+    assert [shard._max_keepalive_connections for shard in shards] == [15, 15, 14, 14, 14, 14, 14]
+    assert {shard._keepalive_expiry for shard in shards} == {30.0}
+    # One backend, so one epoll set answers for every shard's idle connections.
+    assert len({id(shard._network_backend) for shard in shards}) == 1
+    assert isinstance(shards[0]._network_backend, LeanTrioBackend)
+    # Small pools and HTTP/2 pools stay whole.
+    async with tokenrelay.http_client(max_connections=16) as client:
+        assert type(client._transport._pool) is httpcore2.AsyncConnectionPool  # type: ignore[attr-defined]
+    transport = httpx2.AsyncHTTPTransport(http2=True, limits=httpx2.Limits(max_connections=100))
+    async with httpx2.AsyncClient(transport=transport) as client:
+        use_lean_backend(client)
+        assert type(transport._pool) is httpcore2.AsyncConnectionPool
+        assert isinstance(transport._pool._network_backend, LeanTrioBackend)
+
+
+@bounded(10)
+async def test_concurrent_requests_spread_over_shards_sequential_ones_reuse_a_connection(
+    nursery: trio.Nursery,
+) -> None:
+    # Each shard is a pool of its own: a pass walks one shard's connections. Concurrent
+    # requests go where there is most room; one at a time, they reuse one idle connection.
+    release = trio.Event()
+    connections = 0
+    in_flight = 0
+    all_in = trio.Event()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        nonlocal connections, in_flight
+        connections += 1
+        first = True
+        while await _read_request(stream):
+            if first:
+                first = False
+                in_flight += 1
+                if in_flight == 40:
+                    all_in.set()
+                await release.wait()
+            await stream.send_all(HELLO)
+
+    port = await _serve(nursery, handler)
+    url = f"http://127.0.0.1:{port}/"
+    async with tokenrelay.http_client(max_connections=40) as client:  # 3 shards: 14, 13, 13
+        pool = _sharded(client)
+        async with trio.open_nursery() as requests:
+            for _ in range(40):
+                requests.start_soon(client.get, url)
+            await all_in.wait()
+            # Every shard full, and not one request more than its limit.
+            assert [len(shard.connections) for shard in pool.shards] == [14, 13, 13]
+            release.set()
+        assert connections == 40
+        for _ in range(5):
+            response = await client.get(url)
+            assert response.text == "hello"
+        assert connections == 40  # reused, no new connection
+        assert len(pool.connections) == 40
+
+
+@bounded(10)
+async def test_a_request_waits_only_when_every_shard_is_full(nursery: trio.Nursery) -> None:
+    release = trio.Event()
+    arrived = 0
+    all_in = trio.Event()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        nonlocal arrived
+        while await _read_request(stream):
+            arrived += 1
+            if arrived == 34:
+                all_in.set()
+            await release.wait()
+            await stream.send_all(HELLO)
+
+    port = await _serve(nursery, handler)
+    url = f"http://127.0.0.1:{port}/"
+    async with tokenrelay.http_client(max_connections=34) as client:  # 3 shards: 12, 11, 11
+        done: list[str] = []
+
+        async def get() -> None:
+            done.append((await client.get(url)).text)
+
+        async with trio.open_nursery() as requests:
+            for _ in range(34):
+                requests.start_soon(get)
+            await all_in.wait()
+            requests.start_soon(get)  # the 35th: no room anywhere, so it waits
+            await trio.testing.wait_all_tasks_blocked()
+            assert arrived == 34
+            assert sum(len(shard._requests) for shard in _sharded(client).shards) == 35
+            release.set()
+        assert done == ["hello"] * 35
+        assert len(_sharded(client).connections) == 34  # the 35th reused a connection
+
+
+@bounded(10)
+async def test_idle_shards_close_the_connections_the_server_hung_up(
+    nursery: trio.Nursery,
+) -> None:
+    # Requests go to the first idle shard with connections, so the others make no pass of
+    # their own; the sweep, due once per keep-alive expiry, makes it for them.
+    hang_up = trio.Event()
+    release = trio.Event()
+    arrived = 0
+    all_in = trio.Event()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        nonlocal arrived
+        if hang_up.is_set():  # a connection made after the hang-ups: served as usual
+            while await _read_request(stream):
+                await stream.send_all(HELLO)
+            return
+        await _read_request(stream)
+        arrived += 1
+        if arrived == 20:
+            all_in.set()
+        await release.wait()
+        await stream.send_all(HELLO)
+        await hang_up.wait()
+        await stream.aclose()
+
+    port = await _serve(nursery, handler)
+    url = f"http://127.0.0.1:{port}/"
+    limits = httpx2.Limits(max_connections=20, keepalive_expiry=0.5)
+    async with httpx2.AsyncClient(limits=limits) as client:
+        use_lean_backend(client)
+        pool = _sharded(client)  # 2 shards of 10
+        async with trio.open_nursery() as requests:
+            for _ in range(20):
+                requests.start_soon(client.get, url)
+            await all_in.wait()
+            release.set()
+        streams = [c._connection._network_stream for c in pool.connections]  # type: ignore[attr-defined]
+        assert [len(shard.connections) for shard in pool.shards] == [10, 10]
+        hang_up.set()
+        for stream in streams:
+            await trio.lowlevel.wait_readable(stream.get_extra_info("socket"))  # hung up
+        assert len(pool.connections) == 20  # nothing has asked yet
+        await trio.sleep_until(pool._sweep_at)  # the next request sweeps first
+        response = await client.get(url)
+        assert response.text == "hello"
+        assert len(pool.connections) == 1  # the 20 dead ones closed, in both shards
+        assert all(stream.get_extra_info("socket").fileno() == -1 for stream in streams)
 
 
 class CountingEpoll:
@@ -230,10 +391,9 @@ async def test_the_transports_own_settings_are_kept(nursery: trio.Nursery) -> No
         await trio.sleep_forever()  # keep the connection open, to look at its socket
 
     port = await _serve(nursery, handler)
+    transport_options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
     transport = httpx2.AsyncHTTPTransport(
-        retries=2,
-        local_address="127.0.0.1",
-        socket_options=[(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)],
+        retries=2, local_address="127.0.0.1", socket_options=transport_options
     )
     async with httpx2.AsyncClient(transport=transport) as client:
         use_lean_backend(client)
@@ -244,7 +404,9 @@ async def test_the_transports_own_settings_are_kept(nursery: trio.Nursery) -> No
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert sock.getsockname()[0] == "127.0.0.1"
     pool = transport._pool
-    assert (pool._retries, pool._local_address) == (2, "127.0.0.1")
+    assert isinstance(pool, ShardedPool)  # httpx2's default limit of 100: split, each shard alike
+    assert {(shard._retries, shard._local_address) for shard in pool.shards} == {(2, "127.0.0.1")}
+    assert {id(shard._socket_options) for shard in pool.shards} == {id(transport_options)}
 
 
 async def test_connections_through_a_proxy_keep_httpx2s_own_backend() -> None:

@@ -18,6 +18,10 @@ task's steps does not, httpcore2's own check answers instead.
 Together they save about 7% of ``tokenrelay serve``'s CPU per token at 100 streams
 (``python -m benchmarks``).
 
+The pass itself is a walk over every connection of the pool, busy or idle, in Python: with
+a thousand streams open, a tenth of the relay's CPU. :class:`ShardedPool` splits a pool of
+more than 16 connections into pools of at most 16, so a pass walks one of those.
+
 A request goes out in one write: httpcore2 writes its head and its body separately (two
 system calls, two packets); on plain TCP the lean stream keeps them and sends them together
 when the response is first read (or as soon as 64 KiB wait), dropping a write error there as
@@ -37,8 +41,9 @@ releases the connection exactly as before (back to the pool when the body was re
 end, closed otherwise).
 
 httpx2 has no parameter for the network backend, so this sets a private attribute of
-httpcore2's pool; pyproject.toml bounds both versions, and where the pool is not the shape
-expected the client is left as httpx2 built it (correct, only without the saving).
+httpcore2's pool (and, to shard it, reads its settings and replaces the transport's pool);
+pyproject.toml bounds both versions, and where the pool is not the shape expected the client
+is left as httpx2 built it (correct, only without the saving).
 """
 
 # The ``timeout`` parameters are httpcore2's network stream interface, not ours to change.
@@ -47,6 +52,7 @@ expected the client is left as httpx2 built it (correct, only without the saving
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import ssl
@@ -63,7 +69,7 @@ from httpcore2._async import connection_pool as httpcore2_pool
 from httpcore2._async import http11 as httpcore2_http11
 from httpx2._transports import default as httpx2_default
 
-__all__ = ["LeanBody", "LeanTrioBackend", "lean_body", "use_lean_backend"]
+__all__ = ["LeanBody", "LeanTrioBackend", "ShardedPool", "lean_body", "use_lean_backend"]
 
 #: Whether a socket's descriptor can be read with ``os.read`` (not on Windows).
 _READ_FD = os.name == "posix"
@@ -292,15 +298,162 @@ def use_lean_backend(client: httpx2.AsyncClient) -> None:
     ``proxy=``) and any other mounts keep httpx2's own, so requests go where a plain
     ``httpx2.AsyncClient`` would send them. A default transport that is not httpx2's
     HTTP transport over a plain connection pool (say, one routing everything through a proxy)
-    is left as it is.
+    is left as it is. A pool of more than :attr:`ShardedPool.SHARD_CONNECTIONS` connections
+    is split into a :class:`ShardedPool`, all its shards on the one backend.
     """
     transport = getattr(client, "_transport", None)
     if not isinstance(transport, httpx2.AsyncHTTPTransport):
         return
     pool = getattr(transport, "_pool", None)
     # Exactly the pool class: httpcore2's proxies are subclasses of it.
-    if type(pool) is httpcore2.AsyncConnectionPool and hasattr(pool, "_network_backend"):
-        pool._network_backend = LeanTrioBackend()
+    if type(pool) is not httpcore2.AsyncConnectionPool or not hasattr(pool, "_network_backend"):
+        return
+    backend = LeanTrioBackend()
+    sharded = ShardedPool.split(pool, backend)
+    if sharded is not None:
+        transport._pool = sharded  # type: ignore[assignment]
+    else:
+        pool._network_backend = backend
+
+
+class ShardedPool:
+    """httpcore2's connection pool, split into pools of at most :attr:`SHARD_CONNECTIONS`
+    connections each, a request going to the one with the most room.
+
+    httpcore2's pool walks every one of its connections, in Python, when a request is queued
+    and again when a response is closed (``_assign_requests_to_connections``): with a thousand
+    streams open to the model server, that is about 3 ms of CPU per request, or 60 µs per
+    token of a 50-token answer (see docs/upstream-bugs.md). Each shard here is an unmodified
+    ``AsyncConnectionPool`` built with the original's settings and its share of its limits, so
+    a pass walks one shard's connections only.
+
+    A request goes to the first shard with nothing in flight (one with connections to reuse
+    first), otherwise to the one with the most connections to spare: sequential requests all
+    go to one shard and reuse its idle connection, and concurrent ones spread evenly. A
+    request waits for a connection only when every shard is full, as it would in one pool of
+    the same limit. What differs from one pool: such a request waits for a connection of its
+    own shard, not the first one freed anywhere; and a shard whose idle connection the server
+    hung up opens a new one where another shard may have an idle one.
+
+    A pool closes its idle connections that expired or that the server hung up during its
+    passes, so a shard no request goes to would keep them. So, at most once per keep-alive
+    expiry (or per second without one), a request first makes that pass in every shard with
+    connections and nothing in flight: after a burst, the spare connections are closed
+    within that time of expiring, as one pool would close them at its next request.
+
+    It is what httpx2's transport calls its pool: ``handle_async_request``, ``aclose``, the
+    async context manager and ``connections``.
+    """
+
+    #: The most connections one shard holds.
+    SHARD_CONNECTIONS = 16
+
+    __slots__ = ("_shards", "_sweep_at", "_sweep_every")
+
+    def __init__(self, shards: list[httpcore2.AsyncConnectionPool], sweep_every: float) -> None:
+        self._shards = shards
+        self._sweep_every = sweep_every
+        self._sweep_at = -math.inf
+
+    @classmethod
+    def split(
+        cls, pool: httpcore2.AsyncConnectionPool, backend: httpcore2.AsyncNetworkBackend
+    ) -> ShardedPool | None:
+        """``pool``'s settings over shards sharing ``backend``; ``None`` where a single pool
+        is as good (a limit of :attr:`SHARD_CONNECTIONS` or less, HTTP/2, whose connections
+        are shared by many requests) or the pool is not the shape expected."""
+        try:
+            limit: int = pool._max_connections
+            keepalive: int = pool._max_keepalive_connections
+            expiry: float | None = pool._keepalive_expiry
+            settings: dict[str, Any] = {
+                "ssl_context": pool._ssl_context,
+                "proxy": pool._proxy,
+                "keepalive_expiry": expiry,
+                "http1": pool._http1,
+                "http2": pool._http2,
+                "retries": pool._retries,
+                "local_address": pool._local_address,
+                "uds": pool._uds,
+                "socket_options": pool._socket_options,
+            }
+            pool._requests  # noqa: B018 (what ``_pick`` reads)
+            pool._assign_requests_to_connections  # noqa: B018 (what ``_sweep`` calls)
+            pool._close_connections  # noqa: B018
+        except AttributeError:
+            return None
+        if settings["http2"] or limit <= cls.SHARD_CONNECTIONS or pool._connections:
+            return None
+        count = -(-limit // cls.SHARD_CONNECTIONS)
+        return cls(
+            [
+                httpcore2.AsyncConnectionPool(
+                    max_connections=_share(limit, count, index),
+                    max_keepalive_connections=_share(keepalive, count, index),
+                    network_backend=backend,
+                    **settings,
+                )
+                for index in range(count)
+            ],
+            sweep_every=expiry or 1.0,
+        )
+
+    @property
+    def shards(self) -> list[httpcore2.AsyncConnectionPool]:
+        return list(self._shards)
+
+    @property
+    def connections(self) -> list[httpcore2.AsyncConnectionInterface]:
+        """Every shard's connections (as ``AsyncConnectionPool.connections``)."""
+        return [connection for shard in self._shards for connection in shard.connections]
+
+    def _pick(self) -> httpcore2.AsyncConnectionPool:
+        """The first shard with nothing in flight and connections to reuse, else the first
+        with nothing in flight, else the one with the most connections to spare."""
+        empty: httpcore2.AsyncConnectionPool | None = None
+        roomiest = self._shards[0]
+        room = -1
+        for shard in self._shards:
+            busy = len(shard._requests)
+            if not busy:
+                if shard._connections:
+                    return shard
+                if empty is None:
+                    empty = shard
+            elif shard._max_connections - busy > room:
+                roomiest, room = shard, shard._max_connections - busy
+        return empty if empty is not None else roomiest
+
+    async def handle_async_request(self, request: httpcore2.Request) -> httpcore2.Response:
+        if trio.current_time() >= self._sweep_at:
+            await self._sweep()
+        return await self._pick().handle_async_request(request)
+
+    async def _sweep(self) -> None:
+        """The pass every idle shard would make at its next request: expired and hung-up
+        idle connections out, and closed (shielded, as the pool closes them)."""
+        self._sweep_at = trio.current_time() + self._sweep_every
+        for shard in self._shards:
+            if shard._connections and not shard._requests:
+                await shard._close_connections(shard._assign_requests_to_connections())
+
+    async def aclose(self) -> None:
+        for shard in self._shards:
+            await shard.aclose()
+
+    async def __aenter__(self) -> ShardedPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<ShardedPool of {len(self._shards)}: {self._shards!r}>"
+
+
+def _share(total: int, parts: int, index: int) -> int:
+    """Part ``index`` of ``total`` split into ``parts`` as evenly as integers allow."""
+    return total // parts + (index < total % parts)
 
 
 class LeanBody:

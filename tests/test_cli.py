@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import os
 import re
 import signal
@@ -97,6 +98,20 @@ async def test_sigterm_stops_runs_in_flight_and_exits_zero(
     assert re.search(r"stream_end run=\S+ session=-/s status=stopped reason=shutdown", log)
     assert log.count("stream_start") == log.count("stream_end") == 1
     await fake_server.requests[0].wait_closed()
+
+
+def test_log_lines_read_as_loggings_own_formatter_writes_them() -> None:
+    from tokenrelay.server.cli import LogFormatter
+
+    ours, logging_own = LogFormatter(), logging.Formatter("%(asctime)s %(message)s")
+    second = 1_700_000_000
+    # Lines within one second (its date and time formatted once), then across seconds.
+    for created in (second + 0.001, second + 0.5, second + 0.999, second + 1.0, second + 61.25):
+        record = logging.makeLogRecord({"msg": "stream_start run=%s", "args": ("r",)})
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == logging_own.format(record)
+    assert ours.format(record).endswith(",250 stream_start run=r")
+    assert ours.formatTime(record, "%H") == logging_own.formatTime(record, "%H")
 
 
 def test_refuses_a_public_address_without_keys(capsys: pytest.CaptureFixture[str]) -> None:

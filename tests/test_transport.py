@@ -27,6 +27,7 @@ from tokenrelay.upstreams._transport import (
     LeanTrioBackend,
     ShardedPool,
     _LeanStream,
+    request_sent,
     use_lean_backend,
 )
 
@@ -366,16 +367,32 @@ async def test_tls_upstreams_work_through_the_same_transport(nursery: trio.Nurse
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
 
+    answer = trio.Event()
+
     async def handler(stream: trio.abc.Stream) -> None:
         tls = trio.SSLStream(stream, server_context, server_side=True)
         await _read_request(tls)
+        await answer.wait()
         await tls.send_all(HELLO)
         await tls.aclose()
 
     port = await _serve(nursery, handler)
+    sent = trio.Event()
+    response: httpx2.Response | None = None
+
+    async def get(client: httpx2.AsyncClient) -> None:
+        nonlocal response
+        request_sent.set(sent)  # as HTTPDeltaStream does around its request
+        response = await client.get(f"https://localhost:{port}/")
+
     async with httpx2.AsyncClient(verify=client_context) as client:
         use_lean_backend(client)
-        response = await client.get(f"https://localhost:{port}/")
+        async with trio.open_nursery() as requests:
+            requests.start_soon(get, client)
+            await sent.wait()  # told with the request out and its answer not yet there
+            assert response is None
+            answer.set()
+    assert response is not None
     assert response.text == "hello"
     stream = response.extensions["network_stream"]
     assert isinstance(stream, _LeanStream)

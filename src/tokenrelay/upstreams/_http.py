@@ -35,7 +35,7 @@ from .._exceptions import (
 from .._guard import ClosableAsyncIterator
 from ._chat import ChatRequest, Delta
 from ._lines import LineSplitter, SurrogateJoiner, mend_surrogates
-from ._transport import LeanBody, lean_body, use_lean_backend
+from ._transport import LeanBody, lean_body, request_sent, use_lean_backend
 
 __all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "HTTPUpstream", "Upstream", "http_client"]
 
@@ -309,19 +309,17 @@ class HTTPDeltaStream:
             return None
 
     async def _open(self) -> None:
+        told = request_sent.set(self.sent)  # the lean stream sets it once the request is out
         try:
             with _transport_errors(self._upstream, "closed before it answered"):
                 response = await self._stack.enter_async_context(
                     self._client.stream(
-                        "POST",
-                        self._url,
-                        json=self._payload,
-                        headers=self._headers,
-                        extensions={"trace": self._trace},
+                        "POST", self._url, json=self._payload, headers=self._headers
                     )
                 )
         finally:
-            self.sent.set()
+            request_sent.reset(told)
+            self.sent.set()  # (and here, where the connection was not a lean one)
         if response.status_code >= 400:
             await _raise_for_status(self._upstream, response)
         if self._content_type is not None:
@@ -336,12 +334,6 @@ class HTTPDeltaStream:
             chunks = self._chunks = response.aiter_bytes()
             self._stack.push_async_callback(chunks.aclose)
         self._opened = True
-
-    async def _trace(self, event: str, info: dict[str, Any]) -> None:
-        """httpcore2's ``trace`` extension: the request's head and body are written (the
-        lean stream sends them at the first read), and the answer's head is awaited next."""
-        if event.endswith(".receive_response_headers.started"):
-            self.sent.set()
 
     async def aclose(self) -> None:
         """Close the response. If the upstream had said the answer was complete, what is left

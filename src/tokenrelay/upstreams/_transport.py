@@ -52,6 +52,7 @@ is left as httpx2 built it (correct, only without the saving).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import select
@@ -69,7 +70,14 @@ from httpcore2._async import connection_pool as httpcore2_pool
 from httpcore2._async import http11 as httpcore2_http11
 from httpx2._transports import default as httpx2_default
 
-__all__ = ["LeanBody", "LeanTrioBackend", "ShardedPool", "lean_body", "use_lean_backend"]
+__all__ = [
+    "LeanBody",
+    "LeanTrioBackend",
+    "ShardedPool",
+    "lean_body",
+    "request_sent",
+    "use_lean_backend",
+]
 
 #: Whether a socket's descriptor can be read with ``os.read`` (not on Windows).
 _READ_FD = os.name == "posix"
@@ -80,6 +88,22 @@ UNSENT_LIMIT = 64 * 1024
 SocketOption = (
     tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 )
+
+
+#: The event to set once the request the current task is sending has gone out (see
+#: :attr:`HTTPDeltaStream.sent <tokenrelay.upstreams.HTTPDeltaStream>`), or ``None``.
+request_sent: contextvars.ContextVar[trio.Event | None] = contextvars.ContextVar(
+    "tokenrelay_request_sent", default=None
+)
+
+
+def _tell_sent() -> None:
+    """What a lean stream's write of a request tells :data:`request_sent`. On plain TCP the
+    whole request goes out in that write; through TLS, each of its writes tells (its head's
+    first), which is as soon as the request is on its way."""
+    event = request_sent.get()
+    if event is not None:
+        event.set()
 
 
 class _LeanStream(AsyncNetworkStream):
@@ -148,6 +172,7 @@ class _LeanStream(AsyncNetworkStream):
         # followed by reading its response), or as soon as UNSENT_LIMIT bytes are waiting.
         if self._socket is None:
             await self._inner.write(buffer, timeout)
+            _tell_sent()
             return
         await trio.lowlevel.checkpoint_if_cancelled()
         self._unsent += buffer
@@ -163,6 +188,7 @@ class _LeanStream(AsyncNetworkStream):
         data, self._unsent = self._unsent, b""
         with contextlib.suppress(httpcore2.WriteError):
             await self._inner.write(data, self._unsent_timeout)
+        _tell_sent()
 
     async def aclose(self) -> None:
         # Out of the readiness set first: the descriptor is about to be closed, and its number

@@ -272,11 +272,14 @@ class SaysAllAtOnce:
         self._items = iter(items)
         self._received = received
         self.taken_when_closed: int | None = None
+        #: How much a reader had taken each time the next item was asked for.
+        self.taken_when_asked: list[int] = []
 
     def __aiter__(self) -> SaysAllAtOnce:
         return self
 
     async def __anext__(self) -> str:
+        self.taken_when_asked.append(len(self._received))
         try:
             return next(self._items)
         except StopIteration:
@@ -317,3 +320,6 @@ async def test_readers_take_the_last_events_before_the_upstream_is_closed(
     # they take in that turn), whichever order trio ran the two tasks in.
     assert upstream.taken_when_closed == 3
     assert received == ["a", "b", "c"]
+    # And between the first item and the next: the first token is written before the
+    # producer reads on.
+    assert upstream.taken_when_asked == [0, 1, 1, 1]

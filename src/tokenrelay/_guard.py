@@ -122,6 +122,12 @@ class GuardedStream(AsyncIterator[T]):
                 return
             for data in encode(item):
                 await emit(data)
+            # The first token goes to its readers before the producer reads on: what else
+            # came with it (more tokens, or the rest of a short answer) would otherwise be
+            # parsed first, on the way to the time to first token. Two schedule points, as
+            # at the answer's end (see ``pump``), since trio runs a batch in either order.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
         timeout = self._token_timeout
         anext = self._upstream.__anext__
         if timeout is None:

@@ -60,11 +60,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--ttft-rounds", type=int, default=100)
-    parser.add_argument("--before", help="a checkout whose src/ runs as a second relay")
+    parser.add_argument("--before", help="a checkout (or its src/) run as a second relay")
     args = parser.parse_args()
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"before: {load}", file=sys.stderr)
-    before = None if args.before is None else os.path.join(os.path.abspath(args.before), "src")
+    before = None
+    if args.before is not None:
+        # The checkout, or its src directory; never a path without the package (the "before"
+        # relay would then import this checkout's tokenrelay, silently).
+        root = os.path.abspath(args.before)
+        before = root if os.path.basename(root) == "src" else os.path.join(root, "src")
+        if not os.path.isfile(os.path.join(before, "tokenrelay", "__init__.py")):
+            parser.error(f"--before {args.before}: no src/tokenrelay there")
     results = trio.run(run, args.repeats, args.streams, args.ttft_rounds, before)
     print(table(results))
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

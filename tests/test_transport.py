@@ -186,6 +186,11 @@ async def test_a_big_pool_is_split_into_shards_with_its_settings() -> None:
     # One backend, so one epoll set answers for every shard's idle connections.
     assert len({id(shard._network_backend) for shard in shards}) == 1
     assert isinstance(shards[0]._network_backend, LeanTrioBackend)
+    # No limit (sys.maxsize to httpcore2), or a very high one: at most MAX_SHARDS shards.
+    unlimited = httpx2.AsyncHTTPTransport(limits=httpx2.Limits(max_connections=None))
+    async with httpx2.AsyncClient(transport=unlimited) as client:
+        use_lean_backend(client)
+        assert len(_sharded(client).shards) == ShardedPool.MAX_SHARDS
     # Small pools and HTTP/2 pools stay whole.
     async with tokenrelay.http_client(max_connections=16) as client:
         assert type(client._transport._pool) is httpcore2.AsyncConnectionPool  # type: ignore[attr-defined]

@@ -371,8 +371,11 @@ class ShardedPool:
     async context manager and ``connections``.
     """
 
-    #: The most connections one shard holds.
+    #: The most connections one shard holds (while there are at most :attr:`MAX_SHARDS`).
     SHARD_CONNECTIONS = 16
+    #: The most shards a pool is split into: a pool of no limit, or of a limit above 4,096,
+    #: has shards of more than :attr:`SHARD_CONNECTIONS` each.
+    MAX_SHARDS = 256
 
     __slots__ = ("_shards", "_sweep_at", "_sweep_every")
 
@@ -410,7 +413,7 @@ class ShardedPool:
             return None
         if settings["http2"] or limit <= cls.SHARD_CONNECTIONS or pool._connections:
             return None
-        count = -(-limit // cls.SHARD_CONNECTIONS)
+        count = min(-(-limit // cls.SHARD_CONNECTIONS), cls.MAX_SHARDS)
         return cls(
             [
                 httpcore2.AsyncConnectionPool(

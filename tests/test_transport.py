@@ -16,6 +16,7 @@ import httpcore2
 import httpx2
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 import trustme
 from httpcore2._backends.trio import TrioStream
@@ -245,7 +246,69 @@ async def test_concurrent_requests_spread_over_shards_sequential_ones_reuse_a_co
 
 
 @bounded(10)
-async def test_a_request_waits_only_when_every_shard_is_full(nursery: trio.Nursery) -> None:
+async def test_waiting_requests_take_the_first_room_made_in_any_shard_in_turn(
+    nursery: trio.Nursery,
+) -> None:
+    # A request waits only when every shard is full, and then for the first connection freed
+    # anywhere (not only in one shard), the waiting requests in the order they came, as in
+    # one pool of the same limit.
+    answer: dict[str, trio.Event] = {}
+    arrived: list[str] = []
+    all_in = trio.Event()
+    late_in = trio.Event()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        while request := await _read_request(stream):
+            path = request.split(b" ")[1].decode()
+            arrived.append(path)
+            answer.setdefault(path, trio.Event())
+            if len(arrived) == 34:
+                all_in.set()
+            if path.startswith("/late"):
+                late_in.set()
+            await answer[path].wait()
+            await stream.send_all(HELLO)
+
+    port = await _serve(nursery, handler)
+    url = f"http://127.0.0.1:{port}"
+    async with tokenrelay.http_client(max_connections=34) as client:  # 3 shards: 12, 11, 11
+        pool = _sharded(client)
+        done: list[str] = []
+
+        async def get(path: str) -> None:
+            await client.get(url + path)
+            done.append(path)
+
+        async with trio.open_nursery() as requests:
+            for i in range(34):
+                requests.start_soon(get, f"/{i}")
+            await all_in.wait()
+            for path in ("/late-1", "/late-2"):  # no room anywhere: they wait, in this order
+                answer[path] = trio.Event()
+                requests.start_soon(get, path)
+                await trio.testing.wait_all_tasks_blocked()
+            assert [len(shard._requests) for shard in pool.shards] == [12, 11, 11]
+            assert len(pool._queue) == 2
+            # A request of the last shard ends: the first waiting one takes its room.
+            freed = pool.shards[-1]._requests[0].request.url.target.decode()
+            answer[freed].set()
+            await late_in.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert arrived[34:] == ["/late-1"]  # /late-2 still waits: no other room made
+            assert done == [freed]
+            assert len(pool._queue) == 1
+            assert [len(shard._requests) for shard in pool.shards] == [12, 11, 11]
+            for event in answer.values():
+                event.set()
+        assert sorted(done) == sorted(answer)
+        assert len(pool.connections) == 34  # the waiting requests reused connections
+        assert not pool._queue
+
+
+@bounded(10)
+async def test_a_request_waiting_for_room_honours_the_pool_timeout_and_cancellation(
+    nursery: trio.Nursery,
+) -> None:
     release = trio.Event()
     arrived = 0
     all_in = trio.Event()
@@ -254,30 +317,28 @@ async def test_a_request_waits_only_when_every_shard_is_full(nursery: trio.Nurse
         nonlocal arrived
         while await _read_request(stream):
             arrived += 1
-            if arrived == 34:
+            if arrived == 20:
                 all_in.set()
             await release.wait()
             await stream.send_all(HELLO)
 
     port = await _serve(nursery, handler)
     url = f"http://127.0.0.1:{port}/"
-    async with tokenrelay.http_client(max_connections=34) as client:  # 3 shards: 12, 11, 11
-        done: list[str] = []
-
-        async def get() -> None:
-            done.append((await client.get(url)).text)
-
+    limits = httpx2.Limits(max_connections=20)
+    async with httpx2.AsyncClient(limits=limits, timeout=httpx2.Timeout(None, pool=0.05)) as client:
+        use_lean_backend(client)
+        pool = _sharded(client)
         async with trio.open_nursery() as requests:
-            for _ in range(34):
-                requests.start_soon(get)
+            for _ in range(20):
+                requests.start_soon(client.get, url)
             await all_in.wait()
-            requests.start_soon(get)  # the 35th: no room anywhere, so it waits
-            await trio.testing.wait_all_tasks_blocked()
-            assert arrived == 34
-            assert sum(len(shard._requests) for shard in _sharded(client).shards) == 35
+            with pytest.raises(httpx2.PoolTimeout):
+                await client.get(url)
+            with trio.move_on_after(0.01):  # cancelled while it waits
+                await client.get(url, timeout=httpx2.Timeout(None))
+            assert not pool._queue  # neither is left in the line
             release.set()
-        assert done == ["hello"] * 35
-        assert len(_sharded(client).connections) == 34  # the 35th reused a connection
+        assert (await client.get(url)).text == "hello"
 
 
 @bounded(10)

@@ -58,7 +58,8 @@ import os
 import select
 import ssl
 import weakref
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import h11
@@ -355,11 +356,12 @@ class ShardedPool:
 
     A request goes to the first shard with nothing in flight (one with connections to reuse
     first), otherwise to the one with the most connections to spare: sequential requests all
-    go to one shard and reuse its idle connection, and concurrent ones spread evenly. A
-    request waits for a connection only when every shard is full, as it would in one pool of
-    the same limit. What differs from one pool: such a request waits for a connection of its
-    own shard, not the first one freed anywhere; and a shard whose idle connection the server
-    hung up opens a new one where another shard may have an idle one.
+    go to one shard and reuse its idle connection, and concurrent ones spread evenly. When
+    every shard is full, requests wait here, first come first served, and each takes the
+    first room made in any shard (a shard tells after each of its passes), as in one pool of
+    the same limit; the pool timeout bounds that wait as it bounds one pool's. What differs
+    from one pool: a shard whose idle connection the server hung up opens a new one where
+    another shard may have an idle one.
 
     A pool closes its idle connections that expired or that the server hung up during its
     passes, so a shard no request goes to would keep them. So, at most once per keep-alive
@@ -377,12 +379,18 @@ class ShardedPool:
     #: has shards of more than :attr:`SHARD_CONNECTIONS` each.
     MAX_SHARDS = 256
 
-    __slots__ = ("_shards", "_sweep_at", "_sweep_every")
+    __slots__ = ("_change", "_queue", "_shards", "_sweep_at", "_sweep_every")
 
-    def __init__(self, shards: list[httpcore2.AsyncConnectionPool], sweep_every: float) -> None:
+    def __init__(self, shards: list[_Shard], sweep_every: float) -> None:
         self._shards = shards
+        for shard in shards:
+            shard.passed = self._passed
         self._sweep_every = sweep_every
         self._sweep_at = -math.inf
+        #: The requests waiting for room (every shard was full), first come first.
+        self._queue: deque[object] = deque()
+        #: Set (and dropped) at the next pass of any shard, while requests wait.
+        self._change: trio.Event | None = None
 
     @classmethod
     def split(
@@ -416,7 +424,7 @@ class ShardedPool:
         count = min(-(-limit // cls.SHARD_CONNECTIONS), cls.MAX_SHARDS)
         return cls(
             [
-                httpcore2.AsyncConnectionPool(
+                _Shard(
                     max_connections=_share(limit, count, index),
                     max_keepalive_connections=_share(keepalive, count, index),
                     network_backend=backend,
@@ -436,10 +444,10 @@ class ShardedPool:
         """Every shard's connections (as ``AsyncConnectionPool.connections``)."""
         return [connection for shard in self._shards for connection in shard.connections]
 
-    def _pick(self) -> httpcore2.AsyncConnectionPool:
+    def _pick(self) -> _Shard:
         """The first shard with nothing in flight and connections to reuse, else the first
         with nothing in flight, else the one with the most connections to spare."""
-        empty: httpcore2.AsyncConnectionPool | None = None
+        empty: _Shard | None = None
         roomiest = self._shards[0]
         room = -1
         for shard in self._shards:
@@ -456,7 +464,42 @@ class ShardedPool:
     async def handle_async_request(self, request: httpcore2.Request) -> httpcore2.Response:
         if trio.current_time() >= self._sweep_at:
             await self._sweep()
-        return await self._pick().handle_async_request(request)
+        shard = self._pick() if not self._queue else None
+        if shard is None or len(shard._requests) >= shard._max_connections:
+            shard = await self._wait_for_room(request)
+        # The shard counts the request before its first schedule point: the next request
+        # in line sees the room this one took.
+        return await shard.handle_async_request(request)
+
+    async def _wait_for_room(self, request: httpcore2.Request) -> _Shard:
+        """Wait, behind the requests already waiting, until a shard has room for one more
+        request; bounded by the request's pool timeout, as one pool bounds its wait."""
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        timeout = timeouts.get("pool")
+        turn = object()
+        self._queue.append(turn)
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                while True:
+                    if self._queue[0] is turn:
+                        shard = self._pick()
+                        if len(shard._requests) < shard._max_connections:
+                            return shard
+                    if self._change is None:
+                        self._change = trio.Event()
+                    await self._change.wait()
+        except trio.TooSlowError:
+            raise httpcore2.PoolTimeout("no connection came free within the pool timeout") from None
+        finally:
+            self._queue.remove(turn)
+            self._passed()  # the next in line looks again
+
+    def _passed(self) -> None:
+        """A shard made a pass (a request came, went, or gave up): waiters look again."""
+        change = self._change
+        if change is not None:
+            self._change = None
+            change.set()
 
     async def _sweep(self) -> None:
         """The pass every idle shard would make at its next request: expired and hung-up
@@ -478,6 +521,18 @@ class ShardedPool:
 
     def __repr__(self) -> str:
         return f"<ShardedPool of {len(self._shards)}: {self._shards!r}>"
+
+
+class _Shard(httpcore2.AsyncConnectionPool):
+    """One shard of a :class:`ShardedPool`: httpcore2's pool, telling ``passed`` after each
+    of its passes, which is when it may have made room."""
+
+    passed: Callable[[], None] = staticmethod(lambda: None)
+
+    def _assign_requests_to_connections(self) -> list[httpcore2.AsyncConnectionInterface]:
+        closing = super()._assign_requests_to_connections()
+        self.passed()
+        return closing
 
 
 def _share(total: int, parts: int, index: int) -> int:

@@ -350,9 +350,10 @@ class ShardedPool:
     httpcore2's pool walks every one of its connections, in Python, when a request is queued
     and again when a response is closed (``_assign_requests_to_connections``): with a thousand
     streams open to the model server, that is about 3 ms of CPU per request, or 60 µs per
-    token of a 50-token answer (see docs/upstream-bugs.md). Each shard here is an unmodified
-    ``AsyncConnectionPool`` built with the original's settings and its share of its limits, so
-    a pass walks one shard's connections only.
+    token of a 50-token answer (see docs/upstream-bugs.md). Each shard here is httpcore2's
+    ``AsyncConnectionPool`` (a subclass that only tells when it made a pass) built with the
+    original's settings and its share of its limits, so a pass walks one shard's connections
+    only.
 
     A request goes to the first shard with nothing in flight (one with connections to reuse
     first), otherwise to the one with the most connections to spare: sequential requests all

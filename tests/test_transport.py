@@ -172,6 +172,28 @@ async def test_one_readiness_check_tells_which_of_many_idle_connections_were_hun
     assert readiness._epoll is None  # every connection closed: the epoll set too
 
 
+class Holding:
+    """A server that holds every request until ``release`` is set, and answers at once
+    after. It counts the connections made and the requests that arrived; ``all_in`` is set
+    once ``expected`` requests are held."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.release = trio.Event()
+        self.all_in = trio.Event()
+        self.connections = 0
+        self.arrived = 0
+
+    async def handler(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        while await _read_request(stream):
+            self.arrived += 1
+            if self.arrived == self.expected:
+                self.all_in.set()
+            await self.release.wait()
+            await stream.send_all(HELLO)
+
+
 def _sharded(client: httpx2.AsyncClient) -> ShardedPool:
     pool = client._transport._pool  # type: ignore[attr-defined]
     assert isinstance(pool, ShardedPool)
@@ -208,40 +230,22 @@ async def test_concurrent_requests_spread_over_shards_sequential_ones_reuse_a_co
 ) -> None:
     # Each shard is a pool of its own: a pass walks one shard's connections. Concurrent
     # requests go where there is most room; one at a time, they reuse one idle connection.
-    release = trio.Event()
-    connections = 0
-    in_flight = 0
-    all_in = trio.Event()
-
-    async def handler(stream: trio.abc.Stream) -> None:
-        nonlocal connections, in_flight
-        connections += 1
-        first = True
-        while await _read_request(stream):
-            if first:
-                first = False
-                in_flight += 1
-                if in_flight == 40:
-                    all_in.set()
-                await release.wait()
-            await stream.send_all(HELLO)
-
-    port = await _serve(nursery, handler)
-    url = f"http://127.0.0.1:{port}/"
+    server = Holding(40)
+    url = f"http://127.0.0.1:{await _serve(nursery, server.handler)}/"
     async with tokenrelay.http_client(max_connections=40) as client:  # 3 shards: 14, 13, 13
         pool = _sharded(client)
         async with trio.open_nursery() as requests:
             for _ in range(40):
                 requests.start_soon(client.get, url)
-            await all_in.wait()
+            await server.all_in.wait()
             # Every shard full, and not one request more than its limit.
             assert [len(shard.connections) for shard in pool.shards] == [14, 13, 13]
-            release.set()
-        assert connections == 40
+            server.release.set()
+        assert server.connections == 40
         for _ in range(5):
             response = await client.get(url)
             assert response.text == "hello"
-        assert connections == 40  # reused, no new connection
+        assert server.connections == 40  # reused, no new connection
         assert len(pool.connections) == 40
 
 
@@ -309,21 +313,8 @@ async def test_waiting_requests_take_the_first_room_made_in_any_shard_in_turn(
 async def test_a_request_waiting_for_room_honours_the_pool_timeout_and_cancellation(
     nursery: trio.Nursery,
 ) -> None:
-    release = trio.Event()
-    arrived = 0
-    all_in = trio.Event()
-
-    async def handler(stream: trio.abc.Stream) -> None:
-        nonlocal arrived
-        while await _read_request(stream):
-            arrived += 1
-            if arrived == 20:
-                all_in.set()
-            await release.wait()
-            await stream.send_all(HELLO)
-
-    port = await _serve(nursery, handler)
-    url = f"http://127.0.0.1:{port}/"
+    server = Holding(20)
+    url = f"http://127.0.0.1:{await _serve(nursery, server.handler)}/"
     limits = httpx2.Limits(max_connections=20)
     async with httpx2.AsyncClient(limits=limits, timeout=httpx2.Timeout(None, pool=0.05)) as client:
         use_lean_backend(client)
@@ -331,13 +322,13 @@ async def test_a_request_waiting_for_room_honours_the_pool_timeout_and_cancellat
         async with trio.open_nursery() as requests:
             for _ in range(20):
                 requests.start_soon(client.get, url)
-            await all_in.wait()
+            await server.all_in.wait()
             with pytest.raises(httpx2.PoolTimeout):
                 await client.get(url)
             with trio.move_on_after(0.01):  # cancelled while it waits
                 await client.get(url, timeout=httpx2.Timeout(None))
             assert not pool._queue  # neither is left in the line
-            release.set()
+            server.release.set()
         assert (await client.get(url)).text == "hello"
 
 

@@ -250,6 +250,44 @@ async def test_concurrent_requests_spread_over_shards_sequential_ones_reuse_a_co
 
 
 @bounded(10)
+async def test_an_idle_shard_with_a_connection_to_reuse_is_preferred_to_an_empty_one(
+    nursery: trio.Nursery,
+) -> None:
+    # The first request goes to shard 0 and the second, sent while the first is held, to
+    # shard 1. The first's answer closes its connection, so shard 0 is left empty. The next
+    # request goes to shard 1 and reuses its connection rather than opening one in shard 0.
+    connections = 0
+    arrived = trio.Event()
+    release = trio.Event()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        nonlocal connections
+        connections += 1
+        while request := await _read_request(stream):
+            if request.startswith(b"GET /close "):
+                arrived.set()
+                await release.wait()
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
+                )
+                return
+            await stream.send_all(HELLO)
+
+    url = f"http://127.0.0.1:{await _serve(nursery, handler)}"
+    async with tokenrelay.http_client(max_connections=34) as client:
+        pool = _sharded(client)
+        async with trio.open_nursery() as requests:
+            requests.start_soon(client.get, url + "/close")
+            await arrived.wait()
+            assert (await client.get(url + "/keep")).text == "hello"
+            release.set()
+        assert [len(shard.connections) for shard in pool.shards] == [0, 1, 0]
+        assert (await client.get(url + "/next")).text == "hello"
+        assert connections == 2  # /next reused /keep's connection
+        assert [len(shard.connections) for shard in pool.shards] == [0, 1, 0]
+
+
+@bounded(10)
 async def test_waiting_requests_take_the_first_room_made_in_any_shard_in_turn(
     nursery: trio.Nursery,
 ) -> None:

@@ -345,7 +345,7 @@ def use_lean_backend(client: httpx2.AsyncClient) -> None:
 
 class ShardedPool:
     """httpcore2's connection pool, split into pools of at most :attr:`SHARD_CONNECTIONS`
-    connections each, a request going to the one with the most room.
+    connections each: a request goes to an idle shard, else to the one with the most room.
 
     httpcore2's pool walks every one of its connections, in Python, when a request is queued
     and again when a response is closed (``_assign_requests_to_connections``): with a thousand
@@ -360,18 +360,27 @@ class ShardedPool:
     go to one shard and reuse its idle connection, and concurrent ones spread evenly. When
     every shard is full, requests wait here, first come first served, and each takes the
     first room made in any shard (a shard tells after each of its passes), as in one pool of
-    the same limit; the pool timeout bounds that wait as it bounds one pool's. What differs
-    from one pool: a shard whose idle connection the server hung up opens a new one where
-    another shard may have an idle one.
+    the same limit; the pool timeout bounds that wait as it bounds one pool's.
 
     A pool closes its idle connections that expired or that the server hung up during its
     passes, so a shard no request goes to would keep them. So, at most once per keep-alive
     expiry (or per second without one), a request first makes that pass in every shard with
-    connections and nothing in flight: after a burst, the spare connections are closed
-    within that time of expiring, as one pool would close them at its next request.
+    connections and nothing in flight.
 
-    It is what httpx2's transport calls its pool: ``handle_async_request``, ``aclose``, the
-    async context manager and ``connections``.
+    What differs from one pool of the same limits:
+
+    - idle connections the server hung up, in shards no request reaches, are closed at the
+      next sweep (within a keep-alive expiry), not at the next request;
+    - a shard whose idle connection the server hung up opens a new one, where another shard
+      may have an idle one;
+    - the keep-alive limit is split too: a shard may close an idle connection while
+      another has keep-alive room to spare;
+    - room is counted without regard to the origin: with several upstream hosts, a full
+      shard closes an idle connection to one host to open one to another while other shards
+      are empty (the relay's client talks to one upstream).
+
+    It has what httpx2's transport calls on its pool (``handle_async_request``, ``aclose``
+    and the async context manager), and ``connections`` as a pool has.
     """
 
     #: The most connections one shard holds (while there are at most :attr:`MAX_SHARDS`).
@@ -383,6 +392,8 @@ class ShardedPool:
     __slots__ = ("_change", "_queue", "_shards", "_sweep_at", "_sweep_every")
 
     def __init__(self, shards: list[_Shard], sweep_every: float) -> None:
+        """Over ``shards`` (see :meth:`split`), sweeping idle shards at most once per
+        ``sweep_every`` seconds."""
         self._shards = shards
         for shard in shards:
             shard.passed = self._passed
@@ -418,6 +429,7 @@ class ShardedPool:
             pool._requests  # noqa: B018 (what ``_pick`` reads)
             pool._assign_requests_to_connections  # noqa: B018 (what ``_sweep`` calls)
             pool._close_connections  # noqa: B018
+            pool._optional_thread_lock  # noqa: B018
         except AttributeError:
             return None
         if settings["http2"] or limit <= cls.SHARD_CONNECTIONS or pool._connections:
@@ -438,6 +450,7 @@ class ShardedPool:
 
     @property
     def shards(self) -> list[httpcore2.AsyncConnectionPool]:
+        """The shards, in the order requests prefer them."""
         return list(self._shards)
 
     @property
@@ -463,6 +476,7 @@ class ShardedPool:
         return empty if empty is not None else roomiest
 
     async def handle_async_request(self, request: httpcore2.Request) -> httpcore2.Response:
+        """Send ``request`` through a shard with room (see the class), as a pool would."""
         if trio.current_time() >= self._sweep_at:
             await self._sweep()
         shard = self._pick() if not self._queue else None
@@ -508,9 +522,12 @@ class ShardedPool:
         self._sweep_at = trio.current_time() + self._sweep_every
         for shard in self._shards:
             if shard._connections and not shard._requests:
-                await shard._close_connections(shard._assign_requests_to_connections())
+                with shard._optional_thread_lock:  # as the pool takes it for a pass
+                    closing = shard._assign_requests_to_connections()
+                await shard._close_connections(closing)
 
     async def aclose(self) -> None:
+        """Close every shard, as a pool's ``aclose`` closes its connections."""
         for shard in self._shards:
             await shard.aclose()
 

@@ -372,7 +372,7 @@ async def test_a_request_waiting_for_room_honours_the_pool_timeout_and_cancellat
 
 @bounded(10)
 async def test_idle_shards_close_the_connections_the_server_hung_up(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
     # Requests go to the first idle shard with connections, so the others make no pass of
     # their own; the sweep, due once per keep-alive expiry, makes it for them.
@@ -398,7 +398,7 @@ async def test_idle_shards_close_the_connections_the_server_hung_up(
 
     port = await _serve(nursery, handler)
     url = f"http://127.0.0.1:{port}/"
-    limits = httpx2.Limits(max_connections=20, keepalive_expiry=0.5)
+    limits = httpx2.Limits(max_connections=20, keepalive_expiry=5.0)  # under the 10 s bound
     async with httpx2.AsyncClient(limits=limits) as client:
         use_lean_backend(client)
         pool = _sharded(client)  # 2 shards of 10
@@ -413,7 +413,7 @@ async def test_idle_shards_close_the_connections_the_server_hung_up(
         for stream in streams:
             await trio.lowlevel.wait_readable(stream.get_extra_info("socket"))  # hung up
         assert len(pool.connections) == 20  # nothing has asked yet
-        await trio.sleep_until(pool._sweep_at)  # the next request sweeps first
+        mock_clock.jump(pool._sweep_at - trio.current_time())  # the next request sweeps first
         response = await client.get(url)
         assert response.text == "hello"
         assert len(pool.connections) == 1  # the 20 dead ones closed, in both shards

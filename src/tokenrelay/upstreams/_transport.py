@@ -426,13 +426,14 @@ class ShardedPool:
                 "uds": pool._uds,
                 "socket_options": pool._socket_options,
             }
+            used = bool(pool._connections)
             pool._requests  # noqa: B018 (what ``_pick`` reads)
             pool._assign_requests_to_connections  # noqa: B018 (what ``_sweep`` calls)
             pool._close_connections  # noqa: B018
             pool._optional_thread_lock  # noqa: B018
         except AttributeError:
             return None
-        if settings["http2"] or limit <= cls.SHARD_CONNECTIONS or pool._connections:
+        if settings["http2"] or limit <= cls.SHARD_CONNECTIONS or used:
             return None
         count = min(-(-limit // cls.SHARD_CONNECTIONS), cls.MAX_SHARDS)
         return cls(
@@ -480,7 +481,7 @@ class ShardedPool:
         if trio.current_time() >= self._sweep_at:
             await self._sweep()
         shard = self._pick() if not self._queue else None
-        if shard is None or len(shard._requests) >= shard._max_connections:
+        if shard is None or not shard.has_room():
             shard = await self._wait_for_room(request)
         # The shard counts the request before its first schedule point: the next request
         # in line sees the room this one took.
@@ -498,7 +499,7 @@ class ShardedPool:
                 while True:
                     if self._queue[0] is turn:
                         shard = self._pick()
-                        if len(shard._requests) < shard._max_connections:
+                        if shard.has_room():
                             return shard
                     if self._change is None:
                         self._change = trio.Event()
@@ -546,6 +547,12 @@ class _Shard(httpcore2.AsyncConnectionPool):
     of its passes, which is when it may have made room."""
 
     passed: Callable[[], None] = staticmethod(lambda: None)
+
+    def has_room(self) -> bool:
+        """Whether one more request would be assigned a connection at once: each request in
+        flight holds one HTTP/1.1 connection, so under the limit there is an idle one or
+        room to open one."""
+        return len(self._requests) < self._max_connections
 
     def _assign_requests_to_connections(self) -> list[httpcore2.AsyncConnectionInterface]:
         closing = super()._assign_requests_to_connections()

@@ -6,10 +6,11 @@ timeout, which is the relay's case (the guard's timeouts bound every wait instea
 backend here reads plain TCP sockets directly when there is no timeout, and takes every
 other path (timeouts, TLS, writes, connecting) unchanged from httpcore2.
 
-Its second saving is in the connection pool's bookkeeping, which asks every idle connection
-"is your socket readable?" (has the server hung up?) on each request and on each response
-closed, one system call each: with a hundred idle connections, that is two hundred system
-calls per request (see docs/upstream-bugs.md). The backend keeps its plain TCP sockets in
+Its second saving is in the connection pool's bookkeeping, which before httpcore2 2.17 asks
+every idle connection "is your socket readable?" (has the server hung up?) on each request
+and on each response closed, one system call each: with a hundred idle connections, that is
+two hundred system calls per request (see docs/upstream-bugs.md; from 2.17 it asks only the
+idle connection a request picks). The backend keeps its plain TCP sockets in
 one ``epoll`` set, and one ``epoll_wait`` answers every question asked in the same step of
 the same task (a pool pass asks them all without yielding, so nothing else can happen in
 between). Where ``select.epoll`` does not exist (not Linux), or trio's private count of a
@@ -362,15 +363,15 @@ class ShardedPool:
     first room made in any shard (a shard tells after each of its passes), as in one pool of
     the same limit; the pool timeout bounds that wait as it bounds one pool's.
 
-    A pool closes its idle connections that expired or that the server hung up during its
-    passes, so a shard no request goes to would keep them. So, at most once per keep-alive
-    expiry (or per second without one), a request first makes that pass in every shard with
-    connections and nothing in flight.
+    A pool closes its expired idle connections during its passes (and, before httpcore2
+    2.17, those the server hung up), so a shard no request goes to would keep them. So, at
+    most once per keep-alive expiry (or per second without one), a request first makes that
+    pass in every shard with connections and nothing in flight.
 
     What differs from one pool of the same limits:
 
-    - idle connections the server hung up, in shards no request reaches, are closed at the
-      next sweep (within a keep-alive expiry), not at the next request;
+    - expired idle connections, in shards no request reaches, are closed at the next sweep
+      (within a keep-alive expiry), not at the next request;
     - a shard whose idle connection the server hung up opens a new one, where another shard
       may have an idle one;
     - the keep-alive limit is split too: a shard may close an idle connection while

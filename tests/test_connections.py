@@ -18,6 +18,8 @@ import h2.config
 import h2.connection
 import h2.events
 import httpx2
+import hypercorn.config
+import hypercorn.trio
 import openai
 import pytest
 import trio
@@ -28,6 +30,7 @@ import tokenrelay.server._asgi
 import tokenrelay.server._responses
 from _helpers import bounded
 from _server_helpers import RawHTTP, chat, port_of, record_writes, serve_app, start_served
+from tokenrelay.server._hypercorn import use_direct_writes
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
@@ -84,6 +87,119 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
     idle = trio.current_time() - idle_from
     assert 0.45 <= idle < 2.0
     await conn.aclose()
+
+
+@bounded(20)
+async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    served = await start_served(nursery, fake_server, keep_alive_timeout=0.5)
+    conn = await RawHTTP.connect(served.url)
+    idle_from = trio.current_time()
+    assert await conn.closed_by_server()
+    assert 0.45 <= trio.current_time() - idle_from < 2.0
+    await conn.aclose()
+
+
+@bounded(20)
+async def test_a_response_longer_than_the_keep_alive_timeout_is_not_cut(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    # The keep-alive timeout counts only while the connection is idle: not while a request
+    # is answered, and again from the response's end.
+    fake_server.default = FakeScript(tokens=[f"t{i} " for i in range(8)], interval=0.1)
+    served = await start_served(nursery, fake_server, keep_alive_timeout=0.3)
+    body = json.dumps(chat("long")).encode()
+    conn = await RawHTTP.connect(served.url)
+    await conn.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    started = trio.current_time()
+    while b"data: [DONE]" not in conn.buffer:
+        await conn._fill()
+    ended = trio.current_time()
+    assert ended - started >= 0.7  # (longer than the timeout, twice over)
+    head, _, chunked = conn.buffer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    body = b""
+    while chunked:
+        size, _, rest = chunked.partition(b"\r\n")
+        body += rest[: int(size, 16)]
+        chunked = rest[int(size, 16) + 2 :]
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in body.decode().splitlines()
+        if line.startswith("data: {")
+    )
+    assert text == "".join(f"t{i} " for i in range(8))
+    assert await conn.closed_by_server()
+    assert 0.25 <= trio.current_time() - ended < 2.0
+    await conn.aclose()
+
+
+def all_tasks() -> int:
+    """The tasks of this trio run."""
+    count = 0
+    tasks = [trio.lowlevel.current_root_task()]
+    while tasks:
+        task = tasks.pop()
+        count += 1
+        tasks += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return count
+
+
+@bounded(20)
+async def test_an_idle_connection_the_client_closes_leaves_no_task_behind(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    # Its tasks end at once, not at the end of the keep-alive timeout.
+    served = await start_served(nursery, fake_server, keep_alive_timeout=30)
+
+    async def one_request() -> None:
+        conn = await RawHTTP.connect(served.url)
+        await conn.send(HEALTHZ)
+        assert (await conn.response())[0] == 200
+        await conn.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+
+    await one_request()  # (the first connection starts the task that waits for shutdown)
+    before = all_tasks()
+    await one_request()
+    assert all_tasks() == before
+
+
+@bounded(20)
+async def test_shutdown_closes_idle_connections_at_once(fake_server: FakeModelServer) -> None:
+    # hypercorn closes a worker's idle connections when it shuts down, and waits (up to its
+    # graceful timeout) for the others; here neither timeout would pass within the test.
+    app = tokenrelay.create_app(
+        tokenrelay.ServerConfig(upstream=f"openai={fake_server.openai_url}", db=":memory:")
+    )
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.keep_alive_timeout = 60
+    config.graceful_timeout = 60
+    assert use_direct_writes()
+    shutdown = trio.Event()
+    started = trio.current_time()
+    async with trio.open_nursery() as serving:
+        binds = await serving.start(
+            partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.wait)
+        )
+        url = str(binds[0])
+        silent = await RawHTTP.connect(url)  # never sends a request
+        kept = await RawHTTP.connect(url)  # idle after one
+        await kept.send(HEALTHZ)
+        assert (await kept.response())[0] == 200
+        shutdown.set()
+        assert await silent.closed_by_server()
+        assert await kept.closed_by_server()
+    assert trio.current_time() - started < 5
+    await silent.aclose()
+    await kept.aclose()
 
 
 #: Answers a request gets before its body is read: too large by its Content-Length, or with

@@ -20,6 +20,17 @@ response's head as soon as the app starts the response, and the end of a chunked
 of its own. Inside ``async with gathered_writes():`` a task's writes are kept and made as
 one, at the block's end.
 
+And it times a connection's keep-alive without a task. hypercorn starts a task (through
+``nursery.start``, a round trip through the scheduler, under a lock) each time a connection
+becomes idle, when it opens and after each response, and cancels it (the lock again) when a
+request arrives: on the way to every request's first byte, and a fifth of a short request's
+task steps. Here the connection's reading task, which waits for the next request anyway,
+waits under a cancel scope whose deadline is the keep-alive timeout while the connection is
+idle (no deadline while a request is in flight); when it passes, the connection is closed as
+hypercorn's idle task closes it. A worker's shutdown closes its idle connections at once,
+as hypercorn's idle tasks do: one task per worker waits for it (in the worker's connection
+nursery), not one per connection.
+
 hypercorn has no parameter for the server class: :func:`use_direct_writes` sets it in
 hypercorn's trio worker for the whole process, which :func:`tokenrelay.server.serve` (and so
 ``tokenrelay serve``) does before it starts serving.
@@ -27,14 +38,19 @@ hypercorn's trio worker for the whole process, which :func:`tokenrelay.server.se
 
 from __future__ import annotations
 
+import math
 import os
+import weakref
+from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
+from typing import Any
 
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 
 __all__ = ["DirectWriteTCPServer", "gathered_writes", "use_direct_writes"]
 
@@ -49,6 +65,52 @@ class DirectWriteTCPServer(TCPServer):
     #: Bytes gathered and not written yet. Any write of this connection, from any task,
     #: writes them first, and a close writes them before it closes: nothing is reordered.
     _gathered = b""
+    #: When the connection, idle, is closed: no deadline while a request is in flight (and
+    #: where hypercorn's own idle task times it).
+    _idle_at = math.inf
+    #: The scope of the reading task's wait for data, whose deadline is ``_idle_at``.
+    _reading: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        idle = _IdleConnections.of(self.context)
+        if idle is None:  # (not served the way hypercorn's trio worker serves: its own task)
+            await super().run()
+            return
+        self.idle_task = _KeepAliveDeadline(self, idle)
+        try:
+            await super().run()
+        finally:
+            idle.discard(self)
+
+    async def _read_data(self) -> None:
+        # hypercorn's loop, its wait under the keep-alive deadline (see the module's doc).
+        read_timeout = self.config.read_timeout or math.inf
+        while True:
+            with trio.CancelScope(deadline=self._idle_at) as reading:
+                self._reading = reading
+                try:
+                    with trio.fail_after(read_timeout):
+                        data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                finally:
+                    self._reading = None
+            if reading.cancelled_caught:
+                if self._idle_at == math.inf:  # (a request came in since: read on)
+                    continue
+                # What hypercorn's idle task does when the keep-alive timeout passes.
+                with trio.CancelScope(shield=True):
+                    await self._initiate_server_close()
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
+
+    def _set_idle_at(self, deadline: float) -> None:
+        self._idle_at = deadline
+        if self._reading is not None:
+            self._reading.deadline = deadline
 
     async def protocol_send(self, event: Event) -> None:
         # hypercorn annotates it as an SSLStream; on plain TCP it is a SocketStream.
@@ -102,6 +164,66 @@ class DirectWriteTCPServer(TCPServer):
         finally:
             lock.release()
 
+
+class _KeepAliveDeadline(TrioSingleTask):
+    """What hypercorn's ``TCPServer`` calls its idle task (started when the connection
+    becomes idle, stopped when a request arrives), as a deadline on the connection's reads."""
+
+    def __init__(self, server: DirectWriteTCPServer, idle: _IdleConnections) -> None:
+        super().__init__()
+        self._server = server
+        self._idle = idle
+
+    async def restart(self, task_group: Any, action: Callable[..., Any]) -> None:
+        # ``action`` is hypercorn's ``_idle_timeout``, which the reading task does instead.
+        server = self._server
+        self._idle.servers.add(server)
+        if self._idle.terminated:
+            server._set_idle_at(-math.inf)  # shutting down: idle connections close at once
+        else:
+            server._set_idle_at(trio.current_time() + server.config.keep_alive_timeout)
+
+    async def stop(self) -> None:
+        self._idle.discard(self._server)
+        self._server._set_idle_at(math.inf)
+
+
+class _IdleConnections:
+    """A worker's idle connections, closed at once when the worker shuts down (hypercorn sets
+    its context's ``terminated``)."""
+
+    __slots__ = ("servers", "terminated")
+
+    def __init__(self) -> None:
+        self.servers: set[DirectWriteTCPServer] = set()
+        self.terminated = False
+
+    @classmethod
+    def of(cls, context: WorkerContext) -> _IdleConnections | None:
+        """``context``'s idle connections. The first connection of a worker starts the task
+        that waits for its shutdown, in the nursery of the worker's connections (which
+        hypercorn leaves only after its shutdown has begun); ``None`` if there is none."""
+        idle = _IDLE.get(context)
+        if idle is None:
+            nursery = trio.lowlevel.current_task().parent_nursery
+            if nursery is None:
+                return None
+            idle = _IDLE[context] = cls()
+            nursery.start_soon(idle._close_at_shutdown, context)
+        return idle
+
+    def discard(self, server: DirectWriteTCPServer) -> None:
+        self.servers.discard(server)
+
+    async def _close_at_shutdown(self, context: WorkerContext) -> None:
+        await context.terminated.wait()
+        self.terminated = True
+        for server in list(self.servers):
+            server._set_idle_at(-math.inf)
+
+
+#: Each worker's idle connections, by its context.
+_IDLE: weakref.WeakKeyDictionary[WorkerContext, _IdleConnections] = weakref.WeakKeyDictionary()
 
 _GATHERING: ContextVar[gathered_writes | None] = ContextVar("tokenrelay_gathering", default=None)
 

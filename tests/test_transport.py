@@ -4,6 +4,7 @@ test_proxy.py."""
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -29,6 +30,8 @@ from tokenrelay.upstreams._transport import (
     LeanTrioBackend,
     ShardedPool,
     _LeanStream,
+    _PromptLock,
+    lean_body,
     request_sent,
     use_lean_backend,
 )
@@ -553,3 +556,133 @@ async def test_lean_reads_wait_first_then_read_at_once_after_a_full_read() -> No
     assert not lean._full  # the last read did not fill its buffer
     ours.close()
     theirs.close()
+
+
+async def _read_post(stream: trio.abc.Stream) -> bytes:
+    """One request with a Content-Length body: its body."""
+    data = await _read_request(stream)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += await stream.receive_some()
+    return body
+
+
+def record_socket_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What the lean streams hand the kernel directly, write by write, from now on."""
+    writes: list[bytes] = []
+
+    def write(fd: int, data: Any) -> int:
+        sent = os.write(fd, data)
+        writes.append(bytes(data[:sent]))
+        return sent
+
+    monkeypatch.setattr(
+        tokenrelay.upstreams._transport, "os", types.SimpleNamespace(write=write, read=os.read)
+    )
+    return writes
+
+
+@bounded(10)
+async def test_a_request_goes_out_in_one_write(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # httpcore2 writes a request's head and its body apart: two system calls, two packets.
+    async def handler(stream: trio.abc.Stream) -> None:
+        while body := await _read_post(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            await stream.send_all(body)
+
+    port = await _serve(nursery, handler)
+    writes = record_socket_writes(monkeypatch)
+    async with tokenrelay.http_client() as client:
+        for content in (b'{"model": "m"}', b"x" * 5000):
+            response = await client.post(f"http://127.0.0.1:{port}/", content=content)
+            assert response.content == content
+    assert len(writes) == 2
+    for write, content in zip(writes, (b'{"model": "m"}', b"x" * 5000), strict=True):
+        assert write.startswith(b"POST / HTTP/1.1\r\n")
+        assert write.endswith(b"\r\n\r\n" + content)
+
+
+@bounded(10)
+async def test_a_request_the_socket_takes_in_part_is_sent_whole(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small send buffer, and a server that reads only once the client waits: the socket
+    # takes part of the request at once, and the rest goes through httpcore2's write.
+    body = bytes(range(256)) * 240  # 61,440 bytes: under UNSENT_LIMIT, kept for one write
+    client_waits = trio.Event()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        await client_waits.wait()
+        received = await _read_post(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(received))
+        await stream.send_all(received)
+
+    port = await _serve(nursery, handler)
+    writes = record_socket_writes(monkeypatch)
+    transport = httpx2.AsyncHTTPTransport(
+        socket_options=[(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)]
+    )
+    async with httpx2.AsyncClient(transport=transport) as client:
+        use_lean_backend(client)
+        async with trio.open_nursery() as waiting:
+
+            async def tell_when_waiting() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                client_waits.set()
+
+            waiting.start_soon(tell_when_waiting)
+            response = await client.post(f"http://127.0.0.1:{port}/", content=body)
+    assert response.content == body
+    assert isinstance(response.extensions["network_stream"], _LeanStream)
+    [taken] = writes  # what the socket took at once: the head and part of the body
+    assert taken.startswith(b"POST / HTTP/1.1\r\n")
+    assert len(taken) < len(body)
+
+
+async def test_a_prompt_lock_is_taken_at_once_when_free_and_waited_for_when_not() -> None:
+    lock = _PromptLock()
+    with trio.testing.assert_no_checkpoints():
+        await lock.acquire()
+    taken = trio.Event()
+
+    async def second() -> None:
+        await lock.acquire()
+        taken.set()
+        lock.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not taken.is_set()  # waits while the lock is held
+        lock.release()
+    assert taken.is_set()
+    await lock.acquire()
+    with trio.move_on_after(0.01) as scope:  # a wait for a held lock is cancellable
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lock.acquire)
+    assert scope.cancelled_caught
+    lock.release()
+
+
+@bounded(10)
+async def test_a_connection_read_directly_takes_its_locks_promptly(nursery: trio.Nursery) -> None:
+    # httpcore2 takes a connection's locks with trio's Lock (a schedule point each, three per
+    # request); once a response of the connection has been read directly, with prompt ones.
+    async def handler(stream: trio.abc.Stream) -> None:
+        while await _read_request(stream):
+            await stream.send_all(HELLO)
+
+    port = await _serve(nursery, handler)
+    async with tokenrelay.http_client() as client:
+        for _ in range(3):
+            async with client.stream("GET", f"http://127.0.0.1:{port}/") as response:
+                body = lean_body(response)
+                assert body is not None
+                assert await body.read() == b"hello"
+                assert await body.read() is None  # read to its end: the connection is kept
+        [connection] = _sharded(client).connections
+        assert type(connection._request_lock._trio_lock) is _PromptLock  # type: ignore[attr-defined]
+        assert type(connection._connection._state_lock._trio_lock) is _PromptLock  # type: ignore[attr-defined]

@@ -25,8 +25,14 @@ more than 16 connections into pools of at most 16, so a pass walks one of those.
 
 A request goes out in one write: httpcore2 writes its head and its body separately (two
 system calls, two packets); on plain TCP the lean stream keeps them and sends them together
-when the response is first read (or as soon as 64 KiB wait), dropping a write error there as
-httpcore2 drops one while sending a request.
+when the response is first read (or as soon as 64 KiB wait), handed to the socket directly
+when it takes them all, dropping a write error there as httpcore2 drops one while sending a
+request.
+
+On trio, httpcore2 takes a connection's locks with ``trio.Lock``, a schedule point each,
+three per request, where on asyncio it takes anyio's without one when they are free
+(``fast_acquire``). :func:`lean_body` gives the connections it reads a lock that does the
+same on trio (:class:`_PromptLock`).
 
 Nothing else changes: :func:`use_lean_backend` gives the backend to the connection pool
 httpx2 built itself, with everything it was configured with (limits, TLS, ``retries``,
@@ -68,6 +74,7 @@ import httpcore2
 import httpx2
 import trio
 from httpcore2 import AsyncNetworkStream
+from httpcore2 import _synchronization as httpcore2_sync
 from httpcore2._async import connection_pool as httpcore2_pool
 from httpcore2._async import http11 as httpcore2_http11
 from httpx2._transports import default as httpx2_default
@@ -184,12 +191,25 @@ class _LeanStream(AsyncNetworkStream):
             await self._inner.write(data, timeout)
 
     async def _send_unsent(self) -> None:
-        """Send what the writes left. A write error is dropped here, as httpcore2 drops one
-        while sending a request: the server may have answered and closed early, and reading
-        its response tells (a timeout is raised)."""
+        """Send what the writes left: handed to the socket at once if it takes it all (a
+        request does fit in an idle connection's send buffer), the rest through httpcore2's
+        write. The read that follows is the schedule point. A write error is dropped here,
+        as httpcore2 drops one while sending a request: the server may have answered and
+        closed early, and reading its response tells (a timeout is raised)."""
         data, self._unsent = self._unsent, b""
-        with contextlib.suppress(httpcore2.WriteError):
-            await self._inner.write(data, self._unsent_timeout)
+        sock = self._socket
+        if sock is not None and _READ_FD:
+            try:
+                sent = os.write(sock.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # reset or closed: the read says so
+                _tell_sent()
+                return
+            data = data[sent:]
+        if data:
+            with contextlib.suppress(httpcore2.WriteError):
+                await self._inner.write(data, self._unsent_timeout)
         _tell_sent()
 
     async def aclose(self) -> None:
@@ -633,4 +653,44 @@ def lean_body(response: httpx2.Response) -> LeanBody | None:
     stream = getattr(connection, "_network_stream", None)
     if not isinstance(state, h11.Connection) or not isinstance(stream, _LeanStream):
         return None
+    _take_locks_promptly(getattr(pooled._pool_request, "connection", None), "_request_lock")
+    _take_locks_promptly(connection, "_state_lock")
     return LeanBody(state, stream)
+
+
+class _PromptLock:
+    """trio's lock, taken without a schedule point when it is free, as httpcore2 takes anyio's
+    on asyncio (``fast_acquire=True``); otherwise waited for as trio's is. Only what
+    httpcore2's ``AsyncLock`` calls on it."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def _take_locks_promptly(connection: object, name: str) -> None:
+    """Give ``connection``'s httpcore2 lock ``name`` a :class:`_PromptLock`, if it is free and
+    not given one yet: on trio, httpcore2 takes a connection's locks with ``trio.Lock``, a
+    schedule point each time, three per request (docs/upstream-bugs.md). Called with the
+    response's headers read, when neither lock is held (each guards a step of the request's
+    start, and the connection serves one request at a time); from the connection's next
+    request on."""
+    lock = getattr(connection, name, None)
+    if type(lock) is not httpcore2_sync.AsyncLock:
+        return
+    backend = getattr(lock, "_backend", None)
+    if backend == "":  # (never taken: httpcore2 picks its backend at the first use)
+        lock._backend = "trio"
+    elif not (backend == "trio" and type(inner := lock._trio_lock) is trio.Lock) or inner.locked():
+        return
+    lock._trio_lock = _PromptLock()  # type: ignore[assignment]

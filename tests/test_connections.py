@@ -89,6 +89,22 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(
     await conn.aclose()
 
 
+@bounded(10)
+async def test_a_connection_close_response_ends_with_a_clean_end_of_stream(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    # The server ends its side (a FIN), then closes its socket: the client reads the end of
+    # the stream, not a reset.
+    served = await start_served(nursery, fake_server)
+    for _ in range(20):
+        conn = await RawHTTP.connect(served.url)
+        await conn.send(HEALTHZ_THEN_CLOSE)
+        assert (await conn.response())[0] == 200
+        assert conn.buffer == b""
+        assert await conn.stream.receive_some() == b""
+        await conn.aclose()
+
+
 @bounded(20)
 async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
     nursery: trio.Nursery, fake_server: FakeModelServer

@@ -38,6 +38,7 @@ hypercorn's trio worker for the whole process, which :func:`tokenrelay.server.se
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -106,6 +107,22 @@ class DirectWriteTCPServer(TCPServer):
             if data == b"":
                 break
         await self.protocol.handle(Closed())
+
+    async def _close(self) -> None:
+        # hypercorn's close (the end of our side of the stream, then the socket), called when
+        # the protocol closes the connection and again as the connection's task ends: on
+        # plain TCP without ``send_eof``'s schedule point, and nothing the second time.
+        stream: trio.abc.Stream = self.stream  # (annotated by hypercorn as an SSLStream)
+        if not isinstance(stream, trio.SocketStream):
+            await super()._close()
+            return
+        sock = stream.socket
+        if sock.fileno() == -1:  # closed already
+            return
+        if not sock.did_shutdown_SHUT_WR:
+            with contextlib.suppress(OSError):  # (reset, or not connected any more)
+                sock.shutdown(trio.socket.SHUT_WR)
+        await stream.aclose()
 
     def _set_idle_at(self, deadline: float) -> None:
         self._idle_at = deadline

@@ -111,7 +111,8 @@ class DirectWriteTCPServer(TCPServer):
     async def _close(self) -> None:
         # hypercorn's close (the end of our side of the stream, then the socket), called when
         # the protocol closes the connection and again as the connection's task ends: on
-        # plain TCP without ``send_eof``'s schedule point, and nothing the second time.
+        # plain TCP without the two schedule points of ``send_eof`` and ``aclose``, and
+        # nothing the second time.
         stream: trio.abc.Stream = self.stream  # (annotated by hypercorn as an SSLStream)
         if not isinstance(stream, trio.SocketStream):
             await super()._close()
@@ -122,7 +123,7 @@ class DirectWriteTCPServer(TCPServer):
         if not sock.did_shutdown_SHUT_WR:
             with contextlib.suppress(OSError):  # (reset, or not connected any more)
                 sock.shutdown(trio.socket.SHUT_WR)
-        await stream.aclose()
+        sock.close()  # (what the stream's aclose does, before its schedule point)
 
     def _set_idle_at(self, deadline: float) -> None:
         self._idle_at = deadline

@@ -27,6 +27,7 @@ import trio.testing
 
 import tokenrelay
 import tokenrelay.server._asgi
+import tokenrelay.server._hypercorn
 import tokenrelay.server._responses
 from _helpers import bounded
 from _server_helpers import RawHTTP, chat, port_of, record_writes, serve_app, start_served
@@ -180,10 +181,11 @@ async def test_an_idle_connection_the_client_closes_leaves_no_task_behind(
         await conn.aclose()
         await trio.testing.wait_all_tasks_blocked()
 
-    await one_request()  # (the first connection starts the task that waits for shutdown)
+    await one_request()
     before = all_tasks()
     await one_request()
     assert all_tasks() == before
+    assert not any(idle.servers for idle in tokenrelay.server._hypercorn._IDLE.values())
 
 
 @bounded(20)

@@ -333,3 +333,56 @@ async def test_a_write_from_another_task_writes_what_was_gathered_first(
     assert writes[0].startswith(b"HTTP/1.1 200")
     assert writes[0].endswith(b"5\r\nother\r\n")
     assert writes[1] == b"4\r\nmine\r\n"
+
+
+class PipelinedApp:
+    """``/a``: a one-byte response whose head and body are gathered; ``/b``: three pieces
+    ``interval`` apart, then ``end``."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["path"] == "/a":
+            async with gathered_writes():
+                head = [(b"content-length", b"1")]
+                await send({"type": "http.response.start", "status": 200, "headers": head})
+                await send({"type": "http.response.body", "body": b"a"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(3):
+            await trio.sleep(self.interval)
+            await send({"type": "http.response.body", "body": b"%d\n" % i, "more_body": True})
+        await send({"type": "http.response.body", "body": b"end\n"})
+
+
+@bounded(30)
+async def test_a_pipelined_request_is_not_cut_by_the_keep_alive_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    # The first response ends with its bytes gathered, so hypercorn's "idle again" comes
+    # with a write; the second request, already there, must not be overtaken by it: its
+    # response, longer than the keep-alive timeout, is not cut. (A race: several tries.)
+    assert use_direct_writes()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.keep_alive_timeout = 0.2
+    binds = await nursery.start(partial(hypercorn.trio.serve, PipelinedApp(0.12), config))
+    port = int(str(binds[0]).rsplit(":", 1)[1])
+    for _ in range(8):
+        async with await client_stream(port) as stream:
+            await stream.send_all(
+                b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            received = b""
+            while not received.endswith(b"end\n\r\n0\r\n\r\n"):
+                data = await stream.receive_some()
+                assert data, f"cut after {received!r}"
+                received += data

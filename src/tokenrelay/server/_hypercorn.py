@@ -28,8 +28,8 @@ task steps. Here the connection's reading task, which waits for the next request
 waits under a cancel scope whose deadline is the keep-alive timeout while the connection is
 idle (no deadline while a request is in flight); when it passes, the connection is closed as
 hypercorn's idle task closes it. A worker's shutdown closes its idle connections at once,
-as hypercorn's idle tasks do: one task per worker waits for it (in the worker's connection
-nursery), not one per connection.
+as hypercorn's idle tasks do: setting the worker's ``terminated`` event expires their
+deadlines.
 
 hypercorn has no parameter for the server class: :func:`use_direct_writes` sets it in
 hypercorn's trio worker for the whole process, which :func:`tokenrelay.server.serve` (and so
@@ -49,7 +49,7 @@ from typing import Any
 
 import hypercorn.trio.run
 import trio
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 
@@ -74,7 +74,7 @@ class DirectWriteTCPServer(TCPServer):
 
     async def run(self) -> None:
         idle = _IdleConnections.of(self.context)
-        if idle is None:  # (not served the way hypercorn's trio worker serves: its own task)
+        if idle is None:  # (a worker context not of the shape expected: hypercorn's own task)
             await super().run()
             return
         self.idle_task = _KeepAliveDeadline(self, idle)
@@ -131,6 +131,13 @@ class DirectWriteTCPServer(TCPServer):
             self._reading.deadline = deadline
 
     async def protocol_send(self, event: Event) -> None:
+        if type(event) is Updated:
+            # No bytes, so nothing to write first; and at once: the keep-alive deadline's
+            # starts and stops must keep their order (hypercorn's idle task takes a lock for
+            # it), and a write first would let the reading task overtake a start with the
+            # stop of a pipelined request.
+            await super().protocol_send(event)
+            return
         # hypercorn annotates it as an SSLStream; on plain TCP it is a SocketStream.
         plain = isinstance(self.stream, trio.SocketStream)
         if type(event) is not RawData or not plain:
@@ -196,7 +203,7 @@ class _KeepAliveDeadline(TrioSingleTask):
         # ``action`` is hypercorn's ``_idle_timeout``, which the reading task does instead.
         server = self._server
         self._idle.servers.add(server)
-        if self._idle.terminated:
+        if self._idle.terminated.is_set():
             server._set_idle_at(-math.inf)  # shutting down: idle connections close at once
         else:
             server._set_idle_at(trio.current_time() + server.config.keep_alive_timeout)
@@ -207,35 +214,40 @@ class _KeepAliveDeadline(TrioSingleTask):
 
 
 class _IdleConnections:
-    """A worker's idle connections, closed at once when the worker shuts down (hypercorn sets
-    its context's ``terminated``)."""
+    """A worker's idle connections, closed at once when the worker shuts down: hypercorn's
+    trio worker sets its context's ``terminated`` event then, which wakes the idle tasks of
+    its connections; here setting it expires the idle connections' deadlines."""
 
     __slots__ = ("servers", "terminated")
 
-    def __init__(self) -> None:
+    def __init__(self, terminated: Any) -> None:
         self.servers: set[DirectWriteTCPServer] = set()
-        self.terminated = False
+        #: The worker's ``terminated`` event.
+        self.terminated = terminated
 
     @classmethod
     def of(cls, context: WorkerContext) -> _IdleConnections | None:
-        """``context``'s idle connections. The first connection of a worker starts the task
-        that waits for its shutdown, in the nursery of the worker's connections (which
-        hypercorn leaves only after its shutdown has begun); ``None`` if there is none."""
+        """``context``'s idle connections; ``None`` if its ``terminated`` event is not the
+        shape expected (hypercorn's idle task then times the keep-alive, as it ships)."""
         idle = _IDLE.get(context)
         if idle is None:
-            nursery = trio.lowlevel.current_task().parent_nursery
-            if nursery is None:
+            terminated: Any = context.terminated
+            set_terminated = getattr(terminated, "set", None)
+            if set_terminated is None or not callable(getattr(terminated, "is_set", None)):
                 return None
-            idle = _IDLE[context] = cls()
-            nursery.start_soon(idle._close_at_shutdown, context)
+            idle = _IDLE[context] = cls(terminated)
+
+            async def set_and_close_idle() -> None:
+                await set_terminated()
+                idle.close_all()
+
+            terminated.set = set_and_close_idle  # (an attribute of this one event only)
         return idle
 
     def discard(self, server: DirectWriteTCPServer) -> None:
         self.servers.discard(server)
 
-    async def _close_at_shutdown(self, context: WorkerContext) -> None:
-        await context.terminated.wait()
-        self.terminated = True
+    def close_all(self) -> None:
         for server in list(self.servers):
             server._set_idle_at(-math.inf)
 

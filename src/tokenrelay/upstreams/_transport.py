@@ -88,7 +88,8 @@ __all__ = [
     "use_lean_backend",
 ]
 
-#: Whether a socket's descriptor can be read with ``os.read`` (not on Windows).
+#: Whether a socket's descriptor can be read with ``os.read`` and written with ``os.write``
+#: (not on Windows).
 _READ_FD = os.name == "posix"
 
 #: The most bytes a plain TCP stream keeps unsent before it sends them (see ``write``).
@@ -661,7 +662,8 @@ def lean_body(response: httpx2.Response) -> LeanBody | None:
 class _PromptLock:
     """trio's lock, taken without a schedule point when it is free, as httpcore2 takes anyio's
     on asyncio (``fast_acquire=True``); otherwise waited for as trio's is. Only what
-    httpcore2's ``AsyncLock`` calls on it."""
+    httpcore2's ``AsyncLock`` calls on it. (Taking a free one is not a cancellation point
+    either: a request reaches these locks through the pool's wait, which is one.)"""
 
     __slots__ = ("_lock",)
 
@@ -688,9 +690,8 @@ def _take_locks_promptly(connection: object, name: str) -> None:
     lock = getattr(connection, name, None)
     if type(lock) is not httpcore2_sync.AsyncLock:
         return
-    backend = getattr(lock, "_backend", None)
-    if backend == "":  # (never taken: httpcore2 picks its backend at the first use)
-        lock._backend = "trio"
-    elif not (backend == "trio" and type(inner := lock._trio_lock) is trio.Lock) or inner.locked():
+    if getattr(lock, "_backend", None) != "trio":  # (httpcore2 picks it at the first use)
         return
-    lock._trio_lock = _PromptLock()  # type: ignore[assignment]
+    inner = lock._trio_lock
+    if type(inner) is trio.Lock and not inner.locked():  # (a waiter would hold it: none)
+        lock._trio_lock = _PromptLock()  # type: ignore[assignment]

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -53,17 +53,23 @@ class Served:
 
 
 async def serve_app(
-    nursery: trio.Nursery, app: QuartTrio, *, keep_alive_timeout: float = 5.0
+    nursery: trio.Nursery,
+    app: QuartTrio,
+    *,
+    keep_alive_timeout: float = 5.0,
+    graceful_timeout: float = 0.5,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
 ) -> str:
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = logging.getLogger("tokenrelay.server")
-    config.graceful_timeout = 0.5
+    config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = keep_alive_timeout
     # As tokenrelay.server.serve (and so ``tokenrelay serve``) runs hypercorn.
     assert use_direct_writes()
-    binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
+    serve = partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
+    binds = await nursery.start(serve)
     return str(binds[0])
 
 

@@ -18,8 +18,6 @@ import h2.config
 import h2.connection
 import h2.events
 import httpx2
-import hypercorn.config
-import hypercorn.trio
 import openai
 import pytest
 import trio
@@ -31,7 +29,6 @@ import tokenrelay.server._hypercorn
 import tokenrelay.server._responses
 from _helpers import bounded
 from _server_helpers import RawHTTP, chat, port_of, record_writes, serve_app, start_served
-from tokenrelay.server._hypercorn import use_direct_writes
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
@@ -195,19 +192,16 @@ async def test_shutdown_closes_idle_connections_at_once(fake_server: FakeModelSe
     app = tokenrelay.create_app(
         tokenrelay.ServerConfig(upstream=f"openai={fake_server.openai_url}", db=":memory:")
     )
-    config = hypercorn.config.Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.keep_alive_timeout = 60
-    config.graceful_timeout = 60
-    assert use_direct_writes()
     shutdown = trio.Event()
     started = trio.current_time()
     async with trio.open_nursery() as serving:
-        binds = await serving.start(
-            partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.wait)
+        url = await serve_app(
+            serving,
+            app,
+            keep_alive_timeout=60,
+            graceful_timeout=60,
+            shutdown_trigger=shutdown.wait,
         )
-        url = str(binds[0])
         silent = await RawHTTP.connect(url)  # never sends a request
         kept = await RawHTTP.connect(url)  # idle after one
         await kept.send(HEALTHZ)

@@ -43,11 +43,8 @@ class StreamingApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await lifespan(receive, send)
+            return
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_disconnect, receive, nursery.cancel_scope)
@@ -72,13 +69,16 @@ class StreamingApp:
         done.cancel()
 
 
-async def serve(nursery: trio.Nursery, app: StreamingApp) -> int:
+async def serve(
+    nursery: trio.Nursery, app: StreamingApp, *, keep_alive_timeout: float = 5.0
+) -> int:
     assert use_direct_writes()
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = logging.getLogger("tokenrelay.server")
     config.graceful_timeout = 0.5
+    config.keep_alive_timeout = keep_alive_timeout
     binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
     return int(str(binds[0]).rsplit(":", 1)[1])
 
@@ -255,6 +255,7 @@ class GatheringApp:
 
 
 async def lifespan(receive: Receive, send: Send) -> None:
+    """An ASGI app's lifespan: every message acknowledged, until the shutdown."""
     while True:
         message = await receive()
         await send({"type": message["type"] + ".complete"})
@@ -344,11 +345,8 @@ class PipelinedApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await lifespan(receive, send)
+            return
         if scope["path"] == "/a":
             async with gathered_writes():
                 head = [(b"content-length", b"1")]
@@ -369,13 +367,7 @@ async def test_a_pipelined_request_is_not_cut_by_the_keep_alive_timeout(
     # The first response ends with its bytes gathered, so hypercorn's "idle again" comes
     # with a write; the second request, already there, must not be overtaken by it: its
     # response, longer than the keep-alive timeout, is not cut. (A race: several tries.)
-    assert use_direct_writes()
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.keep_alive_timeout = 0.2
-    binds = await nursery.start(partial(hypercorn.trio.serve, PipelinedApp(0.12), config))
-    port = int(str(binds[0]).rsplit(":", 1)[1])
+    port = await serve(nursery, PipelinedApp(0.12), keep_alive_timeout=0.2)  # type: ignore[arg-type]
     for _ in range(8):
         async with await client_stream(port) as stream:
             await stream.send_all(

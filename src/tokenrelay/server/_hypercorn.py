@@ -81,7 +81,7 @@ class DirectWriteTCPServer(TCPServer):
         try:
             await super().run()
         finally:
-            idle.discard(self)
+            idle.servers.discard(self)
 
     async def _read_data(self) -> None:
         # hypercorn's loop, its wait under the keep-alive deadline (see the module's doc).
@@ -209,7 +209,7 @@ class _KeepAliveDeadline(TrioSingleTask):
             server._set_idle_at(trio.current_time() + server.config.keep_alive_timeout)
 
     async def stop(self) -> None:
-        self._idle.discard(self._server)
+        self._idle.servers.discard(self._server)
         self._server._set_idle_at(math.inf)
 
 
@@ -243,9 +243,6 @@ class _IdleConnections:
 
             terminated.set = set_and_close_idle  # (an attribute of this one event only)
         return idle
-
-    def discard(self, server: DirectWriteTCPServer) -> None:
-        self.servers.discard(server)
 
     def close_all(self) -> None:
         for server in list(self.servers):

@@ -21,10 +21,16 @@ from hypercorn.config import Config
 
 from _helpers import bounded
 from _server_helpers import record_writes
-from tokenrelay.server._hypercorn import DirectWriteTCPServer, gathered_writes, use_direct_writes
+from tokenrelay.server._hypercorn import (
+    YIELD_EVERY,
+    DirectWriteTCPServer,
+    gathered_writes,
+    use_direct_writes,
+)
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+App = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 
 def chunk(i: int, size: int) -> bytes:
@@ -69,9 +75,7 @@ class StreamingApp:
         done.cancel()
 
 
-async def serve(
-    nursery: trio.Nursery, app: StreamingApp, *, keep_alive_timeout: float = 5.0
-) -> int:
+async def serve(nursery: trio.Nursery, app: App, *, keep_alive_timeout: float = 5.0) -> int:
     assert use_direct_writes()
     config = Config()
     config.bind = ["127.0.0.1:0"]
@@ -193,6 +197,48 @@ async def test_what_the_kernel_does_not_take_goes_through_send_all_in_order(
     await app.finished.wait()  # closed within its last send: it ends right after
 
 
+class TightLoopApp:
+    """Writes ``chunks`` pieces of ``size`` bytes back to back, with nothing else to wait for;
+    notes after each write how many times the test's ticker had run."""
+
+    def __init__(self, chunks: int, size: int) -> None:
+        self.chunks = chunks
+        self.size = size
+        self.ticks = 0
+        self.seen: list[int] = []
+
+    async def ticker(self) -> None:
+        while True:
+            self.ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(self.chunks):
+            body = chunk(i, self.size)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            self.seen.append(self.ticks)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@bounded(10)
+async def test_a_writer_with_nothing_else_to_wait_for_still_lets_other_tasks_run(
+    nursery: trio.Nursery,
+) -> None:
+    # A write the kernel takes whole passes no schedule point, but a connection passes one
+    # per YIELD_EVERY bytes so written: 1 MiB in 16 KiB pieces lets the ticker run at least
+    # 15 times while it is written (more if the kernel takes some write in part: send_all).
+    app = TightLoopApp(chunks=64, size=16 << 10)
+    port = await serve(nursery, app)
+    nursery.start_soon(app.ticker)
+    assert await fetch(port) == b"".join(chunk(i, 16 << 10) for i in range(64))
+    ran = app.seen[-1] - app.seen[0]
+    assert ran >= 64 * (16 << 10) // YIELD_EVERY - 1, app.seen
+
+
 @bounded(10)
 async def test_a_client_that_resets_mid_stream_is_a_closed_connection(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
@@ -281,7 +327,7 @@ async def test_gathered_writes_are_one_write(
     gather: str,
     expected: list[tuple[Any, ...]],
 ) -> None:
-    port = await serve(nursery, GatheringApp([b"one", b"two"], gather))  # type: ignore[arg-type]
+    port = await serve(nursery, GatheringApp([b"one", b"two"], gather))
     writes = record_writes(monkeypatch)
     assert await fetch(port) == b"onetwo"
     assert len(writes) == len(expected), writes
@@ -326,7 +372,7 @@ class InterleavingApp:
 async def test_a_write_from_another_task_writes_what_was_gathered_first(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, start_inside: bool
 ) -> None:
-    port = await serve(nursery, InterleavingApp(start_inside))  # type: ignore[arg-type]
+    port = await serve(nursery, InterleavingApp(start_inside))
     writes = record_writes(monkeypatch)
     assert await fetch(port) == b"othermine"
     # The other task's write carried the gathered head before its own piece; the block's
@@ -367,7 +413,7 @@ async def test_a_pipelined_request_is_not_cut_by_the_keep_alive_timeout(
     # The first response ends with its bytes gathered, so hypercorn's "idle again" comes
     # with a write; the second request, already there, must not be overtaken by it: its
     # response, longer than the keep-alive timeout, is not cut. (A race: several tries.)
-    port = await serve(nursery, PipelinedApp(0.12), keep_alive_timeout=0.2)  # type: ignore[arg-type]
+    port = await serve(nursery, PipelinedApp(0.12), keep_alive_timeout=0.2)
     for _ in range(8):
         async with await client_stream(port) as stream:
             await stream.send_all(

@@ -10,9 +10,11 @@ socket directly costs 15.6 µs (``benchmarks/hypercorn_write.py``; docs/upstream
 
 :class:`DirectWriteTCPServer` takes the free lock without waiting, writes what the kernel
 takes at once, and keeps hypercorn's own shielded ``send_all`` for what it does not take (a
-client that reads slowly), for a lock that is held, and for TLS. A write stays a schedule
-point (one, not two), is cancellable only before any byte is written, and a connection that
-fails is reported to hypercorn's protocol exactly as before.
+client that reads slowly), for a lock that is held, and for TLS. A write the kernel takes
+whole passes no schedule point, as with asyncio's ``transport.write`` (but one per 64 KiB
+that a connection writes so, so that a writer with nothing else to wait for cannot hold the
+loop); it is cancellable only before any byte is written, and a connection that fails is
+reported to hypercorn's protocol exactly as before.
 
 It also lets a response's writes be gathered (:class:`gathered_writes`): hypercorn writes a
 response's head as soon as the app starts the response, and the end of a chunked body (its
@@ -58,6 +60,10 @@ __all__ = ["DirectWriteTCPServer", "gathered_writes", "use_direct_writes"]
 #: Whether a socket's descriptor can be written with ``os.write`` (not on Windows).
 _WRITE_FD = os.name == "posix"
 
+#: A connection's writes that the kernel takes whole pass a schedule point once per this many
+#: bytes (a write it does not take whole waits, which is one).
+YIELD_EVERY = 64 * 1024
+
 
 class DirectWriteTCPServer(TCPServer):
     """hypercorn's ``TCPServer``, whose writes on plain TCP go straight to the socket when
@@ -71,6 +77,8 @@ class DirectWriteTCPServer(TCPServer):
     _idle_at = math.inf
     #: The scope of the reading task's wait for data, whose deadline is ``_idle_at``.
     _reading: trio.CancelScope | None = None
+    #: Bytes written since the last write that passed a schedule point.
+    _unyielded = 0
 
     async def run(self) -> None:
         idle = _IdleConnections.of(self.context)
@@ -184,7 +192,15 @@ class DirectWriteTCPServer(TCPServer):
                         await stream.send_all(memoryview(data)[sent:])
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.protocol.handle(Closed())
-            else:
+                self._unyielded = 0
+                return
+            # Taken whole: no schedule point, as asyncio's ``transport.write`` has none (a
+            # streamed token's writer goes on to wait for the next token, one schedule point
+            # per token rather than two). A writer with nothing else to wait for still yields
+            # once per ``YIELD_EVERY`` bytes: it cannot hold the loop for long.
+            self._unyielded += sent
+            if self._unyielded >= YIELD_EVERY:
+                self._unyielded = 0
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             lock.release()
@@ -259,8 +275,8 @@ class gathered_writes:
     """``async with gathered_writes():`` keeps the socket writes that this task makes in the
     block (on connections served by :class:`DirectWriteTCPServer`), and makes them as one
     write at the block's end: a response's head and the first piece of its body, say, or the
-    last piece and the end of a chunked body. One system call and one schedule point, where
-    each write is one of each; nothing else in the block waits for them.
+    last piece and the end of a chunked body. One system call where each write is one;
+    nothing else in the block waits for them.
 
     Nothing is reordered: any other write of the connection, from any task, writes what is
     gathered first, and so does closing it. A block that raises leaves what it gathered to

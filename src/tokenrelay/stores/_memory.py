@@ -262,7 +262,7 @@ class _MemoryReader:
             batch = self._take_ready(max_events)
             if batch:
                 # Events were ready: a schedule point, unless the reader has passed one since
-                # its last batch (a writer has, in its write): a writer that lags then takes
+                # its last batch (a writer that lags has, waiting in its write): it then takes
                 # what is ready without one more trip through the scheduler. (trio's count of
                 # a task's schedule points is private: where it is missing, always yield.)
                 task = trio.lowlevel.current_task()

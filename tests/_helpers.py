@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
@@ -30,6 +31,28 @@ def bounded(seconds: float) -> Callable[[Callable[P, Awaitable[R]]], Callable[P,
         return bounded_test
 
     return decorate
+
+
+class _Steps(trio.abc.Instrument):
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.count = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.count += 1
+
+
+@contextlib.contextmanager
+def own_steps() -> Iterator[_Steps]:
+    """Counts the trips the current task makes through the scheduler inside the block (its
+    steps after the first): ``.count`` is 0 when it passed no schedule point."""
+    steps = _Steps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        yield steps
+    finally:
+        trio.lowlevel.remove_instrument(steps)
 
 
 def piped(

@@ -27,7 +27,7 @@ import tokenrelay
 import tokenrelay.server._asgi
 import tokenrelay.server._hypercorn
 import tokenrelay.server._responses
-from _helpers import bounded
+from _helpers import bounded, own_steps
 from _server_helpers import RawHTTP, chat, port_of, record_writes, serve_app, start_served
 from tokenrelay.testing import FakeModelServer, FakeScript
 
@@ -551,3 +551,36 @@ async def test_a_host_app_s_own_streams_keep_their_heads_and_refusals_keep_its_h
     assert response.headers["content-type"] == "application/json"
     assert "cache-control" not in response.headers  # the stream's, not the error's
     assert len(replaced) == 1  # made as a stream, then replaced before anything was written
+
+
+async def test_request_messages_already_there_are_taken_without_a_schedule_point() -> None:
+    """hypercorn's trio worker hands the app its request channel's ``receive``, a schedule
+    point even for a message already there; a request's body comes as two messages (its bytes,
+    then its end). ``CloseConnections`` takes what is there at once, and waits as before for
+    what is not."""
+    send, receive = trio.open_memory_channel[Any](10)
+    received: list[tuple[str, int]] = []
+    scope = {"type": "http", "http_version": "1.1", "headers": [(b"content-length", b"2")]}
+
+    async def app(scope: Any, receive: Any, send_: Any) -> None:
+        with own_steps() as steps:
+            for _ in range(2):
+                message = await receive()
+                received.append((message["type"], steps.count))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_later, receive)
+            await trio.testing.wait_all_tasks_blocked()
+            send.send_nowait({"type": "http.disconnect"})
+
+    async def receive_later(receive: Any) -> None:
+        with own_steps() as steps:
+            message = await receive()
+        received.append((message["type"], steps.count))
+
+    send.send_nowait({"type": "http.request", "body": b"{}", "more_body": True})
+    send.send_nowait({"type": "http.request", "body": b"", "more_body": False})
+    wrapped = tokenrelay.server._asgi.CloseConnections(app)
+    await wrapped(scope, receive.receive, send.send)  # type: ignore[arg-type]
+    assert received[:2] == [("http.request", 0), ("http.request", 0)]
+    assert received[2][0] == "http.disconnect"
+    assert received[2][1] > 0  # it waited

@@ -9,7 +9,7 @@ import trio
 from trio.testing import MockClock
 
 import tokenrelay
-from _helpers import Finishes, piped
+from _helpers import Finishes, own_steps, piped
 from tokenrelay import Emit, Event, RelayClosed, Run, RunStatus, SessionBusy, UpstreamError
 from tokenrelay.testing import LifecycleCapture, ScriptedUpstream
 
@@ -334,6 +334,27 @@ async def test_a_cancelled_start_withdraws_its_run(autojump_clock: MockClock) ->
         assert c.started_at == a.finished_at == 2.0
         await c.wait_finished()
     assert finishes.calls == []
+
+
+async def test_a_run_of_a_free_session_starts_without_a_trip_through_the_scheduler(
+    autojump_clock: MockClock,
+) -> None:
+    async with tokenrelay.open_relay(on_busy="enqueue") as relay:
+        with own_steps() as steps:
+            a = await relay.start("s", piped(ScriptedUpstream(["a"], prefill=1.0)))
+        assert steps.count == 0
+        with own_steps() as steps:  # its turn comes when a has finished
+            b = await relay.start("s", piped(ScriptedUpstream(["b"])))
+        assert steps.count > 0
+        assert b.started_at == a.finished_at == 1.0
+        # Still a cancel point: a start in a cancelled scope withdraws its run at once.
+        in_progress = relay.runs_in_progress
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await relay.start("t", piped(ScriptedUpstream(["t"])))
+        assert scope.cancelled_caught
+        assert relay.get("t") is None
+        assert relay.runs_in_progress == in_progress
 
 
 async def test_stop_stops_waiting_runs_too(autojump_clock: MockClock) -> None:

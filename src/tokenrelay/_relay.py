@@ -589,7 +589,10 @@ class Relay:
         self._in_progress += 1
         self._give_turn(session)
         try:
-            await run._turn.wait()
+            if run._turn.is_set():  # the session was free: no trip through the scheduler
+                await trio.lowlevel.checkpoint_if_cancelled()
+            else:
+                await run._turn.wait()
             if self._shared is not None and run._cancel_reason is None:
                 # Its turn here; now its turn everywhere (a cancel meanwhile ends the wait).
                 run._claim_scope = trio.CancelScope()

@@ -104,9 +104,18 @@ class CloseConnections:
         closing = False
         gone = False  # the client left (http.disconnect)
 
+        ready = _receive_ready(receive)
+
         async def receive_tracked() -> ASGIReceiveEvent:
             nonlocal gone
-            message = await receive()
+            if ready is not None:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    message = ready()
+                except trio.WouldBlock:
+                    message = await receive()
+            else:
+                message = await receive()
             gone = gone or message["type"] == "http.disconnect"
             if body is not None:
                 if message["type"] == "http.request":
@@ -179,6 +188,21 @@ class CloseConnections:
         finally:
             for callback in cast(dict[str, Any], scope).get(_AT_END, ()):
                 callback()
+
+
+def _receive_ready(receive: ASGIReceiveCallable) -> Callable[[], ASGIReceiveEvent] | None:
+    """What takes a message already there without a schedule point, when ``receive`` is
+    hypercorn's: its trio worker passes the ``receive`` of the request's memory channel, which
+    is a schedule point even for a message already there, and a request's body comes as two
+    messages (its bytes, then its end), both there by the time the app asks. The app gets
+    them in one step; a wait for a message is a wait as before."""
+    channel = getattr(receive, "__self__", None)
+    if (
+        isinstance(channel, trio.MemoryReceiveChannel)
+        and getattr(receive, "__func__", None) is trio.MemoryReceiveChannel.receive
+    ):
+        return cast(Callable[[], ASGIReceiveEvent], channel.receive_nowait)
+    return None
 
 
 #: Headers of a started response that describe its body: a replacement brings its own.

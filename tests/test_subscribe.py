@@ -8,7 +8,7 @@ import trio
 from trio.testing import MockClock
 
 import tokenrelay
-from _helpers import piped, read_all
+from _helpers import own_steps, piped, read_all
 from tokenrelay import Emit, Event, ReplayGap, RunStatus, UnknownSession
 from tokenrelay._reaper import Reaper
 from tokenrelay.server._responses import Polled, _stream
@@ -161,6 +161,21 @@ async def test_receive_batch_hands_out_everything_ready(autojump_clock: MockCloc
                 await sub.receive_batch()
         with pytest.raises(trio.ClosedResourceError):
             await sub.receive()
+
+
+async def test_a_reader_woken_by_the_end_of_its_run_ends_at_once(autojump_clock: MockClock) -> None:
+    # Woken by the log's close, it raises EndOfChannel without a second trip through the
+    # scheduler; a reader that asks after the end still passes a schedule point.
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(ScriptedUpstream(["a"], prefill=1.0)))
+        async with relay.subscribe("s") as sub:
+            assert data(await sub.receive_batch()) == ["a"]
+            with own_steps() as steps, pytest.raises(trio.EndOfChannel):
+                await sub.receive_batch()
+            assert steps.count == 1
+            with own_steps() as steps, pytest.raises(trio.EndOfChannel):
+                await sub.receive_batch()
+            assert steps.count == 1
 
 
 async def test_replay_gap_when_asking_for_dropped_events(autojump_clock: MockClock) -> None:

@@ -258,6 +258,8 @@ class _MemoryReader:
 
     async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
         await trio.lowlevel.checkpoint_if_cancelled()
+        task = trio.lowlevel.current_task()
+        entered = getattr(task, "_schedule_points", None)
         while True:
             batch = self._take_ready(max_events)
             if batch:
@@ -265,14 +267,15 @@ class _MemoryReader:
                 # its last batch (a writer that lags has, waiting in its write): it then takes
                 # what is ready without one more trip through the scheduler. (trio's count of
                 # a task's schedule points is private: where it is missing, always yield.)
-                task = trio.lowlevel.current_task()
                 points = getattr(task, "_schedule_points", None)
                 if points is None or self._mark == (id(task), points):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 self._mark = (id(task), getattr(task, "_schedule_points", None))
                 return batch
             if not self._live:  # detached, caught up, and the log is closed
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                # A schedule point, unless this call has passed one (woken by the close).
+                if entered is None or getattr(task, "_schedule_points", None) == entered:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 raise trio.EndOfChannel
             try:
                 event = await self._recv.receive()
@@ -284,7 +287,6 @@ class _MemoryReader:
             if event.seq < self._next:
                 continue
             self._next = event.seq + 1
-            task = trio.lowlevel.current_task()
             self._mark = (id(task), getattr(task, "_schedule_points", None))
             return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
 

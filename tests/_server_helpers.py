@@ -103,7 +103,7 @@ def record_writes(monkeypatch: pytest.MonkeyPatch, url: str | None = None) -> li
             writes.append(bytes(data))
         return os.write(fd, data)
 
-    monkeypatch.setattr(_hypercorn, "os", SimpleNamespace(write=write, name=os.name))
+    monkeypatch.setattr(_hypercorn, "os", SimpleNamespace(write=write, read=os.read, name=os.name))
     return writes
 
 

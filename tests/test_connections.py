@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import socket
+import struct
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -164,17 +167,25 @@ def all_tasks() -> int:
     return count
 
 
+@pytest.mark.parametrize("reset", [False, True])
 @bounded(20)
 async def test_an_idle_connection_the_client_closes_leaves_no_task_behind(
-    nursery: trio.Nursery, fake_server: FakeModelServer
+    nursery: trio.Nursery,
+    fake_server: FakeModelServer,
+    caplog: pytest.LogCaptureFixture,
+    reset: bool,
 ) -> None:
-    # Its tasks end at once, not at the end of the keep-alive timeout.
+    # Its tasks end at once, not at the end of the keep-alive timeout; closed or reset
+    # (a read that fails is the end of the connection, not an error).
     served = await start_served(nursery, fake_server, keep_alive_timeout=30)
 
     async def one_request() -> None:
         conn = await RawHTTP.connect(served.url)
         await conn.send(HEALTHZ)
         assert (await conn.response())[0] == 200
+        if reset:
+            linger = struct.pack("ii", 1, 0)
+            conn.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         await conn.aclose()
         await trio.testing.wait_all_tasks_blocked()
 
@@ -183,6 +194,7 @@ async def test_an_idle_connection_the_client_closes_leaves_no_task_behind(
     await one_request()
     assert all_tasks() == before
     assert not any(idle.servers for idle in tokenrelay.server._hypercorn._IDLE.values())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @bounded(20)

@@ -41,6 +41,7 @@ from ._exceptions import (
 from ._lifecycle import lifecycle, logger
 from ._log import MAX_BATCH, ByteBudget, Claim, LogReader, RunLog, SharedStore, Store
 from ._reaper import Reaper
+from ._steps import schedule_points
 from .stores import MemoryStore
 
 __all__ = [
@@ -228,7 +229,7 @@ class Run:
         # to its client. (trio counts each task's schedule points in the private
         # ``Task._schedule_points``; where that is missing, every emit yields.)
         task = trio.lowlevel.current_task()
-        points = getattr(task, "_schedule_points", None)
+        points = schedule_points(task)
         mark = self._mark
         if points is not None and mark[0] == id(task) and mark[1] == points:
             if mark[2] < EMITS_PER_YIELD:
@@ -238,7 +239,7 @@ class Run:
             self._mark = (id(task), points, 1)
             return event
         await trio.lowlevel.cancel_shielded_checkpoint()
-        self._mark = (id(task), getattr(task, "_schedule_points", None), 0)
+        self._mark = (id(task), schedule_points(task), 0)
         return event
 
 

@@ -60,6 +60,8 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 
+from .._steps import schedule_points, yielded_since
+
 __all__ = ["DirectWriteTCPServer", "gathered_writes", "use_direct_writes"]
 
 #: Whether a socket's descriptor can be written with ``os.write`` (not on Windows).
@@ -125,11 +127,11 @@ class DirectWriteTCPServer(TCPServer):
                 with trio.CancelScope(shield=True):
                     await self._initiate_server_close()
                 break
-            points = getattr(task, "_schedule_points", None)
+            points = schedule_points(task)
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break
-            if plain and (points is None or task._schedule_points == points):
+            if plain and not yielded_since(task, points):
                 await trio.lowlevel.cancel_shielded_checkpoint()  # one per read, at least
         await self.protocol.handle(Closed())
 

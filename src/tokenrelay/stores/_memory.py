@@ -17,6 +17,7 @@ import trio
 from .._events import Event
 from .._exceptions import ReplayGap
 from .._log import MAX_BATCH, ByteBudget, LogReader, RunLog, event_size
+from .._steps import schedule_points, yielded_since
 
 __all__ = ["READER_BUFFER", "MemoryRunLog", "MemoryStore"]
 
@@ -259,7 +260,7 @@ class _MemoryReader:
     async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
         await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
-        entered = getattr(task, "_schedule_points", None)
+        entered = schedule_points(task)
         while True:
             batch = self._take_ready(max_events)
             if batch:
@@ -267,14 +268,14 @@ class _MemoryReader:
                 # its last batch (a writer that lags has, waiting in its write): it then takes
                 # what is ready without one more trip through the scheduler. (trio's count of
                 # a task's schedule points is private: where it is missing, always yield.)
-                points = getattr(task, "_schedule_points", None)
+                points = schedule_points(task)
                 if points is None or self._mark == (id(task), points):
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                self._mark = (id(task), getattr(task, "_schedule_points", None))
+                self._mark = (id(task), schedule_points(task))
                 return batch
             if not self._live:  # detached, caught up, and the log is closed
                 # A schedule point, unless this call has passed one (woken by the close).
-                if entered is None or getattr(task, "_schedule_points", None) == entered:
+                if not yielded_since(task, entered):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 raise trio.EndOfChannel
             try:
@@ -287,7 +288,7 @@ class _MemoryReader:
             if event.seq < self._next:
                 continue
             self._next = event.seq + 1
-            self._mark = (id(task), getattr(task, "_schedule_points", None))
+            self._mark = (id(task), schedule_points(task))
             return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
 
     async def receive(self) -> Event:

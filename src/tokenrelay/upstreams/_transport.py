@@ -79,6 +79,8 @@ from httpcore2._async import connection_pool as httpcore2_pool
 from httpcore2._async import http11 as httpcore2_http11
 from httpx2._transports import default as httpx2_default
 
+from .._steps import COUNTED, schedule_points
+
 __all__ = [
     "LeanBody",
     "LeanTrioBackend",
@@ -271,7 +273,7 @@ class _Readiness:
 
     @staticmethod
     def available() -> bool:
-        return hasattr(select, "epoll") and hasattr(trio.lowlevel.Task, "_schedule_points")
+        return hasattr(select, "epoll") and COUNTED
 
     def add(self, fd: int) -> None:
         """Watch ``fd`` (raises :exc:`OSError` if it cannot be: nothing is changed then)."""
@@ -304,7 +306,7 @@ class _Readiness:
         if epoll is None:
             return None
         task = trio.lowlevel.current_task()
-        step: int | None = getattr(task, "_schedule_points", None)
+        step = schedule_points(task)
         if step is None:
             return None
         if self._task is None or self._task() is not task or self._step != step:

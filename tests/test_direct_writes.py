@@ -18,15 +18,11 @@ import hypercorn.trio.run
 import pytest
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Event, RawData
 
 from _helpers import bounded
 from _server_helpers import record_writes
-from tokenrelay.server._hypercorn import (
-    YIELD_EVERY,
-    DirectWriteTCPServer,
-    gathered_writes,
-    use_direct_writes,
-)
+from tokenrelay.server._hypercorn import DirectWriteTCPServer, gathered_writes, use_direct_writes
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -224,19 +220,56 @@ class TightLoopApp:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+@pytest.mark.parametrize("size", [40, 16 << 10])
 @bounded(10)
 async def test_a_writer_with_nothing_else_to_wait_for_still_lets_other_tasks_run(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, size: int
 ) -> None:
-    # A write the kernel takes whole passes no schedule point, but a connection passes one
-    # per YIELD_EVERY bytes so written: 1 MiB in 16 KiB pieces lets the ticker run at least
-    # 15 times while it is written (more if the kernel takes some write in part: send_all).
-    app = TightLoopApp(chunks=64, size=16 << 10)
+    # A write the kernel takes whole passes no schedule point after one passed elsewhere, but
+    # writes one after another do: the ticker runs at least once per two writes, small or
+    # large (every batch of the scheduler runs both tasks).
+    app = TightLoopApp(chunks=2000 if size < 1000 else 64, size=size)
     port = await serve(nursery, app)
     nursery.start_soon(app.ticker)
-    assert await fetch(port) == b"".join(chunk(i, 16 << 10) for i in range(64))
+    assert await fetch(port) == b"".join(chunk(i, size) for i in range(app.chunks))
     ran = app.seen[-1] - app.seen[0]
-    assert ran >= 64 * (16 << 10) // YIELD_EVERY - 1, app.seen
+    assert ran >= (app.chunks - 1) // 2 - 1, app.seen
+
+
+@bounded(10)
+async def test_each_read_passes_a_schedule_point_when_the_protocol_passes_none() -> None:
+    # A read that finds data passes no schedule point; the loop passes one after handing it
+    # to the protocol, unless the read waited or the protocol passed one. Here a protocol
+    # that never yields, and a client that keeps data waiting: a ticker runs at least once
+    # per two reads.
+    client, server_sock = trio.socket.socketpair()
+    reads: list[int] = []
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    class Protocol:
+        async def handle(self, event: Event) -> None:
+            if type(event) is RawData:
+                reads.append(ticks)
+
+    server = DirectWriteTCPServer.__new__(DirectWriteTCPServer)
+    server.config = Config()
+    server.stream = trio.SocketStream(server_sock)  # type: ignore[assignment]
+    server.protocol = Protocol()  # type: ignore[assignment]
+    async with server.stream, trio.open_nursery() as outer:
+        outer.start_soon(ticker)
+        async with trio.open_nursery() as reading:
+            reading.start_soon(server._read_data)  # until the client's end
+            async with trio.SocketStream(client) as stream:
+                await stream.send_all(b"x" * (4 << 20))
+        outer.cancel_scope.cancel()
+    assert len(reads) > 20
+    assert reads[-1] - reads[0] >= (len(reads) - 1) // 2 - 1, reads
 
 
 @bounded(10)

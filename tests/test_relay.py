@@ -336,16 +336,33 @@ async def test_a_cancelled_start_withdraws_its_run(autojump_clock: MockClock) ->
     assert finishes.calls == []
 
 
-async def test_a_run_of_a_free_session_starts_without_a_trip_through_the_scheduler(
+async def test_a_run_of_a_free_session_is_started_before_the_schedule_point(
     autojump_clock: MockClock,
 ) -> None:
+    # start() passes one schedule point, after the producer's task is started: the producer
+    # runs in the same batch as the caller, not one later.
+    me = trio.lowlevel.current_task()
+    order: list[str] = []
+
+    class Order(trio.abc.Instrument):
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            order.append(f"spawned {task.name}")
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is me:
+                order.append("caller resumed")
+
     async with tokenrelay.open_relay(on_busy="enqueue") as relay:
+        instrument = Order()
+        trio.lowlevel.add_instrument(instrument)
         with own_steps() as steps:
             a = await relay.start("s", piped(ScriptedUpstream(["a"], prefill=1.0)))
-        assert steps.count == 0
+        trio.lowlevel.remove_instrument(instrument)
+        assert steps.count == 1
+        assert order == [f"spawned tokenrelay {a.id}", "caller resumed"]
         with own_steps() as steps:  # its turn comes when a has finished
             b = await relay.start("s", piped(ScriptedUpstream(["b"])))
-        assert steps.count > 0
+        assert steps.count == 1  # its wait, and no other
         assert b.started_at == a.finished_at == 1.0
         # Still a cancel point: a start in a cancelled scope withdraws its run at once.
         in_progress = relay.runs_in_progress

@@ -41,7 +41,7 @@ from ._exceptions import (
 from ._lifecycle import lifecycle, logger
 from ._log import MAX_BATCH, ByteBudget, Claim, LogReader, RunLog, SharedStore, Store
 from ._reaper import Reaper
-from ._steps import schedule_points
+from ._steps import schedule_points, yielded_since
 from .stores import MemoryStore
 
 __all__ = [
@@ -589,8 +589,10 @@ class Relay:
         session.queue.append(run)
         self._in_progress += 1
         self._give_turn(session)
+        task = trio.lowlevel.current_task()
+        entered = schedule_points(task)
         try:
-            if run._turn.is_set():  # the session was free: no trip through the scheduler
+            if run._turn.is_set():  # the session was free: its schedule point comes last
                 await trio.lowlevel.checkpoint_if_cancelled()
             else:
                 await run._turn.wait()
@@ -628,6 +630,10 @@ class Relay:
             self._evict_run(previous, "replaced")  # nobody can reach it any more
         lifecycle("stream_start", run=run.id, session=session_id)
         self._nursery.start_soon(self._drive, run, session, produce, name=f"tokenrelay {run.id}")
+        if not yielded_since(task, entered):
+            # After the producer's task is started, not before: it runs in the same batch
+            # as this call's caller, one trip through the scheduler sooner.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return run
 
     async def _drive(self, run: Run, session: _Session, produce: Produce) -> None:

@@ -11,10 +11,12 @@ socket directly costs 15.6 µs (``benchmarks/hypercorn_write.py``; docs/upstream
 :class:`DirectWriteTCPServer` takes the free lock without waiting, writes what the kernel
 takes at once, and keeps hypercorn's own shielded ``send_all`` for what it does not take (a
 client that reads slowly), for a lock that is held, and for TLS. A write the kernel takes
-whole passes no schedule point, as with asyncio's ``transport.write`` (but one per 64 KiB
-that a connection writes so, so that a writer with nothing else to wait for cannot hold the
-loop); it is cancellable only before any byte is written, and a connection that fails is
-reported to hypercorn's protocol exactly as before.
+whole passes no schedule point when its task has passed one since its previous write (a
+stream's writer, which waits for its next piece between writes: one trip through the
+scheduler per piece, not two), and one otherwise (writes one after another, so that a
+writer with nothing else to wait for cannot hold the loop). A write is cancellable only
+before any byte is written, and a connection that fails is reported to hypercorn's protocol
+exactly as before.
 
 It also lets a response's writes be gathered (:class:`gathered_writes`): hypercorn writes a
 response's head as soon as the app starts the response, and the end of a chunked body (its
@@ -23,8 +25,8 @@ of its own. Inside ``async with gathered_writes():`` a task's writes are kept an
 one, at the block's end.
 
 Its reads of a plain TCP connection take what is there without a schedule point, and pass
-one after handing it to hypercorn's protocol instead (unless the protocol passed one): a
-request's app task is started one trip through the scheduler sooner. (trio's
+one after handing it to hypercorn's protocol instead (unless the read waited or the protocol
+passed one): a request's app task is started one trip through the scheduler sooner. (trio's
 ``receive_some`` passes one after a read that finds data.)
 
 And it times a connection's keep-alive without a task. hypercorn starts a task (through
@@ -67,10 +69,6 @@ __all__ = ["DirectWriteTCPServer", "gathered_writes", "use_direct_writes"]
 #: Whether a socket's descriptor can be written with ``os.write`` (not on Windows).
 _WRITE_FD = os.name == "posix"
 
-#: A connection's writes that the kernel takes whole pass a schedule point once per this many
-#: bytes (a write it does not take whole waits, which is one).
-YIELD_EVERY = 64 * 1024
-
 
 class DirectWriteTCPServer(TCPServer):
     """hypercorn's ``TCPServer``, whose writes on plain TCP go straight to the socket when
@@ -84,8 +82,6 @@ class DirectWriteTCPServer(TCPServer):
     _idle_at = math.inf
     #: The scope of the reading task's wait for data, whose deadline is ``_idle_at``.
     _reading: trio.CancelScope | None = None
-    #: Bytes written since the last write that passed a schedule point.
-    _unyielded = 0
 
     async def run(self) -> None:
         idle = _IdleConnections.of(self.context)
@@ -101,13 +97,15 @@ class DirectWriteTCPServer(TCPServer):
     async def _read_data(self) -> None:
         # hypercorn's loop, its wait under the keep-alive deadline (see the module's doc), and
         # on plain TCP its schedule point after the data is handed to the protocol rather
-        # than before: a request's app starts one trip through the scheduler sooner.
+        # than before: a request's app starts one trip through the scheduler sooner. Each
+        # pass passes one at least: in the read (a wait), in the protocol, or at its end.
         read_timeout = self.config.read_timeout or math.inf
         stream: trio.abc.Stream = self.stream  # (annotated by hypercorn as an SSLStream)
         plain = isinstance(stream, trio.SocketStream) and _WRITE_FD
         task = trio.lowlevel.current_task()
         data: bytes | bytearray
         while True:
+            points = schedule_points(task)
             with trio.CancelScope(deadline=self._idle_at) as reading:
                 self._reading = reading
                 try:
@@ -127,11 +125,10 @@ class DirectWriteTCPServer(TCPServer):
                 with trio.CancelScope(shield=True):
                     await self._initiate_server_close()
                 break
-            points = schedule_points(task)
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break
-            if plain and not yielded_since(task, points):
+            if plain and not yielded_since(task, points):  # (a read that waited has)
                 await trio.lowlevel.cancel_shielded_checkpoint()  # one per read, at least
         await self.protocol.handle(Closed())
 
@@ -204,6 +201,7 @@ class DirectWriteTCPServer(TCPServer):
         return data
 
     async def _write(self, data: bytes) -> None:
+        global _last_write
         stream: trio.abc.Stream = self.stream
         assert isinstance(stream, trio.SocketStream)
         lock = self.send_lock
@@ -221,24 +219,25 @@ class DirectWriteTCPServer(TCPServer):
             except OSError:  # reset, closed, or shut down by hypercorn's reading task
                 await self.protocol.handle(Closed())
                 return
+            task = trio.lowlevel.current_task()
             if sent < len(data):
                 try:
                     with trio.CancelScope(shield=True):
                         await stream.send_all(memoryview(data)[sent:])
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.protocol.handle(Closed())
-                self._unyielded = 0
-                return
-            # Taken whole: no schedule point, as asyncio's ``transport.write`` has none (a
-            # streamed token's writer goes on to wait for the next token, one schedule point
-            # per token rather than two). A writer with nothing else to wait for still yields
-            # once per ``YIELD_EVERY`` bytes: it cannot hold the loop for long.
-            self._unyielded += sent
-            if self._unyielded >= YIELD_EVERY:
-                self._unyielded = 0
+            elif _last_write == (id(task), schedule_points(task)):
+                # Taken whole, by a task that has passed no schedule point since its previous
+                # write (of any connection: another task can only have written in between if
+                # this one yielded, so one mark is exact).
                 await trio.lowlevel.cancel_shielded_checkpoint()
+            _last_write = (id(task), schedule_points(task))
         finally:
             lock.release()
+
+
+#: The task of the last write taken whole, and its count of schedule points then.
+_last_write: tuple[int, int | None] = (0, None)
 
 
 class _KeepAliveDeadline(TrioSingleTask):

@@ -193,6 +193,18 @@ async def test_what_the_kernel_does_not_take_goes_through_send_all_in_order(
     await app.finished.wait()  # closed within its last send: it ends right after
 
 
+class Ticker:
+    """Counts its task's steps: another task's stand-in, to see how often it gets to run."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def run(self) -> None:
+        while True:
+            self.ticks += 1
+            await trio.lowlevel.checkpoint()
+
+
 class TightLoopApp:
     """Writes ``chunks`` pieces of ``size`` bytes back to back, with nothing else to wait for;
     notes after each write how many times the test's ticker had run."""
@@ -200,13 +212,8 @@ class TightLoopApp:
     def __init__(self, chunks: int, size: int) -> None:
         self.chunks = chunks
         self.size = size
-        self.ticks = 0
+        self.ticker = Ticker()
         self.seen: list[int] = []
-
-    async def ticker(self) -> None:
-        while True:
-            self.ticks += 1
-            await trio.lowlevel.checkpoint()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -216,7 +223,7 @@ class TightLoopApp:
         for i in range(self.chunks):
             body = chunk(i, self.size)
             await send({"type": "http.response.body", "body": body, "more_body": True})
-            self.seen.append(self.ticks)
+            self.seen.append(self.ticker.ticks)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -230,7 +237,7 @@ async def test_a_writer_with_nothing_else_to_wait_for_still_lets_other_tasks_run
     # large (every batch of the scheduler runs both tasks).
     app = TightLoopApp(chunks=2000 if size < 1000 else 64, size=size)
     port = await serve(nursery, app)
-    nursery.start_soon(app.ticker)
+    nursery.start_soon(app.ticker.run)
     assert await fetch(port) == b"".join(chunk(i, size) for i in range(app.chunks))
     ran = app.seen[-1] - app.seen[0]
     assert ran >= (app.chunks - 1) // 2 - 1, app.seen
@@ -244,25 +251,19 @@ async def test_each_read_passes_a_schedule_point_when_the_protocol_passes_none()
     # per two reads.
     client, server_sock = trio.socket.socketpair()
     reads: list[int] = []
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await trio.lowlevel.checkpoint()
+    ticker = Ticker()
 
     class Protocol:
         async def handle(self, event: Event) -> None:
             if type(event) is RawData:
-                reads.append(ticks)
+                reads.append(ticker.ticks)
 
     server = DirectWriteTCPServer.__new__(DirectWriteTCPServer)
     server.config = Config()
     server.stream = trio.SocketStream(server_sock)  # type: ignore[assignment]
     server.protocol = Protocol()  # type: ignore[assignment]
     async with server.stream, trio.open_nursery() as outer:
-        outer.start_soon(ticker)
+        outer.start_soon(ticker.run)
         async with trio.open_nursery() as reading:
             reading.start_soon(server._read_data)  # until the client's end
             async with trio.SocketStream(client) as stream:

@@ -48,7 +48,8 @@ def table(results: list[Result]) -> str:
     first: dict[str, Result] = {}
     for result in results:
         base = first.setdefault(result.bench, result)
-        comparable = base is not result and base.unit == result.unit and base.median != 0
+        # (Rows that are ratios already are not compared again.)
+        comparable = base is not result and base.unit == result.unit != "x" and base.median != 0
         ratio = f"{result.median / base.median:8.2f}x" if comparable else ""
         lines.append(
             f"{result.bench:<40} {result.impl:<30} {len(result.samples):>5} "

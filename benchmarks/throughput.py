@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,9 @@ async def run(quick: bool) -> list[Result]:
             results += await _first_token(targets, ttft_rounds)
             for streams in levels:
                 print(f"{streams} streams ...", file=sys.stderr)
-                results += await _paced(targets, streams, repeats)
+                # At 100 streams the relay and the proxy are closest: more rounds there.
+                times = 5 if streams == 100 else repeats
+                results += await _paced(targets, streams, times)
             nursery.cancel_scope.cancel()
     return results
 
@@ -152,6 +155,8 @@ PROXY = "FastAPI + sse-starlette proxy"
 FLOOR = "floor: bare hypercorn + quart-trio"
 SQLITE = "tokenrelay serve --db FILE"
 RATIO = "--db FILE / :memory:"
+PAIRED_TTFT = "time to first token: relay / proxy"
+OWN_SHARE = "time to first token: own share"
 
 
 async def _first_token(
@@ -163,20 +168,89 @@ async def _first_token(
     ttfts: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     used: dict[str, float] = dict.fromkeys(ttfts, 0.0)
     done: dict[str, int] = dict.fromkeys(ttfts, 0)
+    #: Each block's median time to first token, by target.
+    block_ttfts: list[dict[str, float]] = []
     for block in range(blocks):
         size = rounds // blocks + (block < rounds % blocks)
+        medians = {}
         for name, url, pid in targets:
             before = _cpu_seconds(pid)
             loads = await _load(url, 1, "first", size)
             used[name] += _cpu_seconds(pid) - before
             done[name] += len(loads)
-            ttfts[name] += [t for r in loads for t in r["ttfts"]]
+            ttfts[name] += (these := [t for r in loads for t in r["ttfts"]])
+            if these:
+                medians[name] = statistics.median(these)
+        block_ttfts.append(medians)
     ttft = [Result("time to first token", name, "s", ttfts[name]) for name, _, _ in targets]
     per_request = [
         Result("CPU per 1-token request", name, "s", [used[name] / max(1, done[name])])
         for name, _, _ in targets
     ]
-    return ttft + per_request
+    return ttft + per_request + _own_share(block_ttfts)
+
+
+def _own_share(blocks: list[dict[str, float]]) -> list[Result]:
+    """Paired, block by block (the targets of one block ran one after another, in the same
+    mood of the machine): the relay's time to first token over the proxy's, and its own share
+    over the serving floor (what it adds over the model's own time to first token, less what
+    the floor adds over a client's bare request, which is what being a server costs)."""
+    direct = "the fake model, directly"
+    ratio = [b[MEMORY] / b[PROXY] for b in blocks if MEMORY in b and PROXY in b]
+    share = {
+        name: [b[name] - b[direct] - b[FLOOR] for b in blocks if {name, direct, FLOOR} <= b.keys()]
+        for name in (MEMORY, PROXY)
+    }
+    rows = []
+    if ratio:
+        rows.append(Result(PAIRED_TTFT, "relay / proxy, block by block", "x", ratio, "<= 1x"))
+    for name, goal in ((MEMORY, "<= 1 ms"), (PROXY, "")):
+        if share[name]:
+            rows.append(Result(OWN_SHARE, name, "s", share[name], goal))
+    return rows
+
+
+def _paired(
+    bench: str, rounds: dict[str, list[dict[str, Any]]], cpu_per_token: dict[str, list[float]]
+) -> list[Result]:
+    """The relay against the proxy, round by round (each pair ran one after the other):
+    tokens/s, CPU per token and median token delay as ratios, whose median is steadier than
+    the ratio of two medians when the machine's speed drifts over a run."""
+    if MEMORY not in rounds or PROXY not in rounds:
+        return []
+    pairs = list(zip(rounds[MEMORY], rounds[PROXY], strict=True))
+    rows = [
+        Result(
+            f"{bench}: relay / proxy",
+            "tokens/s, round by round",
+            "x",
+            [ours["tokens_per_s"] / theirs["tokens_per_s"] for ours, theirs in pairs],
+            ">= 1x",
+        ),
+        Result(
+            f"{bench}: relay / proxy",
+            "median delay, round by round",
+            "x",
+            [
+                statistics.median(ours["delays"]) / statistics.median(theirs["delays"])
+                for ours, theirs in pairs
+                if ours["delays"] and theirs["delays"]
+            ],
+            "<= 1x",
+        ),
+    ]
+    if cpu_per_token.get(MEMORY) and cpu_per_token.get(PROXY):
+        cpu = zip(cpu_per_token[MEMORY], cpu_per_token[PROXY], strict=True)
+        rows.append(
+            Result(
+                f"{bench}: relay / proxy",
+                "CPU per token, round by round",
+                "x",
+                [ours / theirs for ours, theirs in cpu],
+                "<= 1x",
+            )
+        )
+    return rows
 
 
 async def _paced(targets: list[tuple[str, str, int]], streams: int, repeats: int) -> list[Result]:
@@ -232,4 +306,4 @@ async def _paced(targets: list[tuple[str, str, int]], streams: int, repeats: int
                     f"{bench}: CPU per token", RATIO, "x", [cpu[SQLITE].median / cpu[MEMORY].median]
                 )
             )
-    return rows
+    return rows + _paired(bench, rounds, cpu_per_token if streams > 1 else {})

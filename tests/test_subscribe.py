@@ -10,9 +10,10 @@ from trio.testing import MockClock
 import tokenrelay
 from _helpers import own_steps, piped, read_all
 from tokenrelay import Emit, Event, ReplayGap, RunStatus, UnknownSession
+from tokenrelay._log import MAX_BATCH
 from tokenrelay._reaper import Reaper
 from tokenrelay.server._responses import Polled, _stream
-from tokenrelay.stores._memory import READER_BUFFER
+from tokenrelay.stores._memory import OFFERS_PER_APPEND, READER_BUFFER, MemoryRunLog
 from tokenrelay.testing import ScriptedUpstream
 
 TOKENS = [f"t{i}" for i in range(10)]
@@ -176,6 +177,120 @@ async def test_a_reader_woken_by_the_end_of_its_run_ends_at_once(autojump_clock:
             with own_steps() as steps, pytest.raises(trio.EndOfChannel):
                 await sub.receive_batch()
             assert steps.count == 1
+
+
+async def test_a_waiting_reader_can_take_events_in_the_producers_task(
+    autojump_clock: MockClock,
+) -> None:
+    """``receive_batch(deliver=...)``: events appended while it waits are offered to
+    ``deliver`` at once, in the producer's task; those it takes never wake the reader, which
+    is past them; the first it declines wakes the reader as usual, and what follows is
+    queued behind it, not offered (nothing overtakes it)."""
+    producer: list[trio.lowlevel.Task] = []
+
+    async def produce(emit: Emit) -> None:
+        producer.append(trio.lowlevel.current_task())
+        for i in range(3):
+            await trio.sleep(1.0)
+            await emit(f"a{i}")
+        await emit("b")  # in the same step as a2
+
+    offered: list[tuple[float, list[str], bool]] = []
+
+    def deliver(events: list[Event]) -> bool:
+        mine = trio.lowlevel.current_task() is producer[0]
+        offered.append((trio.current_time(), data(events), mine))
+        return events[0].data != "a2"
+
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", produce)
+        async with relay.subscribe("s") as sub:
+            with own_steps() as steps:
+                batch = await sub.receive_batch(deliver=deliver)
+            assert (trio.current_time(), data(batch)) == (3.0, ["a2", "b"])
+            assert steps.count == 1  # woken once, by a2: not by a0 or a1
+            assert offered == [(1.0, ["a0"], True), (2.0, ["a1"], True), (3.0, ["a2"], True)]
+            assert sub.last_seq == 3
+            with pytest.raises(trio.EndOfChannel):
+                await sub.receive_batch(deliver=deliver)
+            assert len(offered) == 3
+
+
+async def test_a_reader_whose_wait_was_cancelled_is_offered_nothing(
+    autojump_clock: MockClock,
+) -> None:
+    # Cancelled, it is no longer waiting, though it has not run since: an event appended
+    # then is queued for it, not offered (the wait that offered it is over).
+    log = MemoryRunLog("r")
+    reader = log.open_reader()
+    offered: list[str] = []
+
+    def deliver(events: list[Event]) -> bool:
+        offered.extend(data(events))
+        return True
+
+    async def wait(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await reader.receive_batch_offering(MAX_BATCH, deliver)
+
+    async with trio.open_nursery() as nursery:
+        scope = await nursery.start(wait)
+        await trio.sleep(0.5)
+        log.append("a")  # while it waits
+        scope.cancel()
+        log.append("b")  # in the same step: before it runs again
+    assert offered == ["a"]
+    assert data(await reader.receive_batch()) == ["b"]
+
+
+async def test_a_deliver_that_fails_is_logged_and_the_event_is_queued(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def deliver(events: list[Event]) -> bool:
+        raise RuntimeError("broken writer")
+
+    async with tokenrelay.open_relay() as relay:
+        run = await relay.start("s", piped(ScriptedUpstream(["a", "b"], prefill=1.0, interval=1.0)))
+        async with relay.subscribe("s") as sub:
+            assert data(await sub.receive_batch(deliver=deliver)) == ["a"]
+            assert data(await sub.receive_batch(deliver=deliver)) == ["b"]
+            with pytest.raises(trio.EndOfChannel):
+                await sub.receive_batch(deliver=deliver)
+        assert run.status is RunStatus.DONE
+    failed = [r.getMessage() for r in caplog.records if "delivery_failed" in r.getMessage()]
+    assert len(failed) == 2
+    assert "broken writer" in failed[0]
+
+
+async def test_a_run_offers_each_event_to_a_few_of_its_waiting_readers(
+    autojump_clock: MockClock,
+) -> None:
+    readers = OFFERS_PER_APPEND + 3
+    offered: list[int] = []
+    woken: list[list[str]] = []
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", piped(ScriptedUpstream(["a"], prefill=1.0)))
+        async with trio.open_nursery() as nursery:
+            for i in range(readers):
+
+                async def read(i: int = i) -> None:
+                    def deliver(events: list[Event]) -> bool:
+                        offered.append(i)
+                        return True
+
+                    async with relay.subscribe("s") as sub:
+                        try:
+                            woken.append(data(await sub.receive_batch(deliver=deliver)))
+                        except trio.EndOfChannel:
+                            woken.append(["(end)"])
+
+                nursery.start_soon(read)
+    # Offered to as many as one append offers to, who took it and waited on to the end;
+    # the others were woken with it.
+    assert len(offered) == OFFERS_PER_APPEND
+    assert woken.count(["(end)"]) == OFFERS_PER_APPEND
+    assert woken.count(["a"]) == readers - OFFERS_PER_APPEND
 
 
 async def test_replay_gap_when_asking_for_dropped_events(autojump_clock: MockClock) -> None:

@@ -78,7 +78,10 @@ class LogReader(Protocol):
         return ``[]`` at once, and does nothing to a reader that is not waiting (see
         :meth:`Subscription.nudge`); and ``receive_ready(max_events)``: what
         ``receive_batch`` would return at once, without waiting, ``[]`` if nothing (see
-        :meth:`Subscription.receive_ready`)."""
+        :meth:`Subscription.receive_ready`). The memory and SQLite stores' readers also
+        have ``receive_batch_offering(max_events, deliver)``: ``receive_batch``, offering
+        each event appended while it waits to ``deliver`` first (see
+        :meth:`Subscription.receive_batch`)."""
         ...
 
     def close(self) -> None:

@@ -264,6 +264,9 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
         # at every wait.
         self._nudge: Callable[[], None] | None = getattr(reader, "nudge", None)
         self._ready: Callable[[int], list[Event]] | None = getattr(reader, "receive_ready", None)
+        self._offering: Callable[..., Awaitable[list[Event]]] | None = getattr(
+            reader, "receive_batch_offering", None
+        )
 
     async def __aenter__(self) -> Subscription:
         self.hold()
@@ -300,12 +303,32 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
             raise trio.ClosedResourceError("this subscription was closed")
         return await self._reader.receive()
 
-    async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
+    async def receive_batch(
+        self,
+        max_events: int = MAX_BATCH,
+        *,
+        deliver: Callable[[list[Event]], bool] | None = None,
+    ) -> list[Event]:
         """Wait for at least one event, then return all that are ready (at most
         ``max_events``), in order. For writers that coalesce events into one write. Returns
-        ``[]`` when woken by :meth:`nudge`."""
+        ``[]`` when woken by :meth:`nudge`.
+
+        ``deliver``: while this call waits, an event appended is first offered to
+        ``deliver([event])``, called at once in the producer's task, instead of waking this
+        one. If it returns True it has taken the event (written it out, say): the
+        subscription is past it and the wait goes on; if False, the event wakes this call
+        as usual. For a writer whose write can be made without waiting: the token goes out
+        in the producer's step, one trip through the scheduler sooner and one task step
+        fewer. It must never wait or block; an exception it raises is logged and counts as
+        False. It is called only while this call is still waiting, with nothing queued
+        before the event, so events stay in order; a run followed by many readers offers
+        each event to a few of them (the rest are woken). A store whose readers cannot offer
+        events (see :class:`~tokenrelay.LogReader`) never calls it.
+        """
         if self._closed:
             raise trio.ClosedResourceError("this subscription was closed")
+        if deliver is not None and self._offering is not None:
+            return await self._offering(max_events, deliver)
         return await self._reader.receive_batch(max_events)
 
     def receive_ready(self, max_events: int = MAX_BATCH) -> list[Event]:

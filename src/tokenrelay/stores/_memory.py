@@ -11,11 +11,14 @@ bounded, gets :class:`ReplayGap`, never a silent skip).
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable
 
 import trio
 
 from .._events import Event
 from .._exceptions import ReplayGap
+from .._lifecycle import lifecycle
 from .._log import MAX_BATCH, ByteBudget, LogReader, RunLog, event_size
 from .._steps import schedule_points, yielded_since
 
@@ -126,7 +129,12 @@ class MemoryRunLog:
         ):
             self._trim()
         lagging: list[_MemoryReader] | None = None
+        offered = 0
         for reader in self._live:
+            if reader._deliver is not None and offered < OFFERS_PER_APPEND:
+                offered += 1
+                if reader._offer(event):
+                    continue
             try:
                 reader._send.send_nowait(event)
             except trio.WouldBlock:
@@ -207,12 +215,20 @@ class MemoryRunLog:
         return reader
 
 
+#: How many waiting readers one append offers its event to (``receive_batch_offering``); the
+#: others are woken as usual. Each offer is a write in the producer's step: a run followed by
+#: many streams must not make one step of its producer as long as all their writes.
+OFFERS_PER_APPEND = 8
+
+
 class _MemoryReader:
-    __slots__ = ("_live", "_log", "_mark", "_next", "_recv", "_send")
+    __slots__ = ("_deliver", "_live", "_log", "_mark", "_next", "_recv", "_send")
 
     def __init__(self, log: MemoryRunLog, start: int) -> None:
         self._log = log
         self._next = start
+        #: What a waiting ``receive_batch_offering`` offers appended events to.
+        self._deliver: Callable[[list[Event]], bool] | None = None
         #: The reading task and its count of schedule points when a batch was last handed
         #: out (see ``receive_batch``).
         self._mark: tuple[int, int | None] = (0, None)
@@ -258,6 +274,13 @@ class _MemoryReader:
         return batch
 
     async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
+        return await self.receive_batch_offering(max_events, None)
+
+    async def receive_batch_offering(
+        self, max_events: int, deliver: Callable[[list[Event]], bool] | None
+    ) -> list[Event]:
+        """``receive_batch``; while it waits, each event appended is first offered to
+        ``deliver`` (see :meth:`Subscription.receive_batch`)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
         entered = schedule_points(task)
@@ -278,11 +301,14 @@ class _MemoryReader:
                 if not yielded_since(task, entered):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 raise trio.EndOfChannel
+            self._deliver = deliver
             try:
                 event = await self._recv.receive()
             except trio.EndOfChannel:
                 self._live = False
                 continue
+            finally:
+                self._deliver = None
             if event is _NUDGE:
                 return []
             if event.seq < self._next:
@@ -290,6 +316,26 @@ class _MemoryReader:
             self._next = event.seq + 1
             self._mark = (id(task), schedule_points(task))
             return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
+
+    def _offer(self, event: Event) -> bool:
+        """In the producer's append: hand ``event`` to the waiting reader's ``deliver``.
+        True if it took it (the reader, still waiting, is past it); False if it is to be
+        queued as usual: the reader is not waiting any more (woken, or its wait cancelled),
+        has events queued, or ``deliver`` declined or failed."""
+        deliver = self._deliver
+        assert deliver is not None
+        state = self._send.statistics()
+        if event.seq != self._next or state.current_buffer_used or not state.tasks_waiting_receive:
+            return False
+        try:
+            taken = deliver([event])
+        except Exception as exc:  # never the producer's (nor the run's other readers') fault
+            self._deliver = None
+            lifecycle("delivery_failed", logging.WARNING, run=self._log.run_id, error=repr(exc))
+            return False
+        if taken:
+            self._next = event.seq + 1
+        return taken
 
     async def receive(self) -> Event:
         while not (batch := await self.receive_batch(1)):

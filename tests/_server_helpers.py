@@ -91,20 +91,39 @@ async def start_served(
     return Served(url, app, app.extensions["tokenrelay"], fake)
 
 
-def record_writes(monkeypatch: pytest.MonkeyPatch, url: str | None = None) -> list[bytes]:
+def record_writes(
+    monkeypatch: pytest.MonkeyPatch, url: str | None = None, *, tasks: list[str] | None = None
+) -> list[bytes]:
     """What the server hands the kernel directly, write by write, from now on (``os.write``
     in server/_hypercorn.py): on connections to ``url`` only, if given (a fake model server
-    in the same process is served by hypercorn too)."""
+    in the same process is served by hypercorn too). ``tasks``, if given, gets the name of
+    the task that made each write."""
     writes: list[bytes] = []
     port = None if url is None else port_of(url)
 
     def write(fd: int, data: Any) -> int:
         if port is None or _local_port(fd) == port:
             writes.append(bytes(data))
+            if tasks is not None:
+                tasks.append(trio.lowlevel.current_task().name)
         return os.write(fd, data)
 
     monkeypatch.setattr(_hypercorn, "os", SimpleNamespace(write=write, read=os.read, name=os.name))
     return writes
+
+
+def chunked_body(response: bytes) -> bytes:
+    """The de-chunked body of one HTTP/1.1 response."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    body = bytearray()
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return bytes(body)
+        body += rest[:size]
+        rest = rest[size + 2 :]
 
 
 def _local_port(fd: int) -> int:

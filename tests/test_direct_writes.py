@@ -21,7 +21,7 @@ from hypercorn.config import Config
 from hypercorn.events import Event, RawData
 
 from _helpers import bounded
-from _server_helpers import record_writes
+from _server_helpers import chunked_body, record_writes
 from tokenrelay.server._hypercorn import DirectWriteTCPServer, gathered_writes, use_direct_writes
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -130,21 +130,7 @@ async def fetch(port: int) -> bytes:
     """The de-chunked body of a whole response to ``REQUEST``."""
     async with await client_stream(port) as stream:
         await stream.send_all(REQUEST)
-        return body_of(await read_response(stream))
-
-
-def body_of(response: bytes) -> bytes:
-    """The de-chunked body of one HTTP/1.1 response."""
-    head, _, rest = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    body = bytearray()
-    while True:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            return bytes(body)
-        body += rest[:size]
-        rest = rest[size + 2 :]
+        return chunked_body(await read_response(stream))
 
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -182,7 +168,7 @@ async def test_what_the_kernel_does_not_take_goes_through_send_all_in_order(
         await calls.called.wait()  # the server is waiting in send_all: the client is behind
         assert app.sent < app.chunks
         response = await read_response(stream)
-    body = body_of(response)
+    body = chunked_body(response)
     expected = b"".join(chunk(i, 256 << 10) for i in range(64))
     assert len(body) == len(expected)
     assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()

@@ -29,6 +29,12 @@ one after handing it to hypercorn's protocol instead (unless the read waited or 
 passed one): a request's app task is started one trip through the scheduler sooner. (trio's
 ``receive_some`` passes one after a read that finds data.)
 
+A response's chunked body can also be written from outside its app's task
+(:meth:`DirectWriteTCPServer.write_chunk_now`, found with :func:`chunk_writer`): a relayed
+token is written by the run's producer, in the step that read it, while the stream's task
+waits (see ``server/_responses.py``). Only when the kernel takes it at once and nothing of
+the connection is under way or gathered; what it takes in part is kept as gathered bytes.
+
 And it times a connection's keep-alive without a task. hypercorn starts a task (through
 ``nursery.start``, a round trip through the scheduler, under a lock) each time a connection
 becomes idle, when it opens and after each response, and cancels it (the lock again) when a
@@ -51,7 +57,7 @@ import contextlib
 import math
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any
@@ -64,7 +70,7 @@ from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 
 from .._steps import schedule_points, yielded_since
 
-__all__ = ["DirectWriteTCPServer", "gathered_writes", "use_direct_writes"]
+__all__ = ["DirectWriteTCPServer", "chunk_writer", "gathered_writes", "use_direct_writes"]
 
 #: Whether a socket's descriptor can be written with ``os.write`` (not on Windows).
 _WRITE_FD = os.name == "posix"
@@ -84,6 +90,9 @@ class DirectWriteTCPServer(TCPServer):
     _reading: trio.CancelScope | None = None
 
     async def run(self) -> None:
+        # The connection's tasks (its requests' apps among them) are started from this one
+        # and inherit its context: an app finds its connection here (chunk_writer).
+        _SERVING.set(self)
         idle = _IdleConnections.of(self.context)
         if idle is None:  # (a worker context not of the shape expected: hypercorn's own task)
             await super().run()
@@ -93,6 +102,42 @@ class DirectWriteTCPServer(TCPServer):
             await super().run()
         finally:
             idle.servers.discard(self)
+
+    def write_chunk_now(self, data: bytes) -> bool:
+        """Write ``data`` as one chunk of the HTTP/1.1 chunked body in progress, at once and
+        without waiting, if nothing stands in the way: no write of this connection in
+        progress, nothing gathered. False if nothing was written (write it the usual way:
+        the kernel takes nothing now, the connection is gone, or a write is under way).
+        True if it was: whole, or in part, the rest kept as gathered bytes, which the
+        connection's next write sends first (:attr:`pending`; :meth:`flush`). Empty data is
+        no chunk at all (an empty chunk would end the body): True, and nothing written.
+
+        For a writer that knows its response is an HTTP/1.1 chunked body under way (see
+        :func:`chunk_writer`); hypercorn's protocol does not see these bytes, which h11
+        does not count in a chunked body."""
+        if not data:
+            return True
+        stream: trio.abc.Stream = self.stream
+        if self._gathered or self.send_lock.locked() or not isinstance(stream, trio.SocketStream):
+            return False
+        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        try:
+            sent = os.write(stream.socket.fileno(), frame)
+        except OSError:  # full, reset, or closed: the usual write finds out and says so
+            return False
+        if sent < len(frame):
+            self._gathered = frame[sent:]
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes gathered (or left by :meth:`write_chunk_now`) wait to be written."""
+        return bool(self._gathered)
+
+    async def flush(self) -> None:
+        """Write what is :attr:`pending`, waiting for the client to take it if need be."""
+        if self._gathered:
+            await self._write(self._take_gathered())
 
     async def _read_data(self) -> None:
         # hypercorn's loop, its wait under the keep-alive deadline (see the module's doc), and
@@ -303,6 +348,22 @@ class _IdleConnections:
 _IDLE: weakref.WeakKeyDictionary[WorkerContext, _IdleConnections] = weakref.WeakKeyDictionary()
 
 _GATHERING: ContextVar[gathered_writes | None] = ContextVar("tokenrelay_gathering", default=None)
+
+#: The connection whose task (or whose request's app) this is.
+_SERVING: ContextVar[DirectWriteTCPServer | None] = ContextVar("tokenrelay_serving", default=None)
+
+
+def chunk_writer(scope: Mapping[str, Any]) -> DirectWriteTCPServer | None:
+    """The connection of the current request (``scope``, in its app's task), which can write
+    the chunks of its response's body at once (:meth:`DirectWriteTCPServer.write_chunk_now`):
+    when it is served by :class:`DirectWriteTCPServer` on plain TCP (on POSIX), over
+    HTTP/1.1, whose bodies without a length are chunked. ``None`` otherwise (HTTP/1.0 and
+    HTTP/2 frame bodies otherwise, TLS writes through its own stream)."""
+    server = _SERVING.get()
+    if server is None or scope.get("type") != "http" or scope.get("http_version") != "1.1":
+        return None
+    stream: trio.abc.Stream = server.stream  # (annotated by hypercorn as an SSLStream)
+    return server if isinstance(stream, trio.SocketStream) and _WRITE_FD else None
 
 
 class gathered_writes:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import trio
-from quart import Response
+from quart import Response, request
 
 from .._events import Event, RunStatus
 from .._exceptions import ReplayGap
@@ -17,6 +17,7 @@ from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
 from ._asgi import LastBody
 from ._errors import error_body, run_error_answer, run_error_response
+from ._hypercorn import DirectWriteTCPServer, chunk_writer
 from ._service import RelayService, Watch
 from ._sse import DONE, ChunkRenderer, sse_comment, sse_error, sse_retry
 
@@ -65,7 +66,9 @@ def sse_response(
     """A ``text/event-stream`` response following ``watch``'s run from ``after`` on. With
     ``accepted``, made before the upstream has accepted the run's request: its body waits
     for that, and answers with the HTTP error instead if the run failed before it."""
-    response = _event_stream(_stream(service, watch, after, accepted, headers), headers)
+    connection = chunk_writer(request.scope)
+    body = _stream(service, watch, after, accepted, headers, connection)
+    response = _event_stream(body, headers)
     response.timeout = None  # Quart's RESPONSE_TIMEOUT must not cut a long stream
     return response
 
@@ -89,7 +92,12 @@ async def _stream(
     after: int,
     accepted: trio.Event | None = None,
     headers: Mapping[str, str] | None = None,
+    connection: DirectWriteTCPServer | None = None,
 ) -> AsyncIterator[bytes]:
+    """The stream's body. On a ``connection`` that can write chunks at once, tokens are
+    written by the run's producer while this waits for them (:meth:`Subscription.receive_batch`'s
+    ``deliver``): this task wakes for what cannot be written so (the rest of a write the
+    kernel took in part, events behind one that waits), keep-alives and the end."""
     run = watch.run
     if accepted is not None:
         await accepted.wait()
@@ -122,10 +130,22 @@ async def _stream(
         else:
             yield comment
         watch.since = None
+
+        def deliver(events: list[Event]) -> bool:  # in the producer's task; never waits
+            assert connection is not None
+            renderer.name(info.get("model", ""), info.get("system_fingerprint"))
+            if not connection.write_chunk_now(renderer.events(events)):
+                return False
+            if connection.pending:  # the kernel took part of it: this task writes the rest
+                watch.sub.nudge()
+            return True
+
         while True:
             batch: list[Event] | None = None
             try:
-                batch = await service.next_batch(watch)
+                # (``retry`` rides on the first events written, by this task.)
+                offer = deliver if connection is not None and not retry else None
+                batch = await service.next_batch(watch, offer)
             except trio.EndOfChannel:
                 break
             except trio.ClosedResourceError:
@@ -135,7 +155,9 @@ async def _stream(
                 yield LastBody(retry + _gap_event(gap) + DONE)
                 return
             service.writing(watch)
-            if batch is None:
+            if batch is None and connection is not None and connection.pending:
+                await connection.flush()  # what the producer's write left
+            elif batch is None:
                 yield b": keep-alive\n\n"
             else:
                 # Coalesced: everything that was ready goes out in one write, under the

@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any, NoReturn, cast
 
@@ -370,7 +371,9 @@ class RelayService:
             watch.armed = True
             self._stalls.arm(now + timeout, weakref.ref(watch))
 
-    async def next_batch(self, watch: Watch) -> list[Event] | None:
+    async def next_batch(
+        self, watch: Watch, deliver: Callable[[list[Event]], bool] | None = None
+    ) -> list[Event] | None:
         """The next events of ``watch``'s subscription (``receive_batch()``, raising as it
         does), or ``None`` once ``keepalive`` seconds pass without any: a keep-alive comment
         is due.
@@ -378,7 +381,10 @@ class RelayService:
         A stream waits once per token, so the quiet spell is timed without a cancel scope per
         wait: one task for all streams (a :class:`Reaper`) checks each waiting stream once
         per ``keepalive`` seconds, and nudges the subscription of one that has been waiting
-        that long. (A subscription that cannot be nudged is waited on in a scope.)"""
+        that long. (A subscription that cannot be nudged is waited on in a scope.)
+
+        ``deliver``: what events appended during the wait are offered to
+        (:meth:`Subscription.receive_batch`). Those it takes restart the quiet spell."""
         sub = watch.sub
         keepalive = self.config.keepalive
         now = trio.current_time()
@@ -390,8 +396,18 @@ class RelayService:
         if not watch.keepalive_armed:
             watch.keepalive_armed = True
             self._keepalives.arm(now + keepalive, weakref.ref(watch))
+        offered = None
+        if deliver is not None:
+            write = deliver
+
+            def offered(events: list[Event]) -> bool:
+                taken = write(events)
+                if taken:
+                    watch.idle_since = trio.current_time()
+                return taken
+
         try:
-            batch = await sub.receive_batch()
+            batch = await sub.receive_batch(deliver=offered)
         finally:
             watch.idle_since = None
         return batch or None

@@ -1,0 +1,173 @@
+"""A stream's tokens written by its run's producer: over HTTP/1.1 on plain TCP, while the
+response's task waits for the next events, the producer writes each one as a chunk of the
+response's body at once (``Subscription.receive_batch``'s ``deliver``; server/_responses.py
+and ``DirectWriteTCPServer.write_chunk_now``). The response's own task writes the opening,
+what the kernel takes only in part, keep-alives and the end; HTTP/1.0 streams are its own.
+Raw sockets and httpx2 against the real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import httpx2
+import pytest
+import trio
+
+from _helpers import bounded
+from _server_helpers import (
+    SSEReader,
+    chat,
+    chunked_body,
+    record_writes,
+    seqs,
+    start_served,
+    text_of,
+)
+from tokenrelay.server._hypercorn import DirectWriteTCPServer
+from tokenrelay.testing import FakeModelServer, FakeScript
+from tokenrelay.upstreams._lines import LineSplitter, SSEEvent, SSEParser
+
+#: Far enough apart that the response's task is waiting when each arrives.
+PACED = FakeScript(tokens=[f"tok{i} " for i in range(8)], prefill=0.05, interval=0.05)
+
+
+def producer_tasks(tasks: list[str]) -> list[bool]:
+    return [name.startswith("tokenrelay ") for name in tasks]
+
+
+async def stream_chat(url: str, model: str) -> tuple[list[SSEEvent], bytes]:
+    async with (
+        httpx2.AsyncClient(base_url=url) as client,
+        client.stream("POST", "/v1/chat/completions", json=chat(model=model)) as response,
+        SSEReader(response) as reader,
+    ):
+        assert response.http_version == "HTTP/1.1"
+        return await reader.all(), bytes(reader.raw)
+
+
+@bounded(20)
+async def test_each_token_is_written_by_the_runs_producer(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_server.add_model("paced", PACED)
+    served = await start_served(nursery, fake_server)
+    tasks: list[str] = []
+    writes = record_writes(monkeypatch, served.url, tasks=tasks)
+    events, _ = await stream_chat(served.url, "paced")
+    assert text_of(events) == "".join(PACED.tokens)
+    assert seqs(events) == list(range(9))  # eight tokens and the finish
+    tokens = [(task, data) for task, data in zip(producer_tasks(tasks), writes, strict=True)]
+    by_producer = [data for mine, data in tokens if mine]
+    # Every token (and the finish) but the first, which may ride on the opening: one write
+    # each, one chunk of the body, written by the producer.
+    assert len(by_producer) >= 8
+    for data in by_producer:
+        size, _, rest = data.partition(b"\r\n")
+        assert int(size, 16) == len(rest) - 2
+        assert rest.startswith(b"id: ")
+        assert rest.endswith(b"\n\n\r\n")
+    # The response's own task wrote the opening (the head with it) and the end.
+    assert tokens[0][0] is False
+    assert tokens[0][1].startswith(b"HTTP/1.1 200")
+    assert tokens[-1][0] is False
+    assert tokens[-1][1].endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+@bounded(20)
+async def test_an_http_1_0_stream_is_written_by_its_own_task(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTTP/1.0 has no chunks: the body ends with the connection, and every write is the
+    # response's task's, through hypercorn.
+    fake_server.add_model("paced", PACED)
+    served = await start_served(nursery, fake_server)
+    tasks: list[str] = []
+    record_writes(monkeypatch, served.url, tasks=tasks)
+    body = json.dumps(chat(model="paced")).encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /v1/chat/completions HTTP/1.0\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(request)
+        received = bytearray()
+        while data := await stream.receive_some(1 << 16):
+            received += data
+    head, _, raw = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    events = parse_sse(raw)
+    assert text_of(events) == "".join(PACED.tokens)
+    assert events[-1].data == "[DONE]"
+    assert tasks
+    assert not any(producer_tasks(tasks))
+
+
+@bounded(30)
+async def test_a_chunk_the_kernel_takes_in_part_is_finished_by_the_streams_task(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tokens of 256 KiB to a client that reads nothing at first: the socket takes only
+    # part of the first the producer writes (its buffers are smaller); the stream's task
+    # writes the rest, waiting for the client, and the stream goes on whole and in order.
+    big = [f"{i}" * (256 << 10) for i in range(8)]
+    fake_server.add_model("big", FakeScript(tokens=big, prefill=0.05, interval=0.05))
+    served = await start_served(nursery, fake_server)
+    flushed = trio.Event()
+    flush = DirectWriteTCPServer.flush
+
+    async def recording_flush(self: DirectWriteTCPServer) -> None:
+        if self.pending:
+            flushed.set()
+        await flush(self)
+
+    monkeypatch.setattr(DirectWriteTCPServer, "flush", recording_flush)
+    tasks: list[str] = []
+    record_writes(monkeypatch, served.url, tasks=tasks)
+    body = json.dumps(chat(model="big")).encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, int(port)))
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(request)
+        await flushed.wait()
+        received = bytearray()
+        while data := await stream.receive_some(1 << 16):
+            received += data
+    events = parse_sse(chunked_body(bytes(received)))
+    assert text_of(events) == "".join(big)
+    assert seqs(events) == list(range(9))
+    assert events[-1].data == "[DONE]"
+    assert any(producer_tasks(tasks))
+
+
+@bounded(20)
+async def test_tokens_written_by_the_producer_keep_the_stream_from_its_keep_alives(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    # The stream's task waits across all the tokens; they restart its quiet spell: no
+    # keep-alive comment while tokens come more often than keepalive.
+    script = FakeScript(tokens=[f"t{i} " for i in range(16)], prefill=0.05, interval=0.05)
+    fake_server.add_model("paced", script)
+    served = await start_served(nursery, fake_server, keepalive=0.2)
+    events, raw = await stream_chat(served.url, "paced")
+    assert text_of(events) == "".join(script.tokens)
+    assert b"keep-alive" not in raw
+
+
+def parse_sse(raw: bytes) -> list[SSEEvent]:
+    splitter, parser = LineSplitter(1 << 22), SSEParser()
+    events = []
+    for line in [*splitter.feed(raw), *splitter.close()]:
+        event: Any = parser.feed_line(line)
+        if event is not None:
+            events.append(event)
+    return events

@@ -15,6 +15,7 @@ import httpx2
 import pytest
 import trio
 
+import tokenrelay
 from _helpers import bounded
 from _server_helpers import (
     SSEReader,
@@ -22,6 +23,7 @@ from _server_helpers import (
     chunked_body,
     record_writes,
     seqs,
+    serve_app,
     start_served,
     text_of,
 )
@@ -138,7 +140,8 @@ async def test_a_chunk_the_kernel_takes_in_part_is_finished_by_the_streams_task(
     await sock.connect((host, int(port)))
     async with trio.SocketStream(sock) as stream:
         await stream.send_all(request)
-        await flushed.wait()
+        with trio.fail_after(10):  # (a kernel that took every chunk whole would not do)
+            await flushed.wait()
         received = bytearray()
         while data := await stream.receive_some(1 << 16):
             received += data
@@ -161,6 +164,65 @@ async def test_tokens_written_by_the_producer_keep_the_stream_from_its_keep_aliv
     events, raw = await stream_chat(served.url, "paced")
     assert text_of(events) == "".join(script.tokens)
     assert b"keep-alive" not in raw
+
+
+@bounded(20)
+async def test_a_stream_answering_head_has_no_body(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    # hypercorn writes no body for HEAD (werkzeug answers HEAD on every GET route), and
+    # neither does the producer.
+    fake_server.add_model("paced", PACED)
+    served = await start_served(nursery, fake_server)
+    async with httpx2.AsyncClient(base_url=served.url) as client:
+        payload = chat(model="paced")
+        headers = {"X-Session-Id": "s"}
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=payload, headers=headers
+        ) as response:
+            assert response.status_code == 200
+            host, port = served.url.removeprefix("http://").split(":")
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                await stream.send_all(
+                    f"HEAD /v1/sessions/s/stream HTTP/1.1\r\nHost: {host}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                received = bytearray()
+                while data := await stream.receive_some(1 << 16):
+                    received += data
+            await response.aread()
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert rest == b""
+
+
+@bounded(20)
+async def test_a_middleware_around_the_app_sees_every_byte(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_server.add_model("paced", PACED)
+    app = tokenrelay.create_app(
+        tokenrelay.ServerConfig(upstream=f"openai={fake_server.openai_url}", db=":memory:")
+    )
+    seen = bytearray()
+    inner = app.asgi_app
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        async def send_recorded(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                seen.extend(message.get("body", b""))
+            await send(message)
+
+        await inner(scope, receive, send_recorded)
+
+    app.asgi_app = recording  # type: ignore[method-assign]
+    url = await serve_app(nursery, app)
+    tasks: list[str] = []
+    record_writes(monkeypatch, url, tasks=tasks)
+    events, raw = await stream_chat(url, "paced")
+    assert text_of(events) == "".join(PACED.tokens)
+    assert bytes(seen) == raw
+    assert not any(producer_tasks(tasks))
 
 
 def parse_sse(raw: bytes) -> list[SSEEvent]:

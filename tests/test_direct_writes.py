@@ -22,7 +22,13 @@ from hypercorn.events import Event, RawData
 
 from _helpers import bounded
 from _server_helpers import chunked_body, record_writes
-from tokenrelay.server._hypercorn import DirectWriteTCPServer, gathered_writes, use_direct_writes
+from tokenrelay.server._hypercorn import (
+    DirectWriteTCPServer,
+    chunk_writer,
+    gathered_writes,
+    note_connection,
+    use_direct_writes,
+)
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -444,3 +450,84 @@ async def test_a_pipelined_request_is_not_cut_by_the_keep_alive_timeout(
                 data = await stream.receive_some()
                 assert data, f"cut after {received!r}"
                 received += data
+
+
+class PartialChunkApp:
+    """Writes a 256 KiB chunk with ``write_chunk_now`` to a client that reads nothing yet:
+    the kernel takes part of it, the rest is pending. A flush cancelled before it writes
+    must keep it pending; then it is flushed, and the body ends."""
+
+    def __init__(self) -> None:
+        self.kept = False
+        self.written = trio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        note_connection(scope, send)  # as the relay's ASGI wrapper does
+        server = chunk_writer(scope)
+        assert server is not None
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"head", "more_body": True})
+        assert server.write_chunk_now(chunk(0, 256 << 10))
+        assert server.pending, "the kernel took 256 KiB at once: no partial write to test"
+        with trio.CancelScope() as scope_:
+            scope_.cancel()
+            await server.flush()
+        self.kept = server.pending
+        self.written.set()
+        await server.flush()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@bounded(10)
+async def test_a_flush_cancelled_before_it_writes_keeps_what_is_pending(
+    nursery: trio.Nursery,
+) -> None:
+    app = PartialChunkApp()
+    port = await serve(nursery, app)
+    async with await client_stream(port, receive_buffer=4096) as stream:
+        await stream.send_all(REQUEST)
+        await app.written.wait()
+        response = await read_response(stream)
+    assert app.kept
+    assert chunked_body(response) == b"head" + chunk(0, 256 << 10)
+
+
+async def test_chunks_are_written_at_once_only_for_a_body_of_http_1_1_from_hypercorn(
+    nursery: trio.Nursery,
+) -> None:
+    seen: dict[tuple[str, str, bool], bool] = {}
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        wrapped = scope["path"] == "/wrapped"
+
+        async def through(message: dict[str, Any]) -> None:
+            await send(message)
+
+        note_connection(scope, through if wrapped else send)
+        key = (scope["http_version"], scope["method"], wrapped)
+        seen[key] = chunk_writer(scope) is not None
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    port = await serve(nursery, app)
+    for request in (
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET /wrapped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ):
+        async with await client_stream(port) as stream:
+            await stream.send_all(request)
+            await read_response(stream)
+    assert seen == {
+        ("1.1", "GET", False): True,
+        ("1.1", "HEAD", False): False,  # a response to HEAD has no body
+        ("1.0", "GET", False): False,  # no chunks in HTTP/1.0
+        ("1.1", "GET", True): False,  # a wrapper between hypercorn and the app sees it all
+    }

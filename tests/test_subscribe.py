@@ -216,6 +216,45 @@ async def test_a_waiting_reader_can_take_events_in_the_producers_task(
             assert len(offered) == 3
 
 
+async def test_a_reader_is_offered_one_event_per_step_of_the_producer(
+    autojump_clock: MockClock,
+) -> None:
+    # What one read brings is emitted in one step: the first is offered, the rest wake the
+    # reader, which takes them together.
+    async def produce(emit: Emit) -> None:
+        await trio.sleep(1.0)
+        for i in range(4):
+            await emit(f"a{i}")
+
+    offered: list[list[str]] = []
+
+    def deliver(events: list[Event]) -> bool:
+        offered.append(data(events))
+        return True
+
+    async with tokenrelay.open_relay() as relay:
+        await relay.start("s", produce)
+        async with relay.subscribe("s") as sub:
+            assert data(await sub.receive_batch(deliver=deliver)) == ["a1", "a2", "a3"]
+    assert offered == [["a0"]]
+
+
+@pytest.mark.parametrize("taken", [True, False])
+async def test_a_deliver_may_close_its_subscription(autojump_clock: MockClock, taken: bool) -> None:
+    async with tokenrelay.open_relay() as relay:
+        run = await relay.start("s", piped(ScriptedUpstream(TOKENS, prefill=1.0, interval=0.1)))
+        async with relay.subscribe("s") as other, relay.subscribe("s") as sub:
+
+            def deliver(events: list[Event]) -> bool:
+                sub.close()
+                return taken
+
+            with pytest.raises(trio.ClosedResourceError):
+                await sub.receive_batch(deliver=deliver)
+            assert data(await read_all(other)) == TOKENS
+        assert run.status is RunStatus.DONE
+
+
 async def test_a_reader_whose_wait_was_cancelled_is_offered_nothing(
     autojump_clock: MockClock,
 ) -> None:

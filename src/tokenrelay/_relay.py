@@ -226,8 +226,9 @@ class Run:
         # that only emits cannot starve the others. A producer reading a model server waits
         # for its socket between reads anyway: it then never yields here, and what one read
         # brings (often several tokens, under load) reaches a reader as one batch, one write
-        # to its client. (trio counts each task's schedule points in the private
-        # ``Task._schedule_points``; where that is missing, every emit yields.)
+        # to its client (or the first in the producer's own write, see receive_batch's
+        # deliver, and the rest as one batch). (trio counts each task's schedule points in
+        # the private ``Task._schedule_points``; where that is missing, every emit yields.)
         task = trio.lowlevel.current_task()
         points = schedule_points(task)
         mark = self._mark
@@ -319,11 +320,15 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
         subscription is past it and the wait goes on; if False, the event wakes this call
         as usual. For a writer whose write can be made without waiting: the token goes out
         in the producer's step, one trip through the scheduler sooner and one task step
-        fewer. It must never wait or block; an exception it raises is logged and counts as
-        False. It is called only while this call is still waiting, with nothing queued
-        before the event, so events stay in order; a run followed by many readers offers
-        each event to a few of them (the rest are woken). A store whose readers cannot offer
-        events (see :class:`~tokenrelay.LogReader`) never calls it.
+        fewer. It must never wait or block. An exception it raises is logged and counts as
+        False, and nothing more is offered in that wait.
+
+        It is offered one event per step of the producer, and only while this call is still
+        waiting, with nothing queued: events stay in order, and the others of a step (the
+        rest of one read from the model) wake this call, which takes them together. A run
+        followed by many readers offers each event to a few of them (the rest are woken).
+        A store whose readers cannot offer events (see :class:`~tokenrelay.LogReader`), or a
+        trio that does not count a task's schedule points, never calls it.
         """
         if self._closed:
             raise trio.ClosedResourceError("this subscription was closed")

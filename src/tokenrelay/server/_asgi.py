@@ -42,7 +42,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-from ._hypercorn import gathered_writes
+from ._hypercorn import gathered_writes, note_connection
 
 __all__ = [
     "CloseConnections",
@@ -95,6 +95,7 @@ class CloseConnections:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        note_connection(scope, send)
         headers = {name.lower(): value for name, value in scope["headers"]}
         if b"content-length" in headers and b"transfer-encoding" in headers:
             await _refuse_ambiguous_length(send)

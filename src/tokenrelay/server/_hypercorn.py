@@ -57,20 +57,28 @@ import contextlib
 import math
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
+from hypercorn.typing import Scope
 
 from .._steps import schedule_points, yielded_since
 
-__all__ = ["DirectWriteTCPServer", "chunk_writer", "gathered_writes", "use_direct_writes"]
+__all__ = [
+    "DirectWriteTCPServer",
+    "chunk_writer",
+    "gathered_writes",
+    "note_connection",
+    "use_direct_writes",
+]
 
 #: Whether a socket's descriptor can be written with ``os.write`` (not on Windows).
 _WRITE_FD = os.name == "posix"
@@ -91,7 +99,7 @@ class DirectWriteTCPServer(TCPServer):
 
     async def run(self) -> None:
         # The connection's tasks (its requests' apps among them) are started from this one
-        # and inherit its context: an app finds its connection here (chunk_writer).
+        # and inherit its context: an app finds its connection there (note_connection).
         _SERVING.set(self)
         idle = _IdleConnections.of(self.context)
         if idle is None:  # (a worker context not of the shape expected: hypercorn's own task)
@@ -134,10 +142,16 @@ class DirectWriteTCPServer(TCPServer):
         """Whether bytes gathered (or left by :meth:`write_chunk_now`) wait to be written."""
         return bool(self._gathered)
 
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`write_chunk_now` would try to write now: no write under way and
+        nothing gathered."""
+        return not self._gathered and not self.send_lock.locked()
+
     async def flush(self) -> None:
         """Write what is :attr:`pending`, waiting for the client to take it if need be."""
         if self._gathered:
-            await self._write(self._take_gathered())
+            await self._write(b"")
 
     async def _read_data(self) -> None:
         # hypercorn's loop, its wait under the keep-alive deadline (see the module's doc), and
@@ -227,7 +241,7 @@ class DirectWriteTCPServer(TCPServer):
         plain = isinstance(self.stream, trio.SocketStream)
         if type(event) is not RawData or not plain:
             if self._gathered:  # (Closed, say: what was gathered goes out first)
-                await self._write(self._take_gathered())
+                await self._write(b"")
             await super().protocol_send(event)
             return
         gathering = _GATHERING.get()
@@ -236,16 +250,16 @@ class DirectWriteTCPServer(TCPServer):
             gathering._servers[self] = None
             self._gathered += event.data
             return
-        data = event.data
-        if self._gathered:
-            data = self._take_gathered() + data
-        await self._write(data)
+        await self._write(event.data)
 
     def _take_gathered(self) -> bytes:
         data, self._gathered = self._gathered, b""
         return data
 
     async def _write(self, data: bytes) -> None:
+        """Write what is gathered, then ``data``. Cancellable only before any byte is
+        written (what was gathered then stays gathered); once writing, it waits (shielded)
+        for the client to take it all, as hypercorn's own write does."""
         global _last_write
         stream: trio.abc.Stream = self.stream
         assert isinstance(stream, trio.SocketStream)
@@ -253,10 +267,15 @@ class DirectWriteTCPServer(TCPServer):
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:  # a write in progress: wait for it as hypercorn does
-            await super().protocol_send(RawData(data=data))
-            return
+            await lock.acquire()
+            waited = True
+        else:
+            waited = False
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()  # nothing is written if cancelled
+            if not waited:
+                await trio.lowlevel.checkpoint_if_cancelled()  # nothing is written if cancelled
+            if self._gathered:  # (taken only now, past the last point of cancellation)
+                data = self._take_gathered() + data
             try:
                 sent = os.write(stream.socket.fileno(), data) if data and _WRITE_FD else 0
             except BlockingIOError:  # the socket's buffer is full: wait below
@@ -349,18 +368,39 @@ _IDLE: weakref.WeakKeyDictionary[WorkerContext, _IdleConnections] = weakref.Weak
 
 _GATHERING: ContextVar[gathered_writes | None] = ContextVar("tokenrelay_gathering", default=None)
 
-#: The connection whose task (or whose request's app) this is.
+#: The connection whose task this is (set by the connection's task; each of its requests'
+#: apps is started from it, and :func:`note_connection` takes it from there).
 _SERVING: ContextVar[DirectWriteTCPServer | None] = ContextVar("tokenrelay_serving", default=None)
 
+#: The scope's key for the connection that can write its response's chunks at once.
+_CHUNKS = "tokenrelay.chunk_writer"
 
-def chunk_writer(scope: Mapping[str, Any]) -> DirectWriteTCPServer | None:
-    """The connection of the current request (``scope``, in its app's task), which can write
-    the chunks of its response's body at once (:meth:`DirectWriteTCPServer.write_chunk_now`):
-    when it is served by :class:`DirectWriteTCPServer` on plain TCP (on POSIX), over
-    HTTP/1.1, whose bodies without a length are chunked. ``None`` otherwise (HTTP/1.0 and
-    HTTP/2 frame bodies otherwise, TLS writes through its own stream)."""
+
+def note_connection(scope: Scope, send: Callable[..., object]) -> None:
+    """At the start of a request's ASGI call, in its app's task: note in ``scope`` the
+    :class:`DirectWriteTCPServer` connection the request came in on, if ``send`` is
+    hypercorn's own (no middleware between the connection and this call: one that sees the
+    response's bytes must see all of them; and an app called in-process by another one,
+    through an ASGI transport, in a task of a connection of its own, is not that
+    connection's). Then forget it in this task's context: tasks the app starts (a run's
+    producer) need not hold on to the connection."""
     server = _SERVING.get()
-    if server is None or scope.get("type") != "http" or scope.get("http_version") != "1.1":
+    if server is None:
+        return
+    _SERVING.set(None)
+    if getattr(send, "__func__", None) is HTTPStream.app_send:
+        cast(dict[str, Any], scope)[_CHUNKS] = server
+
+
+def chunk_writer(scope: Scope) -> DirectWriteTCPServer | None:
+    """The connection of the request of ``scope`` (noted by :func:`note_connection`), when
+    it can write the chunks of the response's body at once
+    (:meth:`DirectWriteTCPServer.write_chunk_now`): served by :class:`DirectWriteTCPServer`
+    on plain TCP (on POSIX), over HTTP/1.1, whose bodies without a length are chunked, and
+    with a body at all (not for ``HEAD``). ``None`` otherwise (HTTP/1.0 and HTTP/2 frame
+    bodies otherwise, TLS writes through its own stream)."""
+    server: DirectWriteTCPServer | None = cast(dict[str, Any], scope).get(_CHUNKS)
+    if server is None or scope.get("http_version") != "1.1" or scope.get("method") == "HEAD":
         return None
     stream: trio.abc.Stream = server.stream  # (annotated by hypercorn as an SSLStream)
     return server if isinstance(stream, trio.SocketStream) and _WRITE_FD else None
@@ -400,7 +440,7 @@ class gathered_writes:
         if exc_value is None:
             for server in self._servers:
                 if server._gathered:  # (unless another write took it already)
-                    await server._write(server._take_gathered())
+                    await server._write(b"")
 
 
 def use_direct_writes() -> bool:

@@ -133,11 +133,14 @@ async def _stream(
 
         def deliver(events: list[Event]) -> bool:  # in the producer's task; never waits
             assert connection is not None
+            if not connection.writable:
+                return False
             renderer.name(info.get("model", ""), info.get("system_fingerprint"))
             if not connection.write_chunk_now(renderer.events(events)):
                 return False
             if connection.pending:  # the kernel took part of it: this task writes the rest
                 watch.sub.nudge()
+            service.delivered(watch)
             return True
 
         while True:
@@ -216,8 +219,8 @@ def stored_response(
     """The stream of a run the relay no longer holds but its store does (it ended before a
     restart, or was interrupted by one): its stored events after ``after``, then the same
     ending a live reader got (an interrupted run ends with an error saying so)."""
-    request = stored.request or {}
-    options = request.get("stream_options")
+    asked = stored.request or {}
+    options = asked.get("stream_options")
     outcome = stored.outcome or {}
     renderer = ChunkRenderer(
         stored.id,
@@ -225,7 +228,7 @@ def stored_response(
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
     renderer.name(
-        outcome.get("model") or request.get("model") or "", outcome.get("system_fingerprint")
+        outcome.get("model") or asked.get("model") or "", outcome.get("system_fingerprint")
     )
     body = sse_comment(f"tokenrelay run {stored.id}") + sse_retry()
     body += renderer.events(events) if events else b""

@@ -384,7 +384,8 @@ class RelayService:
         that long. (A subscription that cannot be nudged is waited on in a scope.)
 
         ``deliver``: what events appended during the wait are offered to
-        (:meth:`Subscription.receive_batch`). Those it takes restart the quiet spell."""
+        (:meth:`Subscription.receive_batch`); it calls :meth:`delivered` for those it
+        takes."""
         sub = watch.sub
         keepalive = self.config.keepalive
         now = trio.current_time()
@@ -396,21 +397,16 @@ class RelayService:
         if not watch.keepalive_armed:
             watch.keepalive_armed = True
             self._keepalives.arm(now + keepalive, weakref.ref(watch))
-        offered = None
-        if deliver is not None:
-            write = deliver
-
-            def offered(events: list[Event]) -> bool:
-                taken = write(events)
-                if taken:
-                    watch.idle_since = trio.current_time()
-                return taken
-
         try:
-            batch = await sub.receive_batch(deliver=offered)
+            batch = await sub.receive_batch(deliver=deliver)
         finally:
             watch.idle_since = None
         return batch or None
+
+    def delivered(self, watch: Watch) -> None:
+        """Events of ``watch``'s stream were written while it waits (``next_batch``'s
+        ``deliver``): its quiet spell starts again."""
+        watch.idle_since = trio.current_time()
 
     def _keep_alive(self, ref: weakref.ref[Watch]) -> None:
         """Nudge the watch's stream if its wait has lasted ``keepalive`` seconds."""

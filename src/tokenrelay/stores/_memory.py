@@ -130,11 +130,16 @@ class MemoryRunLog:
             self._trim()
         lagging: list[_MemoryReader] | None = None
         offered = 0
-        for reader in self._live:
+        # (A copy: a reader's deliver may close readers, or open some.)
+        for reader in tuple(self._live):
             if reader._deliver is not None and offered < OFFERS_PER_APPEND:
-                offered += 1
-                if reader._offer(event):
-                    continue
+                taken = reader._offer(event)
+                if taken is not None:
+                    offered += 1
+                    if taken:
+                        continue
+            if not reader._live:  # closed meanwhile
+                continue
             try:
                 reader._send.send_nowait(event)
             except trio.WouldBlock:
@@ -222,13 +227,15 @@ OFFERS_PER_APPEND = 8
 
 
 class _MemoryReader:
-    __slots__ = ("_deliver", "_live", "_log", "_mark", "_next", "_recv", "_send")
+    __slots__ = ("_deliver", "_live", "_log", "_mark", "_next", "_offered", "_recv", "_send")
 
     def __init__(self, log: MemoryRunLog, start: int) -> None:
         self._log = log
         self._next = start
         #: What a waiting ``receive_batch_offering`` offers appended events to.
         self._deliver: Callable[[list[Event]], bool] | None = None
+        #: The producer's task and its count of schedule points at the last offer taken.
+        self._offered: tuple[int, int | None] = (0, None)
         #: The reading task and its count of schedule points when a batch was last handed
         #: out (see ``receive_batch``).
         self._mark: tuple[int, int | None] = (0, None)
@@ -317,24 +324,33 @@ class _MemoryReader:
             self._mark = (id(task), schedule_points(task))
             return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
 
-    def _offer(self, event: Event) -> bool:
+    def _offer(self, event: Event) -> bool | None:
         """In the producer's append: hand ``event`` to the waiting reader's ``deliver``.
-        True if it took it (the reader, still waiting, is past it); False if it is to be
-        queued as usual: the reader is not waiting any more (woken, or its wait cancelled),
-        has events queued, or ``deliver`` declined or failed."""
+        True if it took it (the reader, still waiting, is past it); False if it declined or
+        failed; ``None`` if it was not offered: the reader is not waiting any more (woken,
+        or its wait cancelled), or has events queued, or took one already in this step of
+        the producer (the others of one read, say, are then written together by the reader
+        they wake). Queue it as usual unless it was taken."""
+        if event.seq != self._next:
+            return None
+        task = trio.lowlevel.current_task()
+        points = schedule_points(task)
+        if points is None or self._offered == (id(task), points):
+            return None
+        state = self._send.statistics()
+        if not state.tasks_waiting_receive:  # (a waiting reader has nothing queued)
+            return None
         deliver = self._deliver
         assert deliver is not None
-        state = self._send.statistics()
-        if event.seq != self._next or state.current_buffer_used or not state.tasks_waiting_receive:
-            return False
         try:
             taken = deliver([event])
         except Exception as exc:  # never the producer's (nor the run's other readers') fault
-            self._deliver = None
+            self._deliver = None  # (for the rest of this wait)
             lifecycle("delivery_failed", logging.WARNING, run=self._log.run_id, error=repr(exc))
             return False
         if taken:
             self._next = event.seq + 1
+            self._offered = (id(task), points)
         return taken
 
     async def receive(self) -> Event:

@@ -70,6 +70,7 @@ class MemoryRunLog:
         "_max_events",
         "_nbytes",
         "_next",
+        "_offering",
         "_readers",
         "run_id",
     )
@@ -96,6 +97,8 @@ class MemoryRunLog:
         self._closed = False
         self._live: set[_MemoryReader] = set()
         self._readers: set[_MemoryReader] = set()
+        #: How many readers wait with a deliver (``receive_batch_offering``).
+        self._offering = 0
 
     @property
     def next_seq(self) -> int:
@@ -129,13 +132,34 @@ class MemoryRunLog:
         ):
             self._trim()
         lagging: list[_MemoryReader] | None = None
-        offered = 0
+        if self._offering:  # a reader waits with a deliver: the slower loop
+            lagging = self._offer_and_feed(event)
+        else:
+            for reader in self._live:
+                try:
+                    reader._send.send_nowait(event)
+                except trio.WouldBlock:
+                    lagging = lagging or []
+                    lagging.append(reader)
+        if lagging:
+            for reader in lagging:
+                self._live.discard(reader)
+                reader._live = False
+        if budget is not None and budget.cap is not None and budget.held > budget.cap:
+            budget.over()
+        return event
+
+    def _offer_and_feed(self, event: Event) -> list[_MemoryReader] | None:
+        """``append``'s feed of live readers, offering ``event`` first to those waiting
+        with a deliver (at most OFFERS_PER_APPEND offers). Returns the readers that lag."""
+        lagging: list[_MemoryReader] | None = None
+        offers = OFFERS_PER_APPEND
         # (A copy: a reader's deliver may close readers, or open some.)
         for reader in tuple(self._live):
-            if reader._deliver is not None and offered < OFFERS_PER_APPEND:
+            if reader._deliver is not None and offers:
                 taken = reader._offer(event)
                 if taken is not None:
-                    offered += 1
+                    offers -= 1
                     if taken:
                         continue
             if not reader._live:  # closed meanwhile
@@ -145,13 +169,7 @@ class MemoryRunLog:
             except trio.WouldBlock:
                 lagging = lagging or []
                 lagging.append(reader)
-        if lagging:
-            for reader in lagging:
-                self._live.discard(reader)
-                reader._live = False
-        if budget is not None and budget.cap is not None and budget.held > budget.cap:
-            budget.over()
-        return event
+        return lagging
 
     def _trim(self) -> None:
         max_events = self._max_events
@@ -280,14 +298,13 @@ class _MemoryReader:
             log._live.add(self)
         return batch
 
-    async def receive_batch(self, max_events: int = MAX_BATCH) -> list[Event]:
-        return await self.receive_batch_offering(max_events, None)
-
-    async def receive_batch_offering(
-        self, max_events: int, deliver: Callable[[list[Event]], bool] | None
+    async def receive_batch(
+        self,
+        max_events: int = MAX_BATCH,
+        deliver: Callable[[list[Event]], bool] | None = None,
     ) -> list[Event]:
-        """``receive_batch``; while it waits, each event appended is first offered to
-        ``deliver`` (see :meth:`Subscription.receive_batch`)."""
+        """While it waits, each event appended is first offered to ``deliver``, if given
+        (see :meth:`Subscription.receive_batch`)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         task = trio.lowlevel.current_task()
         entered = schedule_points(task)
@@ -308,14 +325,18 @@ class _MemoryReader:
                 if not yielded_since(task, entered):
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 raise trio.EndOfChannel
-            self._deliver = deliver
+            if deliver is not None:
+                self._deliver = deliver
+                self._log._offering += 1
             try:
                 event = await self._recv.receive()
             except trio.EndOfChannel:
                 self._live = False
                 continue
             finally:
-                self._deliver = None
+                if deliver is not None:
+                    self._deliver = None
+                    self._log._offering -= 1
             if event is _NUDGE:
                 return []
             if event.seq < self._next:
@@ -323,6 +344,9 @@ class _MemoryReader:
             self._next = event.seq + 1
             self._mark = (id(task), schedule_points(task))
             return [event, *self._take_ready(max_events - 1)] if max_events > 1 else [event]
+
+    #: ``receive_batch`` with a deliver (what LogReader calls the method).
+    receive_batch_offering = receive_batch
 
     def _offer(self, event: Event) -> bool | None:
         """In the producer's append: hand ``event`` to the waiting reader's ``deliver``.

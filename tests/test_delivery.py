@@ -87,18 +87,11 @@ async def test_an_http_1_0_stream_is_written_by_its_own_task(
     served = await start_served(nursery, fake_server)
     tasks: list[str] = []
     record_writes(monkeypatch, served.url, tasks=tasks)
-    body = json.dumps(chat(model="paced")).encode()
-    host, port = served.url.removeprefix("http://").split(":")
-    request = (
-        f"POST /v1/chat/completions HTTP/1.0\r\nHost: {host}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    async with await trio.open_tcp_stream(host, int(port)) as stream:
+    host, port, request = raw_chat(served.url, "paced", http="1.0")
+    async with await trio.open_tcp_stream(host, port) as stream:
         await stream.send_all(request)
-        received = bytearray()
-        while data := await stream.receive_some(1 << 16):
-            received += data
-    head, _, raw = bytes(received).partition(b"\r\n\r\n")
+        received = await read_to_end(stream)
+    head, _, raw = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert b"transfer-encoding" not in head.lower()
     events = parse_sse(raw)
@@ -129,23 +122,16 @@ async def test_a_chunk_the_kernel_takes_in_part_is_finished_by_the_streams_task(
     monkeypatch.setattr(DirectWriteTCPServer, "flush", recording_flush)
     tasks: list[str] = []
     record_writes(monkeypatch, served.url, tasks=tasks)
-    body = json.dumps(chat(model="big")).encode()
-    host, port = served.url.removeprefix("http://").split(":")
-    request = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    host, port, request = raw_chat(served.url, "big")
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((host, int(port)))
+    await sock.connect((host, port))
     async with trio.SocketStream(sock) as stream:
         await stream.send_all(request)
         with trio.fail_after(10):  # (a kernel that took every chunk whole would not do)
             await flushed.wait()
-        received = bytearray()
-        while data := await stream.receive_some(1 << 16):
-            received += data
-    events = parse_sse(chunked_body(bytes(received)))
+        received = await read_to_end(stream)
+    events = parse_sse(chunked_body(received))
     assert text_of(events) == "".join(big)
     assert seqs(events) == list(range(9))
     assert events[-1].data == "[DONE]"
@@ -181,17 +167,15 @@ async def test_a_stream_answering_head_has_no_body(
             "POST", "/v1/chat/completions", json=payload, headers=headers
         ) as response:
             assert response.status_code == 200
-            host, port = served.url.removeprefix("http://").split(":")
-            async with await trio.open_tcp_stream(host, int(port)) as stream:
+            host, port = host_and_port(served.url)
+            async with await trio.open_tcp_stream(host, port) as stream:
                 await stream.send_all(
                     f"HEAD /v1/sessions/s/stream HTTP/1.1\r\nHost: {host}\r\n"
                     "Connection: close\r\n\r\n".encode()
                 )
-                received = bytearray()
-                while data := await stream.receive_some(1 << 16):
-                    received += data
+                received = await read_to_end(stream)
             await response.aread()
-    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    head, _, rest = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert rest == b""
 
@@ -223,6 +207,31 @@ async def test_a_middleware_around_the_app_sees_every_byte(
     assert text_of(events) == "".join(PACED.tokens)
     assert bytes(seen) == raw
     assert not any(producer_tasks(tasks))
+
+
+def host_and_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def raw_chat(url: str, model: str, *, http: str = "1.1") -> tuple[str, int, bytes]:
+    """Where to send it, and a streaming chat request for ``model`` as raw bytes (HTTP/1.1
+    ones say ``Connection: close``: the response ends with the connection)."""
+    host, port = host_and_port(url)
+    body = json.dumps(chat(model=model)).encode()
+    close = "Connection: close\r\n" if http == "1.1" else ""
+    head = (
+        f"POST /v1/chat/completions HTTP/{http}\r\nHost: {host}\r\n{close}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return host, port, head.encode() + body
+
+
+async def read_to_end(stream: trio.SocketStream) -> bytes:
+    received = bytearray()
+    while data := await stream.receive_some(1 << 16):
+        received += data
+    return bytes(received)
 
 
 def parse_sse(raw: bytes) -> list[SSEEvent]:

@@ -49,18 +49,26 @@ async def stream_chat(url: str, model: str) -> tuple[list[SSEEvent], bytes]:
         return await reader.all(), bytes(reader.raw)
 
 
+async def serve_paced(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, list[bytes], list[str]]:
+    """The relay in front of the ``paced`` model; its URL, and its writes from now on with
+    the name of the task that made each."""
+    fake_server.add_model("paced", PACED)
+    served = await start_served(nursery, fake_server)
+    tasks: list[str] = []
+    return served.url, record_writes(monkeypatch, served.url, tasks=tasks), tasks
+
+
 @bounded(20)
 async def test_each_token_is_written_by_the_runs_producer(
     nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_server.add_model("paced", PACED)
-    served = await start_served(nursery, fake_server)
-    tasks: list[str] = []
-    writes = record_writes(monkeypatch, served.url, tasks=tasks)
-    events, _ = await stream_chat(served.url, "paced")
+    url, writes, tasks = await serve_paced(nursery, fake_server, monkeypatch)
+    events, _ = await stream_chat(url, "paced")
     assert text_of(events) == "".join(PACED.tokens)
     assert seqs(events) == list(range(9))  # eight tokens and the finish
-    tokens = [(task, data) for task, data in zip(producer_tasks(tasks), writes, strict=True)]
+    tokens = list(zip(producer_tasks(tasks), writes, strict=True))
     by_producer = [data for mine, data in tokens if mine]
     # Every token (and the finish) but the first, which may ride on the opening: one write
     # each, one chunk of the body, written by the producer.
@@ -83,11 +91,8 @@ async def test_an_http_1_0_stream_is_written_by_its_own_task(
 ) -> None:
     # HTTP/1.0 has no chunks: the body ends with the connection, and every write is the
     # response's task's, through hypercorn.
-    fake_server.add_model("paced", PACED)
-    served = await start_served(nursery, fake_server)
-    tasks: list[str] = []
-    record_writes(monkeypatch, served.url, tasks=tasks)
-    host, port, request = raw_chat(served.url, "paced", http="1.0")
+    url, _, tasks = await serve_paced(nursery, fake_server, monkeypatch)
+    host, port, request = raw_chat(url, "paced", http="1.0")
     async with await trio.open_tcp_stream(host, port) as stream:
         await stream.send_all(request)
         received = await read_to_end(stream)

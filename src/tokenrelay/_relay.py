@@ -265,7 +265,7 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
         # at every wait.
         self._nudge: Callable[[], None] | None = getattr(reader, "nudge", None)
         self._ready: Callable[[int], list[Event]] | None = getattr(reader, "receive_ready", None)
-        self._offering: Callable[..., Awaitable[list[Event]]] | None = getattr(
+        self._batch_offering: Callable[..., Awaitable[list[Event]]] | None = getattr(
             reader, "receive_batch_offering", None
         )
 
@@ -332,8 +332,8 @@ class Subscription(trio.abc.ReceiveChannel[Event]):
         """
         if self._closed:
             raise trio.ClosedResourceError("this subscription was closed")
-        if deliver is not None and self._offering is not None:
-            return await self._offering(max_events, deliver)
+        if deliver is not None and self._batch_offering is not None:
+            return await self._batch_offering(max_events, deliver)
         return await self._reader.receive_batch(max_events)
 
     def receive_ready(self, max_events: int = MAX_BATCH) -> list[Event]:

@@ -1,8 +1,9 @@
 """A stream's tokens written by its run's producer: over HTTP/1.1 on plain TCP, while the
 response's task waits for the next events, the producer writes each one as a chunk of the
-response's body at once (``Subscription.receive_batch``'s ``deliver``; server/_responses.py
-and ``DirectWriteTCPServer.write_chunk_now``). The response's own task writes the opening,
-what the kernel takes only in part, keep-alives and the end; HTTP/1.0 streams are its own.
+response's body at once (``Subscription.receive_batch``'s ``deliver``; server/_responses.py,
+_responses_api.py and ``DirectWriteTCPServer.write_chunk_now``). The response's own task
+writes the opening, what the kernel takes only in part, keep-alives and the end; HTTP/1.0
+streams are its own.
 Raw sockets and httpx2 against the real server on 127.0.0.1."""
 
 from __future__ import annotations
@@ -212,6 +213,78 @@ async def test_a_middleware_around_the_app_sees_every_byte(
     assert text_of(events) == "".join(PACED.tokens)
     assert bytes(seen) == raw
     assert not any(producer_tasks(tasks))
+
+
+@bounded(20)
+async def test_each_responses_api_event_is_written_by_the_runs_producer(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Responses API's stream too: its renderer moves on with each event it renders, so
+    # each is rendered once, by the producer here, and numbered once.
+    url, writes, tasks = await serve_paced(nursery, fake_server, monkeypatch)
+    async with (
+        httpx2.AsyncClient(base_url=url) as client,
+        client.stream(
+            "POST", "/v1/responses", json={"model": "paced", "input": "hi", "stream": True}
+        ) as response,
+        SSEReader(response) as reader,
+    ):
+        events = await reader.all()
+    bodies = [json.loads(event.data) for event in events]
+    assert [body["sequence_number"] for body in bodies] == list(range(len(bodies)))
+    deltas = [body["delta"] for body in bodies if body["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == "".join(PACED.tokens)
+    assert bodies[-1]["type"] == "response.completed"
+    by_producer = [data for mine, data in zip(producer_tasks(tasks), writes, strict=True) if mine]
+    assert len(by_producer) >= len(PACED.tokens) - 1  # (the first may ride on the opening)
+    for data in by_producer:
+        size, _, rest = data.partition(b"\r\n")
+        assert int(size, 16) == len(rest) - 2
+        assert rest.startswith(b"event: response.")
+
+
+@bounded(30)
+async def test_a_responses_api_chunk_the_kernel_takes_in_part_is_finished_by_its_task(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for a chat stream, to a client that reads nothing at first: what the producer
+    # rendered and the kernel did not take is written by the stream's task, never rendered
+    # again (the events' numbers would repeat, and the text with them).
+    big = [f"{i}" * (256 << 10) for i in range(6)]
+    fake_server.add_model("big", FakeScript(tokens=big, prefill=0.05, interval=0.05))
+    served = await start_served(nursery, fake_server)
+    flushed = trio.Event()
+    flush = DirectWriteTCPServer.flush
+
+    async def recording_flush(self: DirectWriteTCPServer) -> None:
+        if self.pending:
+            flushed.set()
+        await flush(self)
+
+    monkeypatch.setattr(DirectWriteTCPServer, "flush", recording_flush)
+    tasks: list[str] = []
+    record_writes(monkeypatch, served.url, tasks=tasks)
+    host, port = host_and_port(served.url)
+    body = json.dumps({"model": "big", "input": "hi", "stream": True}).encode()
+    request = (
+        f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(request)
+        with trio.fail_after(10):  # (a kernel that took every chunk whole would not do)
+            await flushed.wait()
+        received = await read_to_end(stream)
+    bodies = [json.loads(event.data) for event in parse_sse(chunked_body(received))]
+    assert [body["sequence_number"] for body in bodies] == list(range(len(bodies)))
+    deltas = [body["delta"] for body in bodies if body["type"] == "response.output_text.delta"]
+    assert deltas == big
+    assert bodies[-1]["type"] == "response.completed"
+    assert bodies[-1]["response"]["output"][0]["content"][0]["text"] == "".join(big)
+    assert any(producer_tasks(tasks))
 
 
 def host_and_port(url: str) -> tuple[str, int]:

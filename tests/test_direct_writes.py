@@ -495,6 +495,54 @@ async def test_a_flush_cancelled_before_it_writes_keeps_what_is_pending(
     assert chunked_body(response) == b"head" + chunk(0, 256 << 10)
 
 
+class KeptChunkApp:
+    """Writes the head and a first piece, waits until its client has reset the connection,
+    then offers a chunk with ``write_chunk_now``: refused as it is, taken and kept with
+    ``keep``, for the flush to find the connection gone."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, object] = {}
+        self.done = trio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        note_connection(scope, send)
+        server = chunk_writer(scope)
+        assert server is not None
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"head", "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        try:
+            self.outcomes["plain"] = (server.write_chunk_now(b"lost"), server.pending)
+            self.outcomes["kept"] = (server.write_chunk_now(b"kept", keep=True), server.pending)
+            await server.flush()  # finds the connection gone, and says so to hypercorn
+            self.outcomes["flushed"] = server.pending
+        finally:
+            self.done.set()
+
+
+@bounded(10)
+async def test_a_chunk_kept_for_a_connection_gone_is_taken_and_the_flush_finds_it_gone(
+    nursery: trio.Nursery,
+) -> None:
+    # A writer whose rendering moves on with each event cannot have a chunk refused and
+    # make it again: with ``keep`` the chunk is taken even when the kernel takes nothing
+    # (here, the connection is gone), and the stream's own flush is the one to find out.
+    app = KeptChunkApp()
+    port = await serve(nursery, app)
+    async with await client_stream(port) as stream:
+        await stream.send_all(REQUEST)
+        received = b""
+        while not received.endswith(b"head\r\n"):
+            received += await stream.receive_some()
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await app.done.wait()  # (closed with a linger of 0: a reset)
+    assert app.outcomes == {"plain": (False, False), "kept": (True, True), "flushed": False}
+
+
 async def test_chunks_are_written_at_once_only_for_a_body_of_http_1_1_from_hypercorn(
     nursery: trio.Nursery,
 ) -> None:

@@ -111,14 +111,20 @@ class DirectWriteTCPServer(TCPServer):
         finally:
             idle.servers.discard(self)
 
-    def write_chunk_now(self, data: bytes) -> bool:
+    def write_chunk_now(self, data: bytes, *, keep: bool = False) -> bool:
         """Write ``data`` as one chunk of the HTTP/1.1 chunked body in progress, at once and
         without waiting, if nothing stands in the way: no write of this connection in
-        progress, nothing gathered. False if nothing was written (write it the usual way:
-        the kernel takes nothing now, the connection is gone, or a write is under way).
-        True if it was: whole, or in part, the rest kept as gathered bytes, which the
-        connection's next write sends first (:attr:`pending`; :meth:`flush`). Empty data is
-        no chunk at all (an empty chunk would end the body): True, and nothing written.
+        progress, nothing gathered (:attr:`writable`). False if nothing was written (write
+        it the usual way: a write is under way, the kernel takes nothing now, or the
+        connection is gone). True if it was: whole, or in part, the rest kept as gathered
+        bytes, which the connection's next write sends first (:attr:`pending`;
+        :meth:`flush`). Empty data is no chunk at all (an empty chunk would end the body):
+        True, and nothing written.
+
+        ``keep``: for a writer that cannot make the same bytes again (its rendering moves
+        on with each event): once :attr:`writable`, the chunk is always taken, a chunk the
+        kernel takes none of now (or that finds the connection gone) kept whole as gathered
+        bytes, for :meth:`flush` to write or to find the connection gone.
 
         For a writer that knows its response is an HTTP/1.1 chunked body under way (see
         :func:`chunk_writer`); hypercorn's protocol does not see these bytes, which h11
@@ -132,7 +138,9 @@ class DirectWriteTCPServer(TCPServer):
         try:
             sent = os.write(stream.socket.fileno(), frame)
         except OSError:  # full, reset, or closed: the usual write finds out and says so
-            return False
+            if not keep:
+                return False
+            sent = 0
         if sent < len(frame):
             self._gathered = frame[sent:]
         return True

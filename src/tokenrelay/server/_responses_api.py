@@ -46,6 +46,7 @@ from ._errors import (
     store_unavailable,
     too_large,
 )
+from ._hypercorn import DirectWriteTCPServer, chunk_writer
 from ._responses import INTERRUPTED, Polled
 from ._responses_input import (
     ResponsesRequest,
@@ -367,7 +368,8 @@ async def create_response() -> Response:
             service.unwatch(watch)
             return run_error_response(run, headers)
     if parsed.stream:
-        return _stream_response(_live_stream(service, watch, head, -1), headers)
+        connection = chunk_writer(request.scope)
+        return _stream_response(_live_stream(service, watch, head, -1, connection), headers)
     return await _whole(service, watch, head, headers)
 
 
@@ -441,12 +443,34 @@ def _sse(events: list[dict[str, Any]], after: int) -> bytes:
 
 
 async def _live_stream(
-    service: RelayService, watch: Watch, head: dict[str, Any], after: int
+    service: RelayService,
+    watch: Watch,
+    head: dict[str, Any],
+    after: int,
+    connection: DirectWriteTCPServer | None = None,
 ) -> AsyncIterator[bytes]:
     """The response's events after ``after``, rendered from the run's first event on: what
-    the log holds, then live, then the terminal event."""
+    the log holds, then live, then the terminal event. On a ``connection`` that can write
+    chunks at once, the run's producer writes the events while this waits, as for a chat
+    stream (``_responses._stream``). The renderer moves on with each event it renders, so
+    what it renders there is always taken: written, or kept for this task to write."""
     run = watch.run
     renderer = ResponseRenderer(head)
+
+    def deliver(events: list[Event]) -> bool:  # in the producer's task; never waits
+        assert connection is not None
+        if not connection.writable:
+            return False
+        rendered: list[dict[str, Any]] = []
+        for event in events:
+            rendered += renderer.feed(event.data)
+        connection.write_chunk_now(_sse(rendered, after), keep=True)
+        if connection.pending:  # the kernel took it in part, or not at all: this task writes
+            watch.sub.nudge()
+        service.delivered(watch)
+        return True
+
+    offer = deliver if connection is not None else None
     try:
         service.writing(watch)
         yield sse_comment(f"tokenrelay response {head['id']}") + _sse(renderer.start(), after)
@@ -454,7 +478,7 @@ async def _live_stream(
         while True:
             batch: list[Event] | None = None
             try:
-                batch = await service.next_batch(watch)
+                batch = await service.next_batch(watch, offer)
             except trio.EndOfChannel:
                 break
             except trio.ClosedResourceError:
@@ -463,7 +487,10 @@ async def _live_stream(
                 watch.ended = True
                 yield LastBody(_sse([renderer.error("replay_gap", str(gap))], after))
                 return
-            if batch is None:
+            if batch is None and connection is not None and connection.pending:
+                service.writing(watch)
+                await connection.flush()  # what the producer's write left
+            elif batch is None:
                 service.writing(watch)
                 yield b": keep-alive\n\n"
             else:
@@ -560,7 +587,8 @@ async def retrieve_response(response_id: str) -> Response:
         except ReplayGap as gap:
             invalid(str(gap), "events_no_longer_held")
         at_request_end(request.scope, lambda: service.unwatch(watch))
-        return _stream_response(_live_stream(service, watch, found.meta["head"], after), headers)
+        live = _live_stream(service, watch, found.meta["head"], after, chunk_writer(request.scope))
+        return _stream_response(live, headers)
     if found.stored is not None and found.stored.expired:
         fail(
             404,

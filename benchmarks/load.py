@@ -16,10 +16,18 @@ from urllib.parse import urlsplit
 import trio
 
 STAMP = re.compile(rb'@(\d+\.\d{6})"')
+#: In a Responses API stream, the stamps of its text deltas only (the events that close the
+#: text, and the response, carry the whole text again).
+DELTA_STAMP = re.compile(rb'"delta":"[^"]*@(\d+\.\d{6})"')
 
 
 async def stream(
-    host: str, port: int, request: bytes, delays: list[float], ttfts: list[float]
+    host: str,
+    port: int,
+    request: bytes,
+    delays: list[float],
+    ttfts: list[float],
+    stamp: re.Pattern[bytes] = STAMP,
 ) -> int:
     """One request; returns how many tokens arrived."""
     sock = await trio.open_tcp_stream(host, port)
@@ -34,7 +42,7 @@ async def stream(
                 break
             now = time.monotonic()
             buffer = tail + data
-            for match in STAMP.finditer(buffer):
+            for match in stamp.finditer(buffer):
                 if match.end() <= len(tail):
                     continue  # counted with the previous chunk
                 if tokens == 0:
@@ -50,9 +58,14 @@ async def stream(
 async def run(url: str, streams: int, model: str, path: str) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    body = json.dumps(
-        {"model": model, "stream": True, "messages": [{"role": "user", "content": "go"}]}
-    ).encode()
+    stamp = STAMP
+    if path == "/v1/responses":  # OpenAI's Responses API
+        body = json.dumps({"model": model, "stream": True, "input": "go"}).encode()
+        stamp = DELTA_STAMP
+    else:
+        body = json.dumps(
+            {"model": model, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+        ).encode()
     request = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -62,7 +75,7 @@ async def run(url: str, streams: int, model: str, path: str) -> dict[str, object
     counts: list[int] = []
 
     async def one() -> None:
-        counts.append(await stream(host, port, request, delays, ttfts))
+        counts.append(await stream(host, port, request, delays, ttfts, stamp))
 
     started = time.monotonic()
     async with trio.open_nursery() as nursery:

@@ -2,7 +2,8 @@
 sockets (so that the client costs as little as possible), timing every token against the
 stamp the fake model put on it when it sent it.
 
-Run: ``python -m benchmarks.load URL --streams N [--model M] [--openai-path P]``; prints JSON.
+Run: ``python -m benchmarks.load URL --streams N [--model M] [--path P] [--repeat R]``; prints
+JSON. ``--path /v1/responses`` loads OpenAI's Responses API, counting its text deltas.
 """
 
 from __future__ import annotations

@@ -50,16 +50,36 @@ class Ending:
     completed_at: int | None = None
 
 
+class _Text:
+    """Text that grows piece by piece, a piece per token: each piece is kept, and they are
+    joined when the text is read. (Growing a string held elsewhere copies all of it each
+    time: over a long answer, the copying grows with the square of its length.)"""
+
+    __slots__ = ("_pieces",)
+
+    def __init__(self) -> None:
+        self._pieces: list[str] = []
+
+    def add(self, piece: str) -> None:
+        self._pieces.append(piece)
+
+    def __str__(self) -> str:
+        pieces = self._pieces
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]  # read again, it is not joined again
+        return pieces[0] if pieces else ""
+
+
 @dataclass
 class _Item:
     kind: Literal["message", "reasoning", "function_call"]
     id: str
     status: str = "in_progress"
-    #: message: [part type, text] pairs (output_text, refusal); reasoning: one part.
-    parts: list[list[str]] = field(default_factory=list)
+    #: message: (part type, text) pairs (output_text, refusal); reasoning: one part.
+    parts: list[tuple[str, _Text]] = field(default_factory=list)
     call_id: str = ""
     name: str = ""
-    arguments: str = ""
+    arguments: _Text = field(default_factory=_Text)
     open: bool = True
 
     def shape(self) -> dict[str, Any]:
@@ -69,7 +89,7 @@ class _Item:
                 "type": "message",
                 "status": self.status,
                 "role": "assistant",
-                "content": [_part(kind, text) for kind, text in self.parts],
+                "content": [_part(kind, str(text)) for kind, text in self.parts],
             }
         if self.kind == "reasoning":
             return {
@@ -77,7 +97,7 @@ class _Item:
                 "type": "reasoning",
                 "status": self.status,
                 "summary": [],
-                "content": [_part(kind, text) for kind, text in self.parts],
+                "content": [_part(kind, str(text)) for kind, text in self.parts],
             }
         return {
             "id": self.id,
@@ -85,7 +105,7 @@ class _Item:
             "status": self.status,
             "call_id": self.call_id,
             "name": self.name,
-            "arguments": self.arguments,
+            "arguments": str(self.arguments),
         }
 
 
@@ -236,7 +256,7 @@ class ResponseRenderer:
             if item.parts:
                 self._close_part(item, out)
             self._open_part(item, kind, out)
-        item.parts[-1][1] += text
+        item.parts[-1][1].add(text)
         out.append(
             self._event(
                 _DELTA_EVENT[kind] + ".delta",
@@ -256,7 +276,7 @@ class ResponseRenderer:
             item = self._begin("reasoning", "rs")
             self._added(item, out)
             self._open_part(item, "reasoning_text", out)
-        item.parts[-1][1] += text
+        item.parts[-1][1].add(text)
         out.append(
             self._event(
                 "response.reasoning_text.delta",
@@ -286,7 +306,7 @@ class ResponseRenderer:
             item.name = function["name"]
         arguments = function.get("arguments") or ""
         if arguments:
-            item.arguments += arguments
+            item.arguments.add(arguments)
             out.append(
                 self._event(
                     "response.function_call_arguments.delta",
@@ -297,7 +317,7 @@ class ResponseRenderer:
             )
 
     def _open_part(self, item: _Item, kind: str, out: list[dict[str, Any]]) -> None:
-        item.parts.append([kind, ""])
+        item.parts.append((kind, _Text()))
         out.append(
             self._event(
                 "response.content_part.added",
@@ -309,7 +329,8 @@ class ResponseRenderer:
         )
 
     def _close_part(self, item: _Item, out: list[dict[str, Any]]) -> None:
-        kind, text = item.parts[-1]
+        kind, pieces = item.parts[-1]
+        text = str(pieces)
         where = {
             "item_id": item.id,
             "output_index": self.items.index(item),
@@ -331,7 +352,7 @@ class ResponseRenderer:
                     item_id=item.id,
                     output_index=self.items.index(item),
                     name=item.name,
-                    arguments=item.arguments,
+                    arguments=str(item.arguments),
                 )
             )
         elif item.parts:

@@ -9,7 +9,11 @@ Raw sockets and httpx2 against the real server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import httpx2
@@ -28,7 +32,9 @@ from _server_helpers import (
     start_served,
     text_of,
 )
+from tokenrelay.server import _hypercorn
 from tokenrelay.server._hypercorn import DirectWriteTCPServer
+from tokenrelay.server._responses_render import ResponseRenderer
 from tokenrelay.testing import FakeModelServer, FakeScript
 from tokenrelay.upstreams._lines import LineSplitter, SSEEvent, SSEParser
 
@@ -236,7 +242,7 @@ async def test_each_responses_api_event_is_written_by_the_runs_producer(
     assert "".join(deltas) == "".join(PACED.tokens)
     assert bodies[-1]["type"] == "response.completed"
     by_producer = [data for mine, data in zip(producer_tasks(tasks), writes, strict=True) if mine]
-    assert len(by_producer) >= len(PACED.tokens) - 1  # (the first may ride on the opening)
+    assert len(by_producer) >= len(PACED.tokens)  # (the opening is only the response's head)
     for data in by_producer:
         size, _, rest = data.partition(b"\r\n")
         assert int(size, 16) == len(rest) - 2
@@ -285,6 +291,115 @@ async def test_a_responses_api_chunk_the_kernel_takes_in_part_is_finished_by_its
     assert bodies[-1]["type"] == "response.completed"
     assert bodies[-1]["response"]["output"][0]["content"][0]["text"] == "".join(big)
     assert any(producer_tasks(tasks))
+
+
+def in_producer() -> bool:
+    return trio.lowlevel.current_task().name.startswith("tokenrelay ")
+
+
+async def stream_responses(url: str, model: str) -> list[dict[str, Any]]:
+    async with (
+        httpx2.AsyncClient(base_url=url) as client,
+        client.stream(
+            "POST", "/v1/responses", json={"model": model, "input": "hi", "stream": True}
+        ) as response,
+        SSEReader(response) as reader,
+    ):
+        return [json.loads(event.data) for event in await reader.all()]
+
+
+def check_responses_events(bodies: list[dict[str, Any]], tokens: list[str]) -> None:
+    """Each event once, in order, and the text whole."""
+    assert [body["sequence_number"] for body in bodies] == list(range(len(bodies)))
+    deltas = [body["delta"] for body in bodies if body["type"] == "response.output_text.delta"]
+    assert deltas == tokens
+    assert bodies[-1]["type"] == "response.completed"
+    assert bodies[-1]["response"]["output"][0]["content"][0]["text"] == "".join(tokens)
+
+
+def refuse_producer_writes(
+    monkeypatch: pytest.MonkeyPatch, refuse: Callable[[bytes], bool]
+) -> None:
+    """The producer's direct writes that ``refuse`` picks find the socket's buffer full
+    (``BlockingIOError``: the kernel takes none of the chunk). Over :func:`record_writes`,
+    if it was called first."""
+    real = _hypercorn.os.write
+
+    def write(fd: int, data: Any) -> int:
+        if in_producer() and refuse(bytes(data)):
+            raise BlockingIOError
+        return real(fd, data)
+
+    fake_os = SimpleNamespace(write=write, read=os.read, name=os.name)
+    monkeypatch.setattr(_hypercorn, "os", fake_os)
+
+
+@bounded(20)
+async def test_a_responses_api_chunk_the_kernel_takes_none_of_is_written_once(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The case ``keep`` is for: the producer rendered the events, and the kernel took none of
+    # them. They are kept and written by the stream's task, never rendered again. And the
+    # last ones, refused as the run ends (keep-alives racing), go out before the ending.
+    fake_server.add_model("paced", PACED)
+    served = await start_served(nursery, fake_server, keepalive=0.02)
+    refused: list[bytes] = []
+
+    def refuse(data: bytes) -> bool:
+        if len(refused) < 3 or b"tok7" in data:
+            refused.append(data)
+            return True
+        return False
+
+    tasks: list[str] = []
+    record_writes(monkeypatch, served.url, tasks=tasks)
+    refuse_producer_writes(monkeypatch, refuse)
+    bodies = await stream_responses(served.url, "paced")
+    assert len(refused) >= 4
+    assert any(b"tok7" in data for data in refused)
+    check_responses_events(bodies, PACED.tokens)
+    assert any(producer_tasks(tasks))
+
+
+@bounded(20)
+async def test_a_responses_api_deliver_failing_after_rendering_renders_nothing_again(
+    nursery: trio.Nursery,
+    fake_server: FakeModelServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Should the producer's rendering or write fail once the renderer has moved on, the
+    # events are not rendered again by the stream's task (their numbers would repeat, or
+    # skip): the stream ends with the error, as when its own rendering fails.
+    fake_server.add_model("paced", PACED)
+    served = await start_served(nursery, fake_server)
+    feed = ResponseRenderer.feed
+    raised: list[str] = []
+
+    def failing_feed(self: ResponseRenderer, data: str) -> list[dict[str, Any]]:
+        out = feed(self, data)
+        if in_producer() and not raised:
+            raised.append(data)
+            raise RuntimeError("boom")
+        return out
+
+    monkeypatch.setattr(ResponseRenderer, "feed", failing_feed)
+    host, port = host_and_port(served.url)
+    body = json.dumps({"model": "paced", "input": "hi", "stream": True}).encode()
+    request = (
+        f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    async with await trio.open_tcp_stream(host, port) as stream:
+        await stream.send_all(request)
+        received = await read_to_end(stream)
+    assert raised
+    # (A stream cut short by the error: its body's chunks end with the connection.)
+    bodies = [json.loads(data) for data in re.findall(rb"^data: (\{.*\})$", received, re.M)]
+    assert bodies
+    assert [body["sequence_number"] for body in bodies] == list(range(len(bodies)))
+    deltas = [body["delta"] for body in bodies if body["type"] == "response.output_text.delta"]
+    assert deltas == PACED.tokens[: len(deltas)]
+    assert len(deltas) < len(PACED.tokens)  # cut short by the error
 
 
 def host_and_port(url: str) -> tuple[str, int]:

@@ -32,8 +32,10 @@ passed one): a request's app task is started one trip through the scheduler soon
 A response's chunked body can also be written from outside its app's task
 (:meth:`DirectWriteTCPServer.write_chunk_now`, found with :func:`chunk_writer`): a relayed
 token is written by the run's producer, in the step that read it, while the stream's task
-waits (see ``server/_responses.py``). Only when the kernel takes it at once and nothing of
-the connection is under way or gathered; what it takes in part is kept as gathered bytes.
+waits (see ``server/_responses.py`` and ``server/_responses_api.py``). Only when nothing of
+the connection is under way or gathered; what the kernel takes in part is kept as gathered
+bytes, and so, for a writer that cannot make the same bytes again (``keep``), is a chunk it
+takes none of.
 
 And it times a connection's keep-alive without a task. hypercorn starts a task (through
 ``nursery.start``, a round trip through the scheduler, under a lock) each time a connection
@@ -122,18 +124,19 @@ class DirectWriteTCPServer(TCPServer):
         True, and nothing written.
 
         ``keep``: for a writer that cannot make the same bytes again (its rendering moves
-        on with each event): once :attr:`writable`, the chunk is always taken, a chunk the
-        kernel takes none of now (or that finds the connection gone) kept whole as gathered
-        bytes, for :meth:`flush` to write or to find the connection gone.
+        on with each event): on a :attr:`writable` connection the chunk is always taken, a
+        chunk the kernel takes none of now (or that finds the connection gone) kept whole
+        as gathered bytes, for :meth:`flush` to write or to find the connection gone.
 
         For a writer that knows its response is an HTTP/1.1 chunked body under way (see
         :func:`chunk_writer`); hypercorn's protocol does not see these bytes, which h11
         does not count in a chunked body."""
         if not data:
             return True
-        stream: trio.abc.Stream = self.stream
-        if self._gathered or self.send_lock.locked() or not isinstance(stream, trio.SocketStream):
+        if not self.writable:
             return False
+        stream: trio.abc.Stream = self.stream
+        assert isinstance(stream, trio.SocketStream)
         frame = b"%x\r\n%b\r\n" % (len(data), data)
         try:
             sent = os.write(stream.socket.fileno(), frame)
@@ -152,9 +155,14 @@ class DirectWriteTCPServer(TCPServer):
 
     @property
     def writable(self) -> bool:
-        """Whether :meth:`write_chunk_now` would try to write now: no write under way and
-        nothing gathered."""
-        return not self._gathered and not self.send_lock.locked()
+        """Whether :meth:`write_chunk_now` would try to write now: a plain TCP connection
+        with no write under way and nothing gathered."""
+        stream: trio.abc.Stream = self.stream
+        return (
+            not self._gathered
+            and not self.send_lock.locked()
+            and isinstance(stream, trio.SocketStream)
+        )
 
     async def flush(self) -> None:
         """Write what is :attr:`pending`, waiting for the client to take it if need be."""

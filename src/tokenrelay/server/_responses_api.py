@@ -453,23 +453,33 @@ async def _live_stream(
     the log holds, then live, then the terminal event. On a ``connection`` that can write
     chunks at once, the run's producer writes the events while this waits, as for a chat
     stream (``_responses._stream``). The renderer moves on with each event it renders, so
-    what it renders there is always taken: written, or kept for this task to write."""
+    what it renders there is always taken: written, or kept for this task to write; should
+    rendering or writing fail there, this task raises the error (the stream ends, as when
+    its own rendering fails), and the events are not rendered again."""
     run = watch.run
     renderer = ResponseRenderer(head)
 
     def deliver(events: list[Event]) -> bool:  # in the producer's task; never waits
         assert connection is not None
-        if not connection.writable:
+        if failed or not connection.writable:
             return False
-        rendered: list[dict[str, Any]] = []
-        for event in events:
-            rendered += renderer.feed(event.data)
-        connection.write_chunk_now(_sse(rendered, after), keep=True)
+        try:  # once the renderer has moved on, the events are taken, whatever happens next
+            rendered: list[dict[str, Any]] = []
+            for event in events:
+                rendered += renderer.feed(event.data)
+            taken = connection.write_chunk_now(_sse(rendered, after), keep=True)
+            assert taken  # (kept, on a writable connection, if not written)
+        except Exception as exc:  # raised by this stream's task: it ends as on its own render
+            failed.append(exc)
+            watch.sub.nudge()
+            return True
         if connection.pending:  # the kernel took it in part, or not at all: this task writes
             watch.sub.nudge()
         service.delivered(watch)
         return True
 
+    #: What ``deliver`` raised once it had rendered (those events are not rendered again).
+    failed: list[Exception] = []
     offer = deliver if connection is not None else None
     try:
         service.writing(watch)
@@ -487,6 +497,8 @@ async def _live_stream(
                 watch.ended = True
                 yield LastBody(_sse([renderer.error("replay_gap", str(gap))], after))
                 return
+            if failed:
+                raise failed[0]
             if batch is None and connection is not None and connection.pending:
                 service.writing(watch)
                 await connection.flush()  # what the producer's write left

@@ -121,28 +121,9 @@ async def test_a_chunk_the_kernel_takes_in_part_is_finished_by_the_streams_task(
     # part of the first the producer writes (its buffers are smaller); the stream's task
     # writes the rest, waiting for the client, and the stream goes on whole and in order.
     big = [f"{i}" * (256 << 10) for i in range(8)]
-    fake_server.add_model("big", FakeScript(tokens=big, prefill=0.05, interval=0.05))
-    served = await start_served(nursery, fake_server)
-    flushed = trio.Event()
-    flush = DirectWriteTCPServer.flush
-
-    async def recording_flush(self: DirectWriteTCPServer) -> None:
-        if self.pending:
-            flushed.set()
-        await flush(self)
-
-    monkeypatch.setattr(DirectWriteTCPServer, "flush", recording_flush)
-    tasks: list[str] = []
-    record_writes(monkeypatch, served.url, tasks=tasks)
-    host, port, request = raw_chat(served.url, "big")
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((host, port))
-    async with trio.SocketStream(sock) as stream:
-        await stream.send_all(request)
-        with trio.fail_after(10):  # (a kernel that took every chunk whole would not do)
-            await flushed.wait()
-        received = await read_to_end(stream)
+    received, tasks = await read_slowly_until_flushed(
+        nursery, fake_server, monkeypatch, big, lambda url: raw_chat(url, "big")
+    )
     events = parse_sse(chunked_body(received))
     assert text_of(events) == "".join(big)
     assert seqs(events) == list(range(9))
@@ -257,33 +238,9 @@ async def test_a_responses_api_chunk_the_kernel_takes_in_part_is_finished_by_its
     # rendered and the kernel did not take is written by the stream's task, never rendered
     # again (the events' numbers would repeat, and the text with them).
     big = [f"{i}" * (256 << 10) for i in range(6)]
-    fake_server.add_model("big", FakeScript(tokens=big, prefill=0.05, interval=0.05))
-    served = await start_served(nursery, fake_server)
-    flushed = trio.Event()
-    flush = DirectWriteTCPServer.flush
-
-    async def recording_flush(self: DirectWriteTCPServer) -> None:
-        if self.pending:
-            flushed.set()
-        await flush(self)
-
-    monkeypatch.setattr(DirectWriteTCPServer, "flush", recording_flush)
-    tasks: list[str] = []
-    record_writes(monkeypatch, served.url, tasks=tasks)
-    host, port = host_and_port(served.url)
-    body = json.dumps({"model": "big", "input": "hi", "stream": True}).encode()
-    request = (
-        f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((host, port))
-    async with trio.SocketStream(sock) as stream:
-        await stream.send_all(request)
-        with trio.fail_after(10):  # (a kernel that took every chunk whole would not do)
-            await flushed.wait()
-        received = await read_to_end(stream)
+    received, tasks = await read_slowly_until_flushed(
+        nursery, fake_server, monkeypatch, big, lambda url: raw_responses(url, "big")
+    )
     bodies = [json.loads(event.data) for event in parse_sse(chunked_body(received))]
     assert [body["sequence_number"] for body in bodies] == list(range(len(bodies)))
     deltas = [body["delta"] for body in bodies if body["type"] == "response.output_text.delta"]
@@ -383,12 +340,7 @@ async def test_a_responses_api_deliver_failing_after_rendering_renders_nothing_a
         return out
 
     monkeypatch.setattr(ResponseRenderer, "feed", failing_feed)
-    host, port = host_and_port(served.url)
-    body = json.dumps({"model": "paced", "input": "hi", "stream": True}).encode()
-    request = (
-        f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    host, port, request = raw_responses(served.url, "paced")
     async with await trio.open_tcp_stream(host, port) as stream:
         await stream.send_all(request)
         received = await read_to_end(stream)
@@ -400,6 +352,40 @@ async def test_a_responses_api_deliver_failing_after_rendering_renders_nothing_a
     deltas = [body["delta"] for body in bodies if body["type"] == "response.output_text.delta"]
     assert deltas == PACED.tokens[: len(deltas)]
     assert len(deltas) < len(PACED.tokens)  # cut short by the error
+
+
+async def read_slowly_until_flushed(
+    nursery: trio.Nursery,
+    fake_server: FakeModelServer,
+    monkeypatch: pytest.MonkeyPatch,
+    big: list[str],
+    request_for: Callable[[str], tuple[str, int, bytes]],
+) -> tuple[bytes, list[str]]:
+    """The relay in front of a ``big`` model answering ``big``, sent ``request_for(url)`` by a
+    client with a 4 KiB receive buffer that reads nothing until the stream's task flushes
+    what the producer's write left: the whole response, and the writing tasks' names."""
+    fake_server.add_model("big", FakeScript(tokens=big, prefill=0.05, interval=0.05))
+    served = await start_served(nursery, fake_server)
+    flushed = trio.Event()
+    flush = DirectWriteTCPServer.flush
+
+    async def recording_flush(self: DirectWriteTCPServer) -> None:
+        if self.pending:
+            flushed.set()
+        await flush(self)
+
+    monkeypatch.setattr(DirectWriteTCPServer, "flush", recording_flush)
+    tasks: list[str] = []
+    record_writes(monkeypatch, served.url, tasks=tasks)
+    host, port, request = request_for(served.url)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(request)
+        with trio.fail_after(10):  # (a kernel that took every chunk whole would not do)
+            await flushed.wait()
+        return await read_to_end(stream), tasks
 
 
 def host_and_port(url: str) -> tuple[str, int]:
@@ -415,6 +401,17 @@ def raw_chat(url: str, model: str, *, http: str = "1.1") -> tuple[str, int, byte
     close = "Connection: close\r\n" if http == "1.1" else ""
     head = (
         f"POST /v1/chat/completions HTTP/{http}\r\nHost: {host}\r\n{close}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return host, port, head.encode() + body
+
+
+def raw_responses(url: str, model: str) -> tuple[str, int, bytes]:
+    """As :func:`raw_chat`, a streaming Responses API request."""
+    host, port = host_and_port(url)
+    body = json.dumps({"model": model, "input": "hi", "stream": True}).encode()
+    head = (
+        f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return host, port, head.encode() + body

@@ -138,9 +138,7 @@ async def _stream(
             renderer.name(info.get("model", ""), info.get("system_fingerprint"))
             if not connection.write_chunk_now(renderer.events(events)):
                 return False
-            if connection.pending:  # the kernel took part of it: this task writes the rest
-                watch.sub.nudge()
-            service.delivered(watch)
+            service.delivered(watch, connection)  # (the rest of a part taken: this task's)
             return True
 
         while True:

@@ -473,9 +473,7 @@ async def _live_stream(
             failed.append(exc)
             watch.sub.nudge()
             return True
-        if connection.pending:  # the kernel took it in part, or not at all: this task writes
-            watch.sub.nudge()
-        service.delivered(watch)
+        service.delivered(watch, connection)  # (what the kernel did not take: this task's)
         return True
 
     #: What ``deliver`` raised once it had rendered (those events are not rendered again).

@@ -34,6 +34,7 @@ from ..upstreams._spec import open_upstream
 from ._auth import Keyring
 from ._config import ServerConfig
 from ._errors import fail, run_error
+from ._hypercorn import DirectWriteTCPServer
 from ._metrics import Metrics
 
 __all__ = ["EXTENSION", "RelayService", "Watch", "relay_service"]
@@ -403,9 +404,14 @@ class RelayService:
             watch.idle_since = None
         return batch or None
 
-    def delivered(self, watch: Watch) -> None:
-        """Events of ``watch``'s stream were written while it waits (``next_batch``'s
-        ``deliver``): its quiet spell starts again."""
+    def delivered(self, watch: Watch, connection: DirectWriteTCPServer) -> None:
+        """Events of ``watch``'s stream were written to ``connection`` while it waits
+        (``next_batch``'s ``deliver``, with ``write_chunk_now``): its quiet spell starts
+        again, and if the kernel did not take them all, the stream's task is woken to write
+        the rest (its ``next_batch`` returns ``None`` and it finds the connection
+        :attr:`~DirectWriteTCPServer.pending`)."""
+        if connection.pending:
+            watch.sub.nudge()
         watch.idle_since = trio.current_time()
 
     def _keep_alive(self, ref: weakref.ref[Watch]) -> None:

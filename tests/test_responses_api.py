@@ -14,6 +14,8 @@ import openai
 import pytest
 import trio
 import trio.testing
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import tokenrelay
 from _helpers import bounded
@@ -22,7 +24,7 @@ from test_durable import DEMO, serve, stopped, until_stored
 from test_readme import python_blocks
 from tokenrelay import RunStatus
 from tokenrelay.server._responses_api import _completed_at, _run_ending
-from tokenrelay.server._responses_render import Ending, ResponseRenderer
+from tokenrelay.server._responses_render import Ending, ResponseRenderer, encode_sse, sse_event
 from tokenrelay.testing import FakeModelServer, FakeScript
 from tokenrelay.upstreams._chat import Delta, ToolCallDelta, Usage
 from tokenrelay.upstreams._codec import encode_delta
@@ -608,6 +610,53 @@ def test_a_long_answer_s_text_is_whole_when_read_midway_and_at_its_end() -> None
     final = out[-1]["response"]
     assert final["output"][1]["content"][0]["text"] == "".join(pieces)
     assert final["output"][2]["arguments"] == "".join(f"{i}," for i in range(500))
+
+
+TEXTS = st.text(max_size=4) | st.sampled_from(['"', "\\", "\n", "\ud83d", "\ude00", "é"])
+DELTAS = st.one_of(
+    TEXTS.map(Delta),
+    TEXTS.map(lambda text: Delta(reasoning=text)),
+    TEXTS.map(lambda text: Delta(refusal=text)),
+    TEXTS.map(lambda text: Delta(text, logprobs={"content": []})),
+    st.builds(
+        lambda index, arguments: Delta(tool_calls=(ToolCallDelta(index, arguments=arguments),)),
+        st.integers(0, 1),
+        TEXTS,
+    ),
+    st.sampled_from(["stop", "length"]).map(lambda reason: Delta(finish_reason=reason)),
+    TEXTS.map(lambda text: Delta(text, choice=1)),
+    st.just(Delta(usage=Usage(3, 2))),
+)
+
+
+@given(
+    deltas=st.lists(DELTAS, max_size=12),
+    batch=st.integers(1, 4),
+    after=st.integers(-1, 30),
+)
+@example(deltas=[Delta("a"), Delta('b\n"é'), Delta(refusal="r"), Delta("c")], batch=2, after=3)
+@example(deltas=[Delta("a"), Delta("b"), Delta("c")], batch=3, after=5)  # after: "b"'s delta
+def test_a_stream_s_templated_deltas_are_the_events_feed_renders(
+    deltas: list[Delta], batch: int, after: int
+) -> None:
+    # A stream renders its text deltas from a template (ResponseRenderer.sse); every other
+    # rendering builds each event (feed) and encodes it. Fed the same log in batches, the
+    # stream's bytes are the same, whatever is numbered at or before ``after`` left out, and
+    # the response the two renderers end with is the same.
+    log = _log(*deltas)
+    head = {"id": "resp_x", "created_at": 1, "model": "m"}
+    built, templated = ResponseRenderer(head), ResponseRenderer(head)
+    built.start(), templated.start()
+    events: list[dict[str, Any]] = []
+    for data in log:
+        events += built.feed(data)
+    streamed = b"".join(templated.sse(log[i : i + batch], after) for i in range(0, len(log), batch))
+    expected = "".join(sse_event(e) for e in events if e["sequence_number"] > after)
+    assert streamed == encode_sse(expected)
+    assert templated.seq == built.seq
+    assert templated.snapshot() == built.snapshot()  # (read midway, a background poll's)
+    ending = Ending("done", completed_at=5)
+    assert templated.finish(ending) == built.finish(ending)
 
 
 # -- the store: after eviction, after a restart --------------------------------------------------

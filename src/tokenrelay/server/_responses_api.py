@@ -464,10 +464,8 @@ async def _live_stream(
         if failed or not connection.writable:
             return False
         try:  # once the renderer has moved on, the events are taken, whatever happens next
-            rendered: list[dict[str, Any]] = []
-            for event in events:
-                rendered += renderer.feed(event.data)
-            taken = connection.write_chunk_now(_sse(rendered, after), keep=True)
+            blob = renderer.sse([event.data for event in events], after)
+            taken = connection.write_chunk_now(blob, keep=True)
             assert taken  # (kept, on a writable connection, if not written)
         except Exception as exc:  # raised by this stream's task: it ends as on its own render
             failed.append(exc)
@@ -503,14 +501,9 @@ async def _live_stream(
             elif batch is None:
                 service.writing(watch)
                 yield b": keep-alive\n\n"
-            else:
-                events: list[dict[str, Any]] = []
-                for event in batch:
-                    events += renderer.feed(event.data)
-                blob = _sse(events, after)
-                if blob:
-                    service.writing(watch)
-                    yield blob
+            elif blob := renderer.sse([event.data for event in batch], after):
+                service.writing(watch)
+                yield blob
             watch.since = None
         watch.ended = True
         ending = _run_ending(run)
@@ -547,10 +540,7 @@ async def _remote_live_stream(
             if batch is None:
                 yield b": keep-alive\n\n"
                 continue
-            events: list[dict[str, Any]] = []
-            for event in batch:
-                events += renderer.feed(event.data)
-            if blob := _sse(events, after):
+            if blob := renderer.sse([event.data for event in batch], after):
                 yield blob
         info = await service.shared.info(found.remote.id)
         remote = RemoteRun(found.remote.id, found.remote.session_id, info, reader.ending, 0)

@@ -21,6 +21,7 @@ begins or the run ends. The stream opens with ``response.created`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,17 +54,35 @@ class Ending:
 class _Text:
     """Text that grows piece by piece, a piece per token: each piece is kept, and they are
     joined when the text is read. (Growing a string held elsewhere copies all of it each
-    time: over a long answer, the copying grows with the square of its length.)"""
+    time: over a long answer, the copying grows with the square of its length.) A stream's
+    pieces come as the JSON string literals the run logged them as (:meth:`add_json`), kept
+    as they are and decoded together when read."""
 
-    __slots__ = ("_pieces",)
+    __slots__ = ("_literals", "_pieces")
 
     def __init__(self) -> None:
         self._pieces: list[str] = []
+        #: JSON string literals added after the pieces, not decoded yet.
+        self._literals: list[str] = []
 
     def add(self, piece: str) -> None:
+        if self._literals:
+            self._decode()
         self._pieces.append(piece)
 
+    def add_json(self, literal: str) -> None:
+        """Add the text of a JSON string literal (one the run logged: valid JSON)."""
+        self._literals.append(literal)
+
+    def _decode(self) -> None:
+        # Each literal's inside is whole characters and escapes: they join into one literal.
+        literals = self._literals
+        self._pieces.append(json.loads(f'"{"".join([x[1:-1] for x in literals])}"'))
+        literals.clear()
+
     def __str__(self) -> str:
+        if self._literals:
+            self._decode()
         pieces = self._pieces
         if len(pieces) > 1:
             pieces[:] = ["".join(pieces)]  # read again, it is not joined again
@@ -117,6 +136,9 @@ def _part(kind: str, text: str) -> dict[str, Any]:
     return {"type": kind, "text": text}
 
 
+#: How a text delta's SSE ends, after its ``delta`` (as :meth:`ResponseRenderer._text`).
+_HOT_END = ',"logprobs":[]}\n\n'
+
 _DELTA_EVENT = {
     "output_text": "response.output_text",
     "refusal": "response.refusal",
@@ -130,7 +152,8 @@ class ResponseRenderer:
 
     ``head`` is the response object's fixed fields (``id``, ``created_at``, ``model``, the
     request's echoed fields); feed it :meth:`start`, then every run event in order
-    (:meth:`feed`), then :meth:`finish`. Every call returns the events it rendered.
+    (:meth:`feed`, or :meth:`sse` for a stream), then :meth:`finish`. Every call returns the
+    events it rendered.
     """
 
     def __init__(self, head: dict[str, Any]) -> None:
@@ -144,6 +167,11 @@ class ResponseRenderer:
         self._current: _Item | None = None
         self._tools: dict[int, _Item] = {}
         self._suffix = str(head["id"]).removeprefix("resp_")
+        #: The output text part text deltas go to without a new item or part, and the
+        #: fixed halves of their events' SSE (see :meth:`sse`).
+        self._hot: _Text | None = None
+        self._hot_head = ""
+        self._hot_tail = ""
 
     # -- the response object --------------------------------------------------------------
 
@@ -208,6 +236,43 @@ class ResponseRenderer:
                 self.finish_reason = value["finish_reason"]
         return out
 
+    def sse(self, events: Iterable[str], after: int) -> bytes:
+        """What run events (their data, in order) become, as the SSE of a stream: the events
+        :meth:`feed` renders, numbered after ``after``, each through :func:`sse_event`.
+
+        A stream's common event, a piece of text that goes on the message's text, is written
+        from a template, with the run event's JSON string as its ``delta``: the same bytes
+        (both encode as :func:`~tokenrelay.upstreams._codec.encode_text` does), without
+        building the event and encoding it again, once per token."""
+        parts: list[str] = []
+        for data in events:
+            hot = self._hot
+            item = self._current
+            if (
+                hot is not None
+                and data[:1] == EventKind.TEXT
+                and item is not None
+                and item.parts
+                and item.parts[-1][1] is hot
+            ):
+                hot.add_json(data)
+                if self.seq > after:
+                    parts.append(f"{self._hot_head}{self.seq}{self._hot_tail}{data}{_HOT_END}")
+                self.seq += 1
+            else:
+                parts.extend(sse_event(e) for e in self.feed(data) if e["sequence_number"] > after)
+        return encode_sse("".join(parts))
+
+    def _heat(self, item: _Item) -> None:
+        """Let :meth:`sse` write the text deltas of ``item``'s last part, an output text."""
+        self._hot = item.parts[-1][1]
+        name = _DELTA_EVENT["output_text"] + ".delta"
+        self._hot_head = f'event: {name}\ndata: {{"type":"{name}","sequence_number":'
+        self._hot_tail = (
+            f',"item_id":{_compact(item.id)},"output_index":{self.items.index(item)}'
+            f',"content_index":{len(item.parts) - 1},"delta":'
+        )
+
     def finish(self, ending: Ending) -> list[dict[str, Any]]:
         """Close what is open, then the terminal event."""
         out: list[dict[str, Any]] = []
@@ -256,6 +321,8 @@ class ResponseRenderer:
             if item.parts:
                 self._close_part(item, out)
             self._open_part(item, kind, out)
+            if kind == "output_text":
+                self._heat(item)
         item.parts[-1][1].add(text)
         out.append(
             self._event(

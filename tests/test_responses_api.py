@@ -386,6 +386,8 @@ async def test_bad_fields_are_a_400_naming_the_field_and_unknown_ids_a_404(
         ({"max_output_tokens": 0}, "'max_output_tokens'"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "'input[0].type'"),
         ({"input": [{"role": "robot", "content": "x"}]}, "'input[0].role'"),
+        ({"input": [{"role": ["user"], "content": "x"}]}, "'input[0].role'"),  # (unhashable)
+        ({"input": [{"role": {"a": 1}, "content": "x"}]}, "'input[0].role'"),
         ({"background": True, "store": False}, "'background'"),
         ({"previous_response_id": "resp_nope"}, "'previous_response_id'"),
         ({"conversation": "conv_1"}, "'conversation'"),
@@ -703,6 +705,45 @@ async def test_a_response_the_relay_no_longer_holds_comes_from_the_store(
     ]
 
 
+@bounded(30)
+async def test_a_response_deleted_while_it_is_being_read_is_a_404(
+    nursery: trio.Nursery,
+    fake_server: FakeModelServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A DELETE that lands between a request finding the response in the store and reading
+    # its events (found there, then gone): the reader answers 404, as if it came first.
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"))
+    store = served.service.store
+    assert store is not None
+    events = store.events
+
+    async def deleted_first(run_id: str) -> list[tokenrelay.Event]:
+        await store.delete_run("-", run_id)
+        return await events(run_id)
+
+    async with sdk(served.url) as client:
+        answers = []
+        for call in ("retrieve", "cancel", "stream"):
+            created = await client.responses.create(
+                model="fake", input="hi", background=True, stream=True
+            )
+            response_id = (await collect(created))[0].response.id
+            key = _key(served, response_id)
+            await served.run(key.split("/", 1)[1]).wait_finished()
+            await served.relay.forget(key)  # only the file has it
+            with monkeypatch.context() as patch:
+                patch.setattr(store, "events", deleted_first)
+                with pytest.raises(openai.NotFoundError) as info:
+                    if call == "stream":
+                        await client.responses.retrieve(response_id, stream=True)
+                    else:
+                        await getattr(client.responses, call)(response_id)
+            answers.append(info.value.body)
+    assert all("no response with id" in str(body) for body in answers), answers
+
+
 @bounded(90)
 async def test_responses_survive_a_restart_and_an_interrupted_one_has_failed(
     tmp_path: Path,
@@ -1003,6 +1044,9 @@ async def test_bad_query_parameters_are_a_400_naming_them(
             (f"/v1/responses/{response_id}?stream=true&starting_after=abc", "'starting_after'"),
             (f"/v1/responses/{response_id}?stream=true&starting_after=-2", "'starting_after'"),
             (f"/v1/responses/{response_id}/input_items?limit=0", "'limit'"),
+            # (digits to str.isdigit, not to int(), or not ASCII)
+            (f"/v1/responses/{response_id}/input_items?limit=%C2%B2", "'limit'"),
+            (f"/v1/responses/{response_id}/input_items?limit=%EF%BC%91", "'limit'"),
             (f"/v1/responses/{response_id}/input_items?order=up", "'order'"),
             (f"/v1/responses/{response_id}/input_items?after=nope", "'after'"),
         ]:

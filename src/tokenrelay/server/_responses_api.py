@@ -31,7 +31,7 @@ import trio
 from quart import Response, g, request
 
 from .._events import Event, RunStatus
-from .._exceptions import ReplayGap, StoreUnavailable
+from .._exceptions import ReplayGap, StoreUnavailable, UnknownRun
 from .._relay import OnBusy, Run
 from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
@@ -136,6 +136,10 @@ async def _find(response_id: str, *, field: str | None = None) -> _Found:
                 return _Found(response_id, remote.info["responses_request"], remote=remote)
     if field is not None:
         invalid(f"'{field}': no response with id {response_id!r} was found", "invalid_request")
+    _not_found(response_id)
+
+
+def _not_found(response_id: str) -> NoReturn:
     fail(
         404, f"no response with id {response_id!r} was found", "invalid_request_error", "not_found"
     )
@@ -184,13 +188,18 @@ async def _events(found: _Found) -> list[Event]:
                 "events are no longer held (--max-events / --max-bytes)",
                 "events_no_longer_held",
             )
-        return await store.events(run.id)
+        try:
+            return await store.events(run.id)
+        except UnknownRun:  # deleted since it was found
+            _not_found(found.id)
     assert found.stored is not None
     assert store is not None
     try:
         return await store.events(found.stored.id)
     except ReplayGap:
         return []  # its events expired (--keep-events): the response is kept, its output not
+    except UnknownRun:  # deleted since it was found
+        _not_found(found.id)
 
 
 def _completed_at(run: Run) -> int:
@@ -706,7 +715,8 @@ async def response_input_items(response_id: str) -> dict[str, Any]:
             invalid(f"'after': no input item {after!r} in this response", "invalid_request")
         items = items[ids.index(after) + 1 :]
     raw_limit = request.args.get("limit", "20").strip()
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+    # (ASCII digits only: ``isdigit`` is also true of "²", which ``int`` refuses)
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
         invalid("'limit' must be a whole number from 1 to 100", "invalid_request")
     page = items[: int(raw_limit)]
     return {

@@ -432,7 +432,7 @@ def _input(value: object) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def _message(where: str, item: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     role = item.get("role")
-    if role not in _INPUT_ROLES:
+    if not isinstance(role, str) or role not in _INPUT_ROLES:
         _bad(f"'{where}.role' must be one of {', '.join(sorted(_INPUT_ROLES))}, not {role!r}")
     content = item.get("content")
     if isinstance(content, str):

@@ -296,7 +296,8 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     value = request.args.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit() or not low <= int(value) <= high:
+    # (ASCII digits only: ``isdigit`` is also true of "²", which ``int`` refuses)
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         invalid(f"'{name}' must be a whole number from {low} to {high}", "invalid_request")
     return int(value)
 

@@ -569,6 +569,39 @@ def test_interleaved_parallel_tool_calls_get_no_delta_after_their_done() -> None
     assert usage is None or "cache_write_tokens" in usage["input_tokens_details"]
 
 
+def test_a_tool_call_s_arguments_after_other_output_keep_it_open() -> None:
+    # Text (or reasoning) between a call's pieces does not end the call: its .done events
+    # come at the end with the whole arguments, and no delta follows them.
+    log = _log(
+        Delta("Checking."),
+        Delta(tool_calls=(ToolCallDelta(0, id="c1", name="f", arguments='{"a"'),)),
+        Delta("Still here."),
+        Delta(reasoning="hm"),
+        Delta(tool_calls=(ToolCallDelta(0, arguments=": 1}"),)),
+        Delta(finish_reason="tool_calls"),
+    )
+    out = _rendered(log, Ending("done", completed_at=5))
+    kinds = [e["type"] for e in out if e.get("item_id", e.get("item", {}).get("id")) == "fc_x_1"]
+    assert kinds == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+    ]
+    done = [e for e in out if e["type"] == "response.function_call_arguments.done"]
+    assert [e["arguments"] for e in done] == ['{"a": 1}']
+    final = out[-1]["response"]
+    assert [item["type"] for item in final["output"]] == [
+        "message",
+        "function_call",
+        "message",
+        "reasoning",
+    ]
+    assert final["output"][1]["arguments"] == '{"a": 1}'
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+
+
 def test_the_same_log_renders_the_same_events() -> None:
     log = _log(Delta(reasoning="r"), Delta("a"), Delta(refusal="no"), Delta(finish_reason="stop"))
     ending = Ending("failed", {"code": "server_error", "message": "x"})
@@ -996,6 +1029,43 @@ async def test_a_response_in_a_named_session_supersedes_the_running_one(
     # newer run replaced it: it is answered from the file. With db=":memory:" it is gone.)
     assert old_now.status == "cancelled"
     assert old_now.output_text.startswith("t0 ")
+
+
+@bounded(30)
+async def test_a_tool_call_the_upstream_gave_no_id_is_sent_back_under_the_id_it_was_given(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    # Some OpenAI-compatible servers send a tool call without an id. The response names the
+    # call by an id of its own, and a follow-up answering that call id sends the upstream
+    # the assistant's call under the same id, from the relay and from the store.
+    fake_server.default = FakeScript(
+        tokens=[],
+        tool_calls=[("get_weather", ARGUMENTS), ("get_weather", ARGUMENTS)],
+        tool_call_ids=False,
+        finish_reason="tool_calls",
+    )
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"))
+    async with sdk(served.url) as client:
+        first = await client.responses.create(model="fake", input="Paris? Rome?", tools=TOOLS)
+        calls = [item for item in first.output if item.type == "function_call"]
+        suffix = first.id.removeprefix("resp_")
+        assert [call.call_id for call in calls] == [f"call_{suffix}_0", f"call_{suffix}_1"]
+        answers: Any = [
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+            for call in calls
+        ]
+        fake_server.default = FakeScript(tokens=["Sunny."])
+        await client.responses.create(
+            model="fake", previous_response_id=first.id, input=answers, tools=TOOLS
+        )
+        await served.relay.forget(_key(served, first.id))  # now only the file has it
+        await client.responses.create(
+            model="fake", previous_response_id=first.id, input=answers, tools=TOOLS
+        )
+    for request in fake_server.requests[1:]:
+        sent = request.body["messages"]
+        assert [call["id"] for call in sent[1]["tool_calls"]] == [c.call_id for c in calls]
+        assert [m["tool_call_id"] for m in sent[2:]] == [c.call_id for c in calls]
 
 
 @bounded(30)

@@ -417,7 +417,7 @@ async def _history(previous_id: str) -> list[dict[str, Any]]:
         for event in await _events(found):
             gathered.add(event.data)
         answer = gathered.choices()[0]["message"]
-    return messages + answer_messages(answer)
+    return messages + answer_messages(answer, previous_id)
 
 
 async def _whole(

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from .._exceptions import InvalidRequest
 from ..upstreams._chat import ChatRequest
+from ._responses_render import call_id
 
 __all__ = ["ResponsesRequest", "answer_messages", "chat_request", "parse_responses_request"]
 
@@ -201,10 +202,10 @@ def chat_request(
     return ChatRequest.from_openai(body)
 
 
-def answer_messages(message: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A response's answer (a chat ``message`` as :class:`Answer` gathers it) as the chat
-    messages a follow-up sends back: the assistant's text and tool calls (its reasoning is
-    not sent back)."""
+def answer_messages(message: Mapping[str, Any], response_id: str) -> list[dict[str, Any]]:
+    """Response ``response_id``'s answer (a chat ``message`` as :class:`Answer` gathers it)
+    as the chat messages a follow-up sends back: the assistant's text and tool calls (its
+    reasoning is not sent back), each call under the id the response gave it."""
     content = message.get("content")
     calls = message.get("tool_calls")
     if not content and not calls:
@@ -213,14 +214,14 @@ def answer_messages(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     if calls:
         turn["tool_calls"] = [
             {
-                "id": call.get("id") or "",
+                "id": call.get("id") or call_id(response_id, position),
                 "type": "function",
                 "function": {
                     "name": call["function"]["name"],
                     "arguments": call["function"]["arguments"],
                 },
             }
-            for call in calls
+            for position, call in enumerate(calls)
         ]
     if turn["content"] is None and not calls:
         turn["content"] = ""

@@ -11,7 +11,8 @@ Each run event becomes, in OpenAI's order: ``response.output_item.added`` and
 ``function_call``) begins, then its deltas (``response.output_text.delta``,
 ``response.reasoning_text.delta``, ``response.refusal.delta``,
 ``response.function_call_arguments.delta``), and its ``.done`` events when the next item
-begins or the run ends. The stream opens with ``response.created`` and
+begins or the run ends (a function call's when the run ends: more of its arguments may come
+after other output). The stream opens with ``response.created`` and
 ``response.in_progress`` and closes with one of ``response.completed``,
 ``response.incomplete`` (the model stopped at ``max_output_tokens`` or was filtered),
 ``response.cancelled`` (the response was cancelled, stopped or superseded) or
@@ -28,7 +29,14 @@ from typing import Any, Literal
 from ..upstreams._codec import EventKind, decode_event
 from ..upstreams._lines import mend_surrogates
 
-__all__ = ["Ending", "ResponseRenderer", "encode_sse", "response_usage", "sse_event"]
+__all__ = [
+    "Ending",
+    "ResponseRenderer",
+    "call_id",
+    "encode_sse",
+    "response_usage",
+    "sse_event",
+]
 
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -310,11 +318,18 @@ class ResponseRenderer:
             )
         )
 
+    def _end_current(self, out: list[dict[str, Any]]) -> None:
+        """Close the item under way, for another to begin: a message or a reasoning item. A
+        function call stays open until the answer ends (:meth:`finish` closes it): more of
+        its arguments may come after other output (or another call's pieces)."""
+        item = self._current
+        if item is not None and item.kind != "function_call":
+            self._close(item, "completed", out)
+
     def _text(self, kind: str, text: str, out: list[dict[str, Any]]) -> None:
         item = self._current
         if item is None or item.kind != "message":
-            if item is not None:
-                self._close(item, "completed", out)
+            self._end_current(out)
             item = self._begin("message", "msg")
             self._added(item, out)
         if not item.parts or item.parts[-1][0] != kind:
@@ -338,8 +353,7 @@ class ResponseRenderer:
     def _reasoning(self, text: str, out: list[dict[str, Any]]) -> None:
         item = self._current
         if item is None or item.kind != "reasoning":
-            if item is not None:
-                self._close(item, "completed", out)
+            self._end_current(out)
             item = self._begin("reasoning", "rs")
             self._added(item, out)
             self._open_part(item, "reasoning_text", out)
@@ -359,13 +373,10 @@ class ResponseRenderer:
         function = piece.get("function") or {}
         item = self._tools.get(index)
         if item is None:
-            # A message or reasoning before it is over; another tool call is not: parallel
-            # calls' pieces may come interleaved (index 0, 1, 0, 1...), and each call stays
-            # open until the answer ends (finish() closes them).
-            if self._current is not None and self._current.kind != "function_call":
-                self._close(self._current, "completed", out)
+            # Parallel calls' pieces may come interleaved (index 0, 1, 0, 1...).
+            self._end_current(out)
             item = self._begin("function_call", "fc")
-            item.call_id = piece.get("id") or f"call_{self._suffix}_{index}"
+            item.call_id = piece.get("id") or call_id(self.head["id"], len(self._tools))
             item.name = function.get("name") or ""
             self._tools[index] = item
             self._added(item, out)
@@ -435,6 +446,14 @@ class ResponseRenderer:
         )
         if self._current is item:
             self._current = None
+
+
+def call_id(response_id: str, position: int) -> str:
+    """The ``call_id`` of a response's function call that the upstream gave no id: the
+    ``position``-th call of the answer (0 for its first). A follow-up sends the call back
+    under this id too (:func:`~._responses_input.answer_messages`), so that the tool message
+    answering it matches."""
+    return f"call_{response_id.removeprefix('resp_')}_{position}"
 
 
 def response_usage(usage: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,8 @@ class FakeScript:
     #: as a first piece (id, name) and then the arguments in two fragments; Ollama-style
     #: whole, with the arguments as an object.
     tool_calls: Sequence[tuple[str, str]] = ()
+    #: Whether OpenAI-style tool calls carry an ``id`` (some servers send none).
+    tool_call_ids: bool = True
     #: How many choices (OpenAI only): every piece is sent for each, by index.
     choices: int = 1
     #: Send log probabilities with each token.
@@ -289,7 +291,7 @@ class FakeModelServer:
                 record.token_times.append(trio.current_time())
             for position, (name, arguments) in enumerate(script.tool_calls):
                 await trio.sleep(script.interval)
-                yield encode.tool_call(position, name, arguments)
+                yield encode.tool_call(position, name, arguments, with_id=script.tool_call_ids)
             if script.fault is None:
                 yield encode.done(script.finish_reason, len(tokens))
                 record.completed = True
@@ -369,17 +371,15 @@ class _Encoder:
             return self._ollama({"thinking": text})
         return self._chunks({"reasoning_content": text})
 
-    def tool_call(self, position: int, name: str, arguments: str) -> bytes:
+    def tool_call(self, position: int, name: str, arguments: str, *, with_id: bool) -> bytes:
         if self.dialect == "ollama":
             call = {"function": {"name": name, "arguments": json.loads(arguments)}}
             return self._ollama({"tool_calls": [call]})
         half = len(arguments) // 2
-        first = {
-            "index": position,
-            "id": f"call_fake{position}",
-            "type": "function",
-            "function": {"name": name, "arguments": ""},
-        }
+        first: dict[str, Any] = {"index": position, "id": f"call_fake{position}"}
+        if not with_id:
+            del first["id"]
+        first.update(type="function", function={"name": name, "arguments": ""})
         return b"".join(
             self._chunks({"tool_calls": [piece]})
             for piece in (

@@ -936,6 +936,53 @@ async def test_a_response_longer_than_the_relay_holds_is_rendered_from_the_store
             assert "no longer held" in info.value.message
 
 
+@pytest.mark.parametrize("db", ["file", ":memory:"])
+@bounded(30)
+async def test_a_running_response_longer_than_the_relay_holds_resumes_from_the_store(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path, db: str
+) -> None:
+    # Still running, its first events no longer held: with a file, a resumed stream takes
+    # them from the store, then follows live; with no file, resuming and cancelling are a
+    # 400, and the cancel is refused before the run is touched.
+    tokens = [f"t{i} " for i in range(20)]
+    fake_server.default = FakeScript(tokens=tokens, fault="hang", fault_after=20)
+    path = str(tmp_path / "relay.db") if db == "file" else db
+    served = await start_served(nursery, fake_server, db=path, max_events=5)
+    async with sdk(served.url) as client:
+        created = await client.responses.create(
+            model="fake", input="hi", background=True, stream=True
+        )
+        response_id = (await created.__anext__()).response.id
+        await created.close()
+        run = served.relay.get(_key(served, response_id))
+        assert run is not None
+        async with run.subscribe(after=run.event_count - 1) as sub:
+            async for event in sub:  # until every token is in, the first ones dropped
+                if json.loads(event.data) == tokens[-1]:
+                    break
+        if db == ":memory:":
+            for call in (
+                client.responses.retrieve(response_id, stream=True, starting_after=3),
+                client.responses.cancel(response_id),
+            ):
+                with pytest.raises(openai.BadRequestError) as info:
+                    await call
+                assert "no longer held" in info.value.message
+            assert run.finished_at is None
+            await client.responses.delete(response_id)
+            return
+        stream = await client.responses.retrieve(response_id, stream=True, starting_after=3)
+        await client.responses.cancel(response_id)
+        events = await collect(stream)
+    numbers = [e.sequence_number for e in events]
+    assert numbers == list(range(4, 4 + len(numbers)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas == tokens  # (events 0 to 3: created, in progress, the item and its part)
+    assert events[-1].type == "response.cancelled"
+    [message] = events[-1].response["output"]  # (the SDK has no model of this event)
+    assert message["content"][0]["text"] == "".join(tokens)
+
+
 @bounded(30)
 async def test_resuming_a_live_response_after_its_last_event_is_an_error_event(
     nursery: trio.Nursery, fake_server: FakeModelServer

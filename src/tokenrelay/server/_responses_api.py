@@ -183,11 +183,7 @@ async def _events(found: _Found) -> list[Event]:
         if len(events) == run.event_count:
             return events
         if store is None:
-            invalid(
-                f"response {found.id!r} is too long for this server to render: its first "
-                "events are no longer held (--max-events / --max-bytes)",
-                "events_no_longer_held",
-            )
+            _too_long(found)
         try:
             return await store.events(run.id)
         except UnknownRun:  # deleted since it was found
@@ -200,6 +196,33 @@ async def _events(found: _Found) -> list[Event]:
         return []  # its events expired (--keep-events): the response is kept, its output not
     except UnknownRun:  # deleted since it was found
         _not_found(found.id)
+
+
+def _too_long(found: _Found) -> NoReturn:
+    invalid(
+        f"response {found.id!r} is too long for this server to render: its first events are "
+        "no longer held (--max-events / --max-bytes)",
+        "events_no_longer_held",
+    )
+
+
+async def _watch_rest(service: RelayService, found: _Found, run: Run) -> tuple[list[Event], Watch]:
+    """For a running response whose first events the relay no longer holds: the events the
+    store has (every one appended so far: it reads what is queued too), and a watch on those
+    that follow. Should the relay drop more while the store is read, it reads again."""
+    store = service.store
+    for _ in range(3):
+        if store is None:
+            break
+        try:
+            events = await store.events(run.id)
+        except UnknownRun:  # deleted since it was found
+            _not_found(found.id)
+        try:
+            return events, service.watch(run, events[-1].seq if events else -1)
+        except ReplayGap:
+            continue
+    _too_long(found)
 
 
 def _completed_at(run: Run) -> int:
@@ -457,14 +480,16 @@ async def _live_stream(
     head: dict[str, Any],
     after: int,
     connection: DirectWriteTCPServer | None = None,
+    stored: list[Event] | None = None,
 ) -> AsyncIterator[bytes]:
     """The response's events after ``after``, rendered from the run's first event on: what
-    the log holds, then live, then the terminal event. On a ``connection`` that can write
-    chunks at once, the run's producer writes the events while this waits, as for a chat
-    stream (``_responses._stream``). The renderer moves on with each event it renders, so
-    what it renders there is always taken: written, or kept for this task to write; should
-    rendering or writing fail there, this task raises the error (the stream ends, as when
-    its own rendering fails), and the events are not rendered again."""
+    the log holds (after the ``stored`` events, the first ones, read from the store, when
+    the log no longer holds them), then live, then the terminal event. On a ``connection``
+    that can write chunks at once, the run's producer writes the events while this waits,
+    as for a chat stream (``_responses._stream``). The renderer moves on with each event it
+    renders, so what it renders there is always taken: written, or kept for this task to
+    write; should rendering or writing fail there, this task raises the error (the stream
+    ends, as when its own rendering fails), and the events are not rendered again."""
     run = watch.run
     renderer = ResponseRenderer(head)
 
@@ -488,7 +513,8 @@ async def _live_stream(
     offer = deliver if connection is not None else None
     try:
         service.writing(watch)
-        yield sse_comment(f"tokenrelay response {head['id']}") + _sse(renderer.start(), after)
+        opening = sse_comment(f"tokenrelay response {head['id']}") + _sse(renderer.start(), after)
+        yield opening + renderer.sse([event.data for event in stored or ()], after)
         watch.since = None
         while True:
             batch: list[Event] | None = None
@@ -591,12 +617,14 @@ async def retrieve_response(response_id: str) -> Response:
         return _stream_response(_remote_live_stream(service, reader, found, after), headers)
     run = found.run
     if run is not None and run.finished_at is None:
+        stored: list[Event] = []
         try:
             watch = service.watch(run)
-        except ReplayGap as gap:
-            invalid(str(gap), "events_no_longer_held")
+        except ReplayGap:  # its first events are in the store, if anywhere
+            stored, watch = await _watch_rest(service, found, run)
         at_request_end(request.scope, lambda: service.unwatch(watch))
-        live = _live_stream(service, watch, found.meta["head"], after, chunk_writer(request.scope))
+        writer = chunk_writer(request.scope)
+        live = _live_stream(service, watch, found.meta["head"], after, writer, stored)
         return _stream_response(live, headers)
     if found.stored is not None and found.stored.expired:
         fail(
@@ -645,6 +673,8 @@ async def cancel_response(response_id: str) -> Response:
         )
     run = found.run
     if run is not None and run.finished_at is None:
+        if relay_service().store is None and len(run.events()) != run.event_count:
+            _too_long(found)  # (refused before it is cancelled: DELETE stops it)
         run.cancel("cancelled")
         await run.wait_finished()
     if found.remote is not None and found.remote.ending is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 import tokenrelay
 from _helpers import bounded
 from _server_helpers import Served, start_served
-from test_durable import DEMO, serve, stopped, until_stored
+from test_durable import DEMO, serve, stopped, stored_events, until_stored
 from test_readme import python_blocks
 from tokenrelay import RunStatus
 from tokenrelay.server._responses_api import _completed_at, _run_ending
@@ -775,6 +776,40 @@ async def test_a_response_deleted_while_it_is_being_read_is_a_404(
                         await getattr(client.responses, call)(response_id)
             answers.append(info.value.body)
     assert all("no response with id" in str(body) for body in answers), answers
+
+
+@bounded(30)
+async def test_a_store_false_answer_never_reaches_the_file(
+    nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
+) -> None:
+    # store: false: the run's events stay in memory (its session can be replayed while the
+    # relay holds it), and the SQLite file gets neither the run, its events nor its answer.
+    db = tmp_path / "relay.db"
+    fake_server.default = FakeScript(tokens=["kept"])
+    served = await start_served(nursery, fake_server, db=str(db))
+    async with sdk(served.url) as client:
+        kept = await client.responses.create(model="fake", input="hi")
+        fake_server.default = FakeScript(tokens=["a secret ", "answer"])
+        raw = await client.responses.with_raw_response.create(
+            model="fake", input="tell me", store=False
+        )
+        secret = raw.parse()
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(secret.id)
+    async with httpx2.AsyncClient(base_url=served.url) as http:
+        replay = await http.get(f"/v1/sessions/{raw.headers['X-Session-Id']}/stream")
+    assert secret.output_text == "a secret answer"
+    assert "a secret " in replay.text
+    store = served.service.store
+    assert store is not None
+    await store.flush()
+    assert stored_events(db, kept.id.removeprefix("resp_")) > 0  # (what the file does get)
+    assert stored_events(db, secret.id.removeprefix("resp_")) == 0
+    with sqlite3.connect(db) as connection:
+        runs = [row[0] for row in connection.execute("SELECT run_id FROM runs")]
+        outcomes = " ".join(str(row[0]) for row in connection.execute("SELECT outcome FROM runs"))
+    assert runs == [kept.id.removeprefix("resp_")]
+    assert "a secret" not in outcomes
 
 
 @bounded(90)

@@ -33,6 +33,7 @@ from quart import Response, g, request
 from .._events import Event, RunStatus
 from .._exceptions import ReplayGap, StoreUnavailable, UnknownRun
 from .._relay import OnBusy, Run
+from ..stores._memory import memory_only
 from ..stores._redis import RedisReader, RemoteRun
 from ..stores._sqlite import StoredRun
 from ..upstreams._codec import Answer
@@ -341,7 +342,7 @@ async def create_response() -> Response:
         service.release(namespace)
         _completed_at(run)
         service.metrics.run_ended(run)
-        if service.store is not None:
+        if service.store is not None and parsed.store:
             record = outcome(run, await service.all_events(run, events))
             record["response_completed_at"] = run.info["completed_at"]
             service.store.record_outcome(run.id, record)
@@ -350,9 +351,11 @@ async def create_response() -> Response:
     model = parsed.model or _default_model(service)
     info: dict[str, Any] = {"model": model, "created": int(time.time()), "include_usage": False}
     try:
-        run = await service.running_relay().start(
-            key, service.producer(stream, accepted, info), on_finish=on_finish, on_busy=on_busy
-        )
+        # (store: false, and the SQLite file gets none of it: its events stay in memory)
+        with contextlib.nullcontext() if parsed.store else memory_only():
+            run = await service.running_relay().start(
+                key, service.producer(stream, accepted, info), on_finish=on_finish, on_busy=on_busy
+            )
     except BaseException as exc:
         service.release(namespace)
         refuse_start(exc, session_id, "cancel")

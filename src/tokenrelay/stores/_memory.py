@@ -11,8 +11,9 @@ bounded, gets :class:`ReplayGap`, never a silent skip).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -22,7 +23,7 @@ from .._lifecycle import lifecycle
 from .._log import MAX_BATCH, ByteBudget, LogReader, RunLog, event_size
 from .._steps import schedule_points, yielded_since
 
-__all__ = ["READER_BUFFER", "MemoryRunLog", "MemoryStore"]
+__all__ = ["READER_BUFFER", "MemoryRunLog", "MemoryStore", "in_memory_only", "memory_only"]
 
 #: Events queued per reader before it is switched to catching up from the log.
 READER_BUFFER = 256
@@ -30,6 +31,30 @@ READER_BUFFER = 256
 #: What :meth:`_MemoryReader.nudge` puts in a reader's channel: before every seq, so the
 #: catching-up code skips it like any event already handed out.
 _NUDGE = Event(-1, "", "")
+
+
+_MEMORY_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tokenrelay_memory_only", default=False
+)
+
+
+@contextlib.contextmanager
+def memory_only() -> Iterator[None]:
+    """Runs started in this block (``await relay.start(...)`` inside it) are kept in memory
+    only, whatever the relay's store: a store that writes runs to a file
+    (:class:`SQLiteStore`) gives them a :class:`MemoryRunLog`, and none of their events
+    reach the file (for answers a client asked not to be stored). The runs are otherwise as
+    any other: replayed, resumed and evicted the same way, until they are evicted."""
+    token = _MEMORY_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _MEMORY_ONLY.reset(token)
+
+
+def in_memory_only() -> bool:
+    """Whether a run started now is to be kept in memory only (see :func:`memory_only`)."""
+    return _MEMORY_ONLY.get()
 
 
 class MemoryStore:

@@ -34,7 +34,7 @@ import trio
 from .._events import Event
 from .._exceptions import ReplayGap, StoreUnavailable, UnknownRun
 from .._log import ByteBudget, RunLog
-from ._memory import MemoryRunLog
+from ._memory import MemoryRunLog, in_memory_only
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRunLog", "SQLiteStore", "StoredRun", "open_sqlite_store"]
 
@@ -195,7 +195,10 @@ class SQLiteStore:
         max_bytes: int | None,
         budget: ByteBudget,
     ) -> RunLog:
-        """A log for one run: in memory, and written behind to the file."""
+        """A log for one run: in memory, and written behind to the file (in memory only, for
+        a run started in a :func:`~tokenrelay.stores.memory_only` block)."""
+        if in_memory_only():
+            return MemoryRunLog(run_id, max_events=max_events, max_bytes=max_bytes, budget=budget)
         self._queue("open", (run_id, session_id, time.time()))
         return SQLiteRunLog(self, run_id, max_events=max_events, max_bytes=max_bytes, budget=budget)
 

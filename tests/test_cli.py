@@ -100,6 +100,40 @@ async def test_sigterm_stops_runs_in_flight_and_exits_zero(
     await fake_server.requests[0].wait_closed()
 
 
+@bounded(30)
+async def test_a_second_signal_stops_at_once_and_a_write_nobody_reads_is_given_up(
+    fake_server: FakeModelServer,
+) -> None:
+    # A client that reads nothing holds a write of its stream: the first SIGTERM waits for
+    # it up to hypercorn's graceful timeout (5 s), a second one stops the server at once.
+    fake_server.default = FakeScript(tokens=["x" * 65536] * 400)  # more than sockets buffer
+    server, url = await start(
+        "--upstream", f"openai={fake_server.openai_url}", "--model", "fake",
+        "--stall-timeout", "none",
+    )  # fmt: skip
+    try:
+        reader = await RawHTTP.connect(url)
+        body = b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
+        await reader.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        record = await fake_server.wait_for_requests(1)
+        await record.wait_closed()  # all produced; the stream's write waits
+        server.process.send_signal(signal.SIGTERM)
+        await server.wait_for("shutting_down signal=SIGTERM")
+        stopping = trio.current_time()
+        server.process.send_signal(signal.SIGTERM)  # (taken apart from the first)
+        await server.drain()
+        assert await server.process.wait() == 0
+        assert trio.current_time() - stopping < 2.5  # not the graceful timeout's 5 s
+        assert await reader.closed_by_server()
+        await reader.aclose()
+    finally:
+        server.process.kill()
+    assert "shutting_down_now signal=SIGTERM" in server.log.decode()
+
+
 def test_log_lines_read_as_loggings_own_formatter_writes_them() -> None:
     from tokenrelay.server.cli import LogFormatter
 

@@ -226,6 +226,50 @@ async def test_shutdown_closes_idle_connections_at_once(fake_server: FakeModelSe
     await kept.aclose()
 
 
+@bounded(20)
+async def test_shutdown_gives_up_a_write_no_client_reads_after_the_graceful_timeout(
+    fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write waits (shielded, as hypercorn's do) for a client that reads nothing: hypercorn
+    # cancels the connections once its graceful timeout has passed, and the shielded wait
+    # would outlive that; the server would never stop. It is given up then: closed.
+    fake_server.default = FakeScript(tokens=["x" * 65536] * 400)  # more than sockets buffer
+    app = tokenrelay.create_app(
+        tokenrelay.ServerConfig(
+            upstream=f"openai={fake_server.openai_url}", db=":memory:", stall_timeout=None
+        )
+    )
+    waiting = trio.Event()
+    wait_for_client = tokenrelay.server._hypercorn.DirectWriteTCPServer._wait_for_client
+
+    async def noted(server: Any, *args: Any) -> None:
+        waiting.set()
+        await wait_for_client(server, *args)
+
+    monkeypatch.setattr(
+        tokenrelay.server._hypercorn.DirectWriteTCPServer, "_wait_for_client", noted
+    )
+    shutdown = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as serving:
+            url = await serve_app(
+                serving, app, graceful_timeout=0.5, shutdown_trigger=shutdown.wait
+            )
+            reader = await RawHTTP.connect(url)
+            body = json.dumps(chat()).encode()
+            await reader.send(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await waiting.wait()  # ... and it never reads
+            shutdown.set()
+            stopping = trio.current_time()
+        stopped = trio.current_time()  # the server is done: every connection task has ended
+    assert stopped - stopping >= 0.5  # (it had its graceful timeout)
+    assert await reader.closed_by_server()
+    await reader.aclose()
+
+
 #: Answers a request gets before its body is read: too large by its Content-Length, or with
 #: a key the server does not know.
 EARLY_ANSWERS = pytest.mark.parametrize(

@@ -211,7 +211,9 @@ async def test_a_reader_that_stops_reading_is_dropped_after_the_stall_timeout(
 ) -> None:
     # 25 MB of answer, more than the sockets between them can buffer.
     fake_server.default = FakeScript(tokens=["x" * 65536] * 400)
-    served = await start_served(nursery, fake_server, stall_timeout=0.3, grace=0.5)
+    served = await start_served(
+        nursery, fake_server, stall_timeout=0.3, grace=0.5, keep_alive_timeout=60
+    )
     conn = await RawHTTP.connect(served.url)
     body = json.dumps(chat()).encode()
     await conn.send(
@@ -226,6 +228,15 @@ async def test_a_reader_that_stops_reading_is_dropped_after_the_stall_timeout(
     assert record.getMessage() == f"subscriber_stalled run={run.id} session=-/s seconds=0.3"
     await run.wait_finished()  # the run was not held back: it finished on its own
     assert run.status is tokenrelay.RunStatus.DONE
+    # The connection is closed, its stream cut short: a client that reads nothing holds no
+    # task and no socket of the server's once its write has stalled that long. (Not at
+    # the end of a keep-alive either: the connection would wait 60 s for a next request.)
+    received = b""
+    with trio.fail_after(20):
+        while chunk := await conn.stream.receive_some():
+            received += chunk
+    assert b"[DONE]" not in received
+    assert len(received) < 400 * 65536
     await conn.aclose()
 
 

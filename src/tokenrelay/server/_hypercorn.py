@@ -48,6 +48,12 @@ hypercorn's idle task closes it. A worker's shutdown closes its idle connections
 as hypercorn's idle tasks do: setting the worker's ``terminated`` event expires their
 deadlines.
 
+A write that waits for a client to read is shielded, as hypercorn's own are (a write cut
+short would cut the response short), but not for ever, as hypercorn's are: it is given up,
+and the connection closed, once the worker's graceful shutdown has waited its timeout, or
+when :meth:`DirectWriteTCPServer.abort` (a stream stalled) or :func:`abort_writes` (a second
+shutdown signal) says so. (docs/upstream-bugs.md)
+
 hypercorn has no parameter for the server class: :func:`use_direct_writes` sets it in
 hypercorn's trio worker for the whole process, which :func:`tokenrelay.server.serve` (and so
 ``tokenrelay serve``) does before it starts serving.
@@ -76,7 +82,9 @@ from .._steps import schedule_points, yielded_since
 
 __all__ = [
     "DirectWriteTCPServer",
+    "abort_writes",
     "chunk_writer",
+    "connection_of",
     "gathered_writes",
     "note_connection",
     "use_direct_writes",
@@ -98,6 +106,11 @@ class DirectWriteTCPServer(TCPServer):
     _idle_at = math.inf
     #: The scope of the reading task's wait for data, whose deadline is ``_idle_at``.
     _reading: trio.CancelScope | None = None
+    #: The worker's connections (``None``: a worker context not of the shape expected).
+    _worker: _IdleConnections | None = None
+    #: The scope of a write waiting for the client to take the rest of it: shielded, so
+    #: that only :meth:`abort` or the worker's shutdown deadline ends it.
+    _waiting: trio.CancelScope | None = None
 
     async def run(self) -> None:
         # The connection's tasks (its requests' apps among them) are started from this one
@@ -107,11 +120,19 @@ class DirectWriteTCPServer(TCPServer):
         if idle is None:  # (a worker context not of the shape expected: hypercorn's own task)
             await super().run()
             return
+        self._worker = idle
         self.idle_task = _KeepAliveDeadline(self, idle)
         try:
             await super().run()
         finally:
             idle.servers.discard(self)
+
+    def abort(self) -> None:
+        """Give up on the write of this connection that waits for its client to read (a
+        client that reads nothing would hold it, and the connection's tasks, for ever): the
+        connection is closed, the response cut short. Nothing if no write waits."""
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     def write_chunk_now(self, data: bytes, *, keep: bool = False) -> bool:
         """Write ``data`` as one chunk of the HTTP/1.1 chunked body in progress, at once and
@@ -301,11 +322,7 @@ class DirectWriteTCPServer(TCPServer):
                 return
             task = trio.lowlevel.current_task()
             if sent < len(data):
-                try:
-                    with trio.CancelScope(shield=True):
-                        await stream.send_all(memoryview(data)[sent:])
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self.protocol.handle(Closed())
+                await self._wait_for_client(stream, memoryview(data)[sent:])
             elif _last_write == (id(task), schedule_points(task)):
                 # Taken whole, by a task that has passed no schedule point since its previous
                 # write (of any connection: another task can only have written in between if
@@ -314,6 +331,35 @@ class DirectWriteTCPServer(TCPServer):
             _last_write = (id(task), schedule_points(task))
         finally:
             lock.release()
+
+    async def _wait_for_client(self, stream: trio.SocketStream, rest: memoryview) -> None:
+        """Write ``rest``, waiting for the client to take it, shielded as hypercorn's own
+        writes are (a write cut short would cut the response short), but not for ever:
+        :meth:`abort` ends the wait, and so does the worker's shutdown, once its graceful
+        timeout has passed (hypercorn then cancels the connections, which a shielded wait
+        would outlive). A wait so ended closes the connection."""
+        worker = self._worker
+        deadline = math.inf
+        if worker is not None and worker.terminated_at is not None:
+            deadline = worker.terminated_at + self.config.graceful_timeout
+        closed = False
+        with trio.CancelScope(shield=True, deadline=deadline) as waiting:
+            self._waiting = waiting
+            if worker is not None:
+                worker.waiting.add(self)
+            try:
+                await stream.send_all(rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                closed = True
+            finally:
+                self._waiting = None
+                if worker is not None:
+                    worker.waiting.discard(self)
+        if waiting.cancelled_caught:  # (the rest of the response can never be written)
+            stream.socket.close()
+            closed = True
+        if closed:
+            await self.protocol.handle(Closed())
 
 
 #: The task of the last write taken whole, and its count of schedule points then.
@@ -348,12 +394,16 @@ class _IdleConnections:
     trio worker sets its context's ``terminated`` event then, which wakes the idle tasks of
     its connections; here setting it expires the idle connections' deadlines."""
 
-    __slots__ = ("servers", "terminated")
+    __slots__ = ("servers", "terminated", "terminated_at", "waiting")
 
     def __init__(self, terminated: Any) -> None:
         self.servers: set[DirectWriteTCPServer] = set()
         #: The worker's ``terminated`` event.
         self.terminated = terminated
+        #: When it was set (the worker's graceful shutdown began).
+        self.terminated_at: float | None = None
+        #: The connections whose write waits for the client to read.
+        self.waiting: set[DirectWriteTCPServer] = set()
 
     @classmethod
     def of(cls, context: WorkerContext) -> _IdleConnections | None:
@@ -369,14 +419,21 @@ class _IdleConnections:
 
             async def set_and_close_idle() -> None:
                 await set_terminated()
+                idle.terminated_at = trio.current_time()
                 idle.close_all()
 
             terminated.set = set_and_close_idle  # (an attribute of this one event only)
         return idle
 
     def close_all(self) -> None:
+        """Close the idle connections now; give up the writes waiting for a client to read
+        once the graceful timeout has passed."""
         for server in list(self.servers):
             server._set_idle_at(-math.inf)
+        assert self.terminated_at is not None
+        for server in self.waiting:
+            if server._waiting is not None:
+                server._waiting.deadline = self.terminated_at + server.config.graceful_timeout
 
 
 #: Each worker's idle connections, by its context.
@@ -408,6 +465,14 @@ def note_connection(scope: Scope, send: Callable[..., object]) -> None:
         cast(dict[str, Any], scope)[_CHUNKS] = server
 
 
+def connection_of(scope: Scope) -> DirectWriteTCPServer | None:
+    """The :class:`DirectWriteTCPServer` connection the request of ``scope`` came in on
+    (noted by :func:`note_connection`), if any: what :meth:`DirectWriteTCPServer.abort`
+    gives up the response of."""
+    server: DirectWriteTCPServer | None = cast(dict[str, Any], scope).get(_CHUNKS)
+    return server
+
+
 def chunk_writer(scope: Scope) -> DirectWriteTCPServer | None:
     """The connection of the request of ``scope`` (noted by :func:`note_connection`), when
     it can write the chunks of the response's body at once
@@ -415,7 +480,7 @@ def chunk_writer(scope: Scope) -> DirectWriteTCPServer | None:
     on plain TCP (on POSIX), over HTTP/1.1, whose bodies without a length are chunked, and
     with a body at all (not for ``HEAD``). ``None`` otherwise (HTTP/1.0 and HTTP/2 frame
     bodies otherwise, TLS writes through its own stream)."""
-    server: DirectWriteTCPServer | None = cast(dict[str, Any], scope).get(_CHUNKS)
+    server = connection_of(scope)
     if server is None or scope.get("http_version") != "1.1" or scope.get("method") == "HEAD":
         return None
     stream: trio.abc.Stream = server.stream  # (annotated by hypercorn as an SSLStream)
@@ -457,6 +522,14 @@ class gathered_writes:
             for server in self._servers:
                 if server._gathered:  # (unless another write took it already)
                     await server._write(b"")
+
+
+def abort_writes() -> None:
+    """Give up every write waiting for its client to read, in every worker of this process
+    (:meth:`DirectWriteTCPServer.abort`): for a shutdown that does not wait."""
+    for worker in list(_IDLE.values()):
+        for server in list(worker.waiting):
+            server.abort()
 
 
 def use_direct_writes() -> bool:

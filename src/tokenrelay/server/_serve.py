@@ -8,14 +8,13 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator, Sequence
-from functools import partial
 
 import hypercorn.trio
 import trio
 from hypercorn.config import Config
 from quart import Quart
 
-from ._hypercorn import use_direct_writes
+from ._hypercorn import abort_writes, use_direct_writes
 from ._service import EXTENSION, RelayService
 
 __all__ = ["CannotListen", "serve"]
@@ -39,7 +38,8 @@ async def serve(
     by :func:`create_app`) with hypercorn's trio worker until one of ``shutdown_signals``
     (or until ``shutdown`` is set); then stop accepting, stop every run with reason
     ``"shutdown"``, let their ``on_finish`` run, close the connections, and return. Started
-    with ``nursery.start``, it reports the addresses it listens on.
+    with ``nursery.start``, it reports the addresses it listens on. A second signal stops
+    it at once, without waiting for the connections.
 
     From then on, hypercorn's trio worker in this process hands each write of a plain TCP
     connection to the socket at once when the kernel takes it all (``server/_hypercorn.py``).
@@ -55,16 +55,21 @@ async def serve(
             waiting.start_soon(_first_signal, signals, waiting.cancel_scope)
             if shutdown is not None:
                 waiting.start_soon(_until_set, shutdown, waiting.cancel_scope)
+        nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
         await service.drain()
+
+    async def serving(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await hypercorn.trio.serve(
+            app, config, shutdown_trigger=until_signal, task_status=task_status
+        )
+        nursery.cancel_scope.cancel()  # served: a second signal is not waited for
 
     # Caught from the start: a signal that comes before hypercorn asks for its shutdown
     # trigger (just after it says it is listening) must not kill the process.
     with trio.open_signal_receiver(*shutdown_signals) as signals:
         async with trio.open_nursery() as nursery:
             try:
-                binds = await nursery.start(
-                    partial(hypercorn.trio.serve, app, config, shutdown_trigger=until_signal)
-                )
+                binds = await nursery.start(serving)
             except* OSError as group:  # hypercorn raises it in a group of its nursery's
                 error = leaves(group)[0]
                 reason = error.strerror if isinstance(error, OSError) and error.strerror else error
@@ -77,6 +82,16 @@ async def _first_signal(signals: AsyncIterator[int], done: trio.CancelScope) -> 
         logger.info("shutting_down signal=%s", signal.Signals(signum).name)
         break
     done.cancel()
+
+
+async def _second_signal(signals: AsyncIterator[int], serving: trio.CancelScope) -> None:
+    """A second signal while shutting down: stop now, without waiting for the connections
+    (hypercorn's graceful timeout), writes waiting for clients given up."""
+    async for signum in signals:
+        logger.warning("shutting_down_now signal=%s", signal.Signals(signum).name)
+        abort_writes()
+        serving.cancel()
+        break
 
 
 async def _until_set(event: trio.Event, done: trio.CancelScope) -> None:

@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any, NoReturn, cast
 
 import trio
-from quart import current_app
+from quart import current_app, has_request_context, request
 
 from .._events import Event, RunStatus
 from .._exceptions import RelayError
@@ -34,7 +34,7 @@ from ..upstreams._spec import open_upstream
 from ._auth import Keyring
 from ._config import ServerConfig
 from ._errors import fail, run_error
-from ._hypercorn import DirectWriteTCPServer
+from ._hypercorn import DirectWriteTCPServer, connection_of
 from ._metrics import Metrics
 
 __all__ = ["EXTENSION", "RelayService", "Watch", "relay_service"]
@@ -53,10 +53,22 @@ class Watch:
     request is over (see :func:`~tokenrelay.server._asgi.at_request_end`), and the state of
     the write in progress, for the stall check."""
 
-    __slots__ = ("__weakref__", "armed", "ended", "idle_since", "keepalive_armed", "since", "sub")
+    __slots__ = (
+        "__weakref__",
+        "armed",
+        "connection",
+        "ended",
+        "idle_since",
+        "keepalive_armed",
+        "since",
+        "sub",
+    )
 
-    def __init__(self, sub: Subscription) -> None:
+    def __init__(self, sub: Subscription, connection: DirectWriteTCPServer | None = None) -> None:
         self.sub = sub
+        #: The request's connection, when served by ``tokenrelay serve``'s hypercorn worker
+        #: (a stalled write of it is given up: :meth:`DirectWriteTCPServer.abort`).
+        self.connection = connection
         #: The stream reached its end (a client that left before then "disconnected").
         self.ended = False
         #: When the write in progress began (``None``: no write in progress).
@@ -351,7 +363,7 @@ class RelayService:
         with :meth:`unwatch` (idempotent)."""
         sub = run.subscribe(after=after)
         sub.hold()
-        return Watch(sub)
+        return Watch(sub, connection_of(request.scope) if has_request_context() else None)
 
     def unwatch(self, watch: Watch) -> None:
         """The request is done with its run. If the run must not outlive its readers
@@ -432,8 +444,9 @@ class RelayService:
 
     def _check_stall(self, ref: weakref.ref[Watch]) -> None:
         """Drop a watch whose write has been blocked for ``stall_timeout``: its run is then no
-        longer held on its account (its connection stays until the client or the kernel gives
-        up on it; hypercorn cannot cancel a write)."""
+        longer held on its account, and its connection, served by ``tokenrelay serve``'s
+        worker, is closed (:meth:`DirectWriteTCPServer.abort`; elsewhere it stays until the
+        client or the kernel gives up on it: hypercorn's own writes cannot be cancelled)."""
         watch = ref()
         if watch is None:
             return
@@ -448,6 +461,8 @@ class RelayService:
             watch.armed = False
             run = watch.run
             self.unwatch(watch)
+            if watch.connection is not None:
+                watch.connection.abort()
             lifecycle(
                 "subscriber_stalled",
                 logging.WARNING,

@@ -143,8 +143,16 @@ class RawHTTP:
         self.buffer = b""
 
     @classmethod
-    async def connect(cls, url: str) -> RawHTTP:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port_of(url)))
+    async def connect(cls, url: str, *, receive_buffer: int | None = None) -> RawHTTP:
+        """``receive_buffer``: the client socket's ``SO_RCVBUF``, set before it connects (so
+        that the kernel does not grow it): for a client that reads nothing, the server's
+        writes then wait once that little is taken."""
+        if receive_buffer is None:
+            return cls(await trio.open_tcp_stream("127.0.0.1", port_of(url)))
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, receive_buffer)
+        await sock.connect(("127.0.0.1", port_of(url)))
+        return cls(trio.SocketStream(sock))
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)

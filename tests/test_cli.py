@@ -104,20 +104,24 @@ async def test_sigterm_stops_runs_in_flight_and_exits_zero(
 async def test_a_second_signal_stops_at_once_and_a_write_nobody_reads_is_given_up(
     fake_server: FakeModelServer,
 ) -> None:
-    # A client that reads nothing holds a write of its stream: the first SIGTERM waits for
-    # it up to hypercorn's graceful timeout (5 s), a second one stops the server at once.
+    # A client that reads nothing holds a write of its stream, and one sends half a request
+    # body: the first SIGTERM waits for both up to hypercorn's graceful timeout (5 s), a
+    # second one stops the server at once (the write given up, the connections cancelled).
     fake_server.default = FakeScript(tokens=["x" * 65536] * 400)  # more than sockets buffer
     server, url = await start(
         "--upstream", f"openai={fake_server.openai_url}", "--model", "fake",
         "--stall-timeout", "none",
     )  # fmt: skip
     try:
-        reader = await RawHTTP.connect(url)
-        body = b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
-        await reader.send(
+        reader = await RawHTTP.connect(url, receive_buffer=4096)
+        head = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: "
-            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            b"application/json\r\nContent-Length: %d\r\n\r\n"
         )
+        body = b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
+        await reader.send(head % len(body) + body)
+        uploader = await RawHTTP.connect(url)
+        await uploader.send(head % (len(body) + 1000) + body)  # ... and the rest never comes
         record = await fake_server.wait_for_requests(1)
         await record.wait_closed()  # all produced; the stream's write waits
         server.process.send_signal(signal.SIGTERM)
@@ -127,8 +131,9 @@ async def test_a_second_signal_stops_at_once_and_a_write_nobody_reads_is_given_u
         await server.drain()
         assert await server.process.wait() == 0
         assert trio.current_time() - stopping < 2.5  # not the graceful timeout's 5 s
-        assert await reader.closed_by_server()
-        await reader.aclose()
+        for client in (reader, uploader):
+            assert await client.closed_by_server()
+            await client.aclose()
     finally:
         server.process.kill()
     assert "shutting_down_now signal=SIGTERM" in server.log.decode()

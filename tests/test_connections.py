@@ -8,6 +8,7 @@ answered before the request body was read. See docs/upstream-bugs.md and _asgi.p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,11 +21,13 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import httpx2
 import openai
 import pytest
 import trio
 import trio.testing
+from quart_trio import QuartTrio
 
 import tokenrelay
 import tokenrelay.server._asgi
@@ -226,46 +229,111 @@ async def test_shutdown_closes_idle_connections_at_once(fake_server: FakeModelSe
     await kept.aclose()
 
 
-@bounded(20)
-async def test_shutdown_gives_up_a_write_no_client_reads_after_the_graceful_timeout(
-    fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A write waits (shielded, as hypercorn's do) for a client that reads nothing: hypercorn
-    # cancels the connections once its graceful timeout has passed, and the shielded wait
-    # would outlive that; the server would never stop. It is given up then: closed.
-    fake_server.default = FakeScript(tokens=["x" * 65536] * 400)  # more than sockets buffer
-    app = tokenrelay.create_app(
-        tokenrelay.ServerConfig(
-            upstream=f"openai={fake_server.openai_url}", db=":memory:", stall_timeout=None
-        )
-    )
-    waiting = trio.Event()
+class Waits:
+    """The writes that wait for their client (from :func:`note_waits` on), as each begins:
+    whether shutdown had begun then, and how many bytes it waits to write. ``began`` is set
+    by the next one (replace it to wait for the one after)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, int]] = []
+        self.began = trio.Event()
+
+
+def note_waits(monkeypatch: pytest.MonkeyPatch, shutdown: trio.Event) -> Waits:
+    waits = Waits()
     wait_for_client = tokenrelay.server._hypercorn.DirectWriteTCPServer._wait_for_client
 
-    async def noted(server: Any, *args: Any) -> None:
-        waiting.set()
-        await wait_for_client(server, *args)
+    async def noted(server: Any, stream: Any, rest: memoryview) -> None:
+        waits.seen.append((shutdown.is_set(), len(rest)))
+        waits.began.set()
+        await wait_for_client(server, stream, rest)
 
     monkeypatch.setattr(
         tokenrelay.server._hypercorn.DirectWriteTCPServer, "_wait_for_client", noted
     )
+    return waits
+
+
+def a_relay(fake_server: FakeModelServer) -> QuartTrio:
+    """A relay in front of the fake model whose answer (25 MB, all held) is more than sockets
+    buffer, without a stall timeout."""
+    fake_server.default = FakeScript(tokens=["x" * 65536] * 400)
+    return tokenrelay.create_app(
+        tokenrelay.ServerConfig(
+            upstream=f"openai={fake_server.openai_url}",
+            db=":memory:",
+            stall_timeout=None,
+            max_bytes=None,
+        )
+    )
+
+
+@bounded(20)
+async def test_shutdown_gives_up_a_write_no_client_reads_once_its_graceful_timeout_passes(
+    fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write waits (shielded, as hypercorn's do) for a client that reads nothing: hypercorn
+    # cancels the connections once its graceful timeout has passed, and the shielded wait
+    # would outlive that; the server would never stop. It is given up then, and the
+    # connection closed. Here the wait was under way when shutdown began: a session's
+    # answer replayed, whose first write (its first batch of events) no buffer can hold.
+    app = a_relay(fake_server)
     shutdown = trio.Event()
+    waits = note_waits(monkeypatch, shutdown)
     with trio.fail_after(10):
         async with trio.open_nursery() as serving:
             url = await serve_app(
                 serving, app, graceful_timeout=0.5, shutdown_trigger=shutdown.wait
             )
-            reader = await RawHTTP.connect(url)
+            async with httpx2.AsyncClient(base_url=url) as client:
+                answer = await client.post(
+                    "/v1/chat/completions",
+                    json=chat(stream=False),
+                    headers={"X-Session-Id": "s"},
+                )
+                assert answer.status_code == 200
+            waits.seen.clear()
+            waits.began = trio.Event()
+            reader = await RawHTTP.connect(url, receive_buffer=4096)
+            await reader.send(b"GET /v1/sessions/s/stream HTTP/1.1\r\nHost: relay\r\n\r\n")
+            await waits.began.wait()  # ... and it never reads
+            shutdown.set()
+            stopping = trio.current_time()
+        stopped = trio.current_time()  # the server is done: every connection task has ended
+    [(after_shutdown, size)] = waits.seen
+    assert (after_shutdown, size > 8 << 20) == (False, True)
+    assert stopped - stopping >= 0.5  # (it had its graceful timeout)
+    assert await reader.closed_by_server()
+    await reader.aclose()
+
+
+@bounded(20)
+async def test_shutdown_gives_up_a_write_begun_after_it_began_at_its_graceful_timeout(
+    fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above, for a wait that begins once shutdown has begun: the model answers after.
+    app = a_relay(fake_server)
+    fake_server.default = dataclasses.replace(fake_server.default, prefill=0.3)
+    shutdown = trio.Event()
+    waits = note_waits(monkeypatch, shutdown)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as serving:
+            url = await serve_app(
+                serving, app, graceful_timeout=1.0, shutdown_trigger=shutdown.wait
+            )
+            reader = await RawHTTP.connect(url, receive_buffer=4096)
             body = json.dumps(chat()).encode()
             await reader.send(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nContent-Type: "
                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
-            await waiting.wait()  # ... and it never reads
+            await fake_server.wait_for_requests(1)  # (its answer is 0.3 s away)
             shutdown.set()
             stopping = trio.current_time()
-        stopped = trio.current_time()  # the server is done: every connection task has ended
-    assert stopped - stopping >= 0.5  # (it had its graceful timeout)
+        stopped = trio.current_time()
+    assert waits.seen
+    assert all(after_shutdown for after_shutdown, _ in waits.seen)
+    assert stopped - stopping >= 1.0
     assert await reader.closed_by_server()
     await reader.aclose()
 
@@ -436,6 +504,43 @@ async def test_a_stream_the_upstream_refuses_is_an_http_error_over_http2_too(
     assert response[b"content-type"] == b"application/json"
     assert response[b"retry-after"] == b"3"
     assert json.loads(data)["error"]["type"] == "upstream_rate_limited"
+
+
+@bounded(20)
+async def test_an_http2_client_that_never_opens_its_window_holds_no_shutdown(
+    fake_server: FakeModelServer,
+) -> None:
+    # An HTTP/2 client that gives the server no flow-control window (and never opens one):
+    # a response's end waits for it. The server's shutdown cancels that wait at its graceful
+    # timeout, as it does any request's (a shielded wait would have held it for ever).
+    app = tokenrelay.create_app(
+        tokenrelay.ServerConfig(upstream=f"openai={fake_server.openai_url}", db=":memory:")
+    )
+    shutdown = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as serving:
+            url = await serve_app(
+                serving, app, graceful_timeout=0.5, shutdown_trigger=shutdown.wait
+            )
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(url))
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+            )
+            client.initiate_connection()
+            base = [(":scheme", "http"), (":authority", "relay")]
+            client.send_headers(1, [(":method", "GET"), (":path", "/healthz"), *base], True)
+            await stream.send_all(client.data_to_send())
+            answered = False
+            while not answered:  # the response's head comes (its body cannot)
+                events = client.receive_data(await stream.receive_some())
+                answered = any(isinstance(e, h2.events.ResponseReceived) for e in events)
+                await stream.send_all(client.data_to_send())
+            shutdown.set()
+            stopping = trio.current_time()
+        stopped = trio.current_time()
+    assert 0.5 <= stopped - stopping < 5
+    await stream.aclose()
 
 
 # The SDK leaves its async generators for trio to finalize (see test_openai_sdk.py).

@@ -109,6 +109,7 @@ async def test_answers_survive_a_kill_9_and_replay_identically(tmp_path: Path) -
             messages = (await client.get("/v1/sessions/long/messages")).json()["data"]
             listed = (await client.get("/v1/sessions")).json()["data"]
             superscript = await client.get("/v1/sessions?limit=%C2%B2")  # "²": isdigit, not int
+            endless = await client.get(f"/v1/sessions?limit={'1' * 5000}")  # (int takes 4,300)
             async with client.stream("GET", "/v1/sessions/long/stream") as response:
                 interrupted = await SSEReader(response).all()
             deleted = await client.delete("/v1/sessions/done")
@@ -122,8 +123,9 @@ async def test_answers_survive_a_kill_9_and_replay_identically(tmp_path: Path) -
         (e.id, e.data) for e in content
     ]
     assert replayed[-1].data == finished[-1].data == "[DONE]"
-    assert superscript.status_code == 400
-    assert "'limit'" in superscript.json()["error"]["message"]
+    for refused in (superscript, endless):
+        assert refused.status_code == 400
+        assert "'limit'" in refused.json()["error"]["message"]
     assert seqs(rest) == [s for s in seqs(finished) if s > 3]
     # The run cut off by the kill is an error, "interrupted", its partial answer kept.
     assert (status["status"], status["reason"]) == ("error", "interrupted")

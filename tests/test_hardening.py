@@ -240,6 +240,35 @@ async def test_a_reader_that_stops_reading_is_dropped_after_the_stall_timeout(
     await conn.aclose()
 
 
+@bounded(30)
+async def test_a_reader_slower_than_one_write_takes_is_not_taken_for_a_stalled_one(
+    nursery: trio.Nursery, fake_server: FakeModelServer, stalled_log: LoggedEvent
+) -> None:
+    # A finished 7.5 MB answer replayed: its first write (a batch of events) is more than
+    # the sockets between them hold, and the client takes it 64 KiB at a time at most,
+    # every 5 ms: longer in all than the stall timeout. It never stops taking: it is not
+    # stalled, and gets the whole stream.
+    fake_server.default = FakeScript(tokens=["x" * 65536] * 120)
+    served = await start_served(nursery, fake_server, stall_timeout=0.5, max_bytes=None)
+    async with httpx2.AsyncClient(base_url=served.url, timeout=30) as client:
+        answer = await client.post(
+            "/v1/chat/completions", json=chat(stream=False), headers={"X-Session-Id": "s"}
+        )
+        assert answer.status_code == 200
+    conn = await RawHTTP.connect(served.url, receive_buffer=65536)
+    await conn.send(b"GET /v1/sessions/s/stream HTTP/1.1\r\nHost: relay\r\n\r\n")
+    started = trio.current_time()
+    received = bytearray()
+    while not received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):  # (the body's end)
+        chunk = await conn.stream.receive_some(65536)
+        assert chunk, "the server closed the connection"
+        received += chunk
+        await trio.sleep(0.005)  # (a slow client)
+    assert trio.current_time() - started > 0.5  # (longer than the stall timeout)
+    assert not stalled_log.records
+    await conn.aclose()
+
+
 @bounded(20)
 async def test_a_request_the_upstream_refuses_before_any_io_does_not_use_up_a_slot(
     nursery: trio.Nursery, fake_server: FakeModelServer

@@ -1019,6 +1019,54 @@ async def test_a_running_response_longer_than_the_relay_holds_resumes_from_the_s
 
 
 @bounded(30)
+async def test_a_resume_whose_store_read_the_relay_outran_reads_on_from_there(
+    nursery: trio.Nursery,
+    fake_server: FakeModelServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The relay drops more of the run's first events while the store is read: the stream
+    # reads the store on from where it was (not again from the start), then joins the run.
+    tokens = [f"t{i} " for i in range(60)]
+    fake_server.default = FakeScript(tokens=tokens, interval=0.01)
+    served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"), max_events=5)
+    store = served.service.store
+    assert store is not None
+    read = store.events
+    reads: list[int] = []
+
+    async def outrun(run_id: str, after: int = -1) -> list[tokenrelay.Event]:
+        events = await read(run_id, after)
+        reads.append(after)
+        if len(reads) == 1:  # the run goes on by more than the relay holds meanwhile
+            async with run.subscribe(after=run.event_count - 1) as sub:
+                for _ in range(6):
+                    await sub.receive()
+        return events
+
+    async with sdk(served.url) as client:
+        created = await client.responses.create(
+            model="fake", input="hi", background=True, stream=True
+        )
+        response_id = (await created.__anext__()).response.id
+        await created.close()
+        run = served.relay.get(_key(served, response_id))
+        assert run is not None
+        async with run.subscribe(after=run.event_count - 1) as sub:
+            while json.loads((await sub.receive()).data) != tokens[10]:
+                pass  # (its first events are dropped by now)
+        monkeypatch.setattr(store, "events", outrun)
+        events = await collect(
+            await client.responses.retrieve(response_id, stream=True, starting_after=3)
+        )
+    assert reads[:1] == [-1]
+    assert reads[1] >= 10  # the second read took up from the first one's end
+    assert [e.sequence_number for e in events] == list(range(4, 4 + len(events)))
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == tokens
+    assert events[-1].type == "response.completed"
+
+
+@bounded(30)
 async def test_resuming_a_live_response_after_its_last_event_is_an_error_event(
     nursery: trio.Nursery, fake_server: FakeModelServer
 ) -> None:
@@ -1118,12 +1166,14 @@ async def test_a_tool_call_the_upstream_gave_no_id_is_sent_back_under_the_id_it_
     nursery: trio.Nursery, fake_server: FakeModelServer, tmp_path: Path
 ) -> None:
     # Some OpenAI-compatible servers send a tool call without an id. The response names the
-    # call by an id of its own, and a follow-up answering that call id sends the upstream
-    # the assistant's call under the same id, from the relay and from the store.
+    # call by an id of its own (by its stream index, whatever the order of the calls), and a
+    # follow-up answering that call id sends the upstream the assistant's call under the
+    # same id, from the relay and from the store.
     fake_server.default = FakeScript(
         tokens=[],
-        tool_calls=[("get_weather", ARGUMENTS), ("get_weather", ARGUMENTS)],
+        tool_calls=[("get_weather", '{"city": "Rome"}'), ("get_weather", ARGUMENTS)],
         tool_call_ids=False,
+        tool_call_indexes=[2, 1],  # (out of order, and not from 0)
         finish_reason="tool_calls",
     )
     served = await start_served(nursery, fake_server, db=str(tmp_path / "relay.db"))
@@ -1131,7 +1181,7 @@ async def test_a_tool_call_the_upstream_gave_no_id_is_sent_back_under_the_id_it_
         first = await client.responses.create(model="fake", input="Paris? Rome?", tools=TOOLS)
         calls = [item for item in first.output if item.type == "function_call"]
         suffix = first.id.removeprefix("resp_")
-        assert [call.call_id for call in calls] == [f"call_{suffix}_0", f"call_{suffix}_1"]
+        assert [call.call_id for call in calls] == [f"call_{suffix}_2", f"call_{suffix}_1"]
         answers: Any = [
             {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
             for call in calls
@@ -1144,9 +1194,13 @@ async def test_a_tool_call_the_upstream_gave_no_id_is_sent_back_under_the_id_it_
         await client.responses.create(
             model="fake", previous_response_id=first.id, input=answers, tools=TOOLS
         )
+    rome, paris = calls
     for request in fake_server.requests[1:]:
         sent = request.body["messages"]
-        assert [call["id"] for call in sent[1]["tool_calls"]] == [c.call_id for c in calls]
+        ids = {
+            json.loads(c["function"]["arguments"])["city"]: c["id"] for c in sent[1]["tool_calls"]
+        }
+        assert ids == {"Rome": rome.call_id, "Paris": paris.call_id}
         assert [m["tool_call_id"] for m in sent[2:]] == [c.call_id for c in calls]
 
 
@@ -1199,6 +1253,7 @@ async def test_bad_query_parameters_are_a_400_naming_them(
             # (digits to str.isdigit, not to int(), or not ASCII)
             (f"/v1/responses/{response_id}/input_items?limit=%C2%B2", "'limit'"),
             (f"/v1/responses/{response_id}/input_items?limit=%EF%BC%91", "'limit'"),
+            (f"/v1/responses/{response_id}/input_items?limit={'1' * 5000}", "'limit'"),
             (f"/v1/responses/{response_id}/input_items?order=up", "'order'"),
             (f"/v1/responses/{response_id}/input_items?after=nope", "'after'"),
         ]:

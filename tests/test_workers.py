@@ -44,14 +44,18 @@ async def detached(client: httpx2.AsyncClient, url: str, session_id: str) -> str
 
 
 @asynccontextmanager
-async def worker(redis: RedisServer, *args: str) -> AsyncIterator[tuple[Server, str]]:
-    """One ``tokenrelay serve --redis`` process (nothing kept on disk), killed at the end."""
+async def worker(
+    redis: RedisServer, *args: str, own_group: bool = False
+) -> AsyncIterator[tuple[Server, str]]:
+    """One ``tokenrelay serve --redis`` process (nothing kept on disk), killed at the end.
+    ``own_group``: in a process group of its own (as a terminal's foreground job is)."""
     process = await trio.lowlevel.open_process(
         [
             sys.executable, "-m", "tokenrelay", "serve", "--port", "0", "--db", ":memory:",
             "--redis", redis.url, *args,
         ],
         stderr=subprocess.PIPE,
+        start_new_session=own_group,
     )  # fmt: skip
     server = Server(process)
     try:
@@ -261,6 +265,37 @@ async def test_workers_share_one_port_and_act_as_one(redis_server: RedisServer) 
     log = supervisor.log.decode()
     assert "shutting_down signal=SIGTERM workers=2" in log
     assert log.count("shutting_down signal=SIGTERM\n") == 2  # each worker drained its runs
+
+
+@bounded(60)
+async def test_one_ctrl_c_to_the_group_stops_the_workers_gracefully_a_second_kills_them(
+    redis_server: RedisServer,
+) -> None:
+    # A terminal's Ctrl-C (or systemd's stop) signals the whole process group: each worker
+    # gets it, and its supervisor's SIGTERM too. That is one shutdown, not "a second signal,
+    # stop now" (which would drop the runs' endings): the workers drain; then a second
+    # signal to the supervisor kills them, and it exits 0 either way.
+    for second in (False, True):
+        async with worker(redis_server, "--workers", "2", own_group=True) as (supervisor, url):
+            ids: set[str] = set()
+            while len(ids) < 2:
+                ids |= await worker_ids(url, 4)
+            workers = children(supervisor.process.pid)
+            os.killpg(supervisor.process.pid, signal.SIGINT)
+            if second:
+                await supervisor.wait_for("shutting_down signal=SIGINT workers=2")
+                supervisor.process.send_signal(signal.SIGINT)
+            await supervisor.drain()
+            assert await supervisor.process.wait() == 0
+            assert not any(alive(pid) for pid in workers)
+        log = supervisor.log.decode()
+        assert "Traceback" not in log
+        assert "claim_release_failed" not in log
+        if second:
+            assert "shutting_down_now signal=SIGINT: the workers are killed" in log
+        else:
+            assert log.count("shutting_down signal=SIGINT\n") == 2  # each worker drained
+            assert "shutting_down_now" not in log
 
 
 @bounded(60)

@@ -162,7 +162,10 @@ class CloseConnections:
                         message = {**message, "body": last + data}
                         last = None
                     if not more:
-                        with trio.CancelScope(shield=True):
+                        # Shielded on HTTP/1, where the connection's fate is in this send;
+                        # not on HTTP/2, where it ends one stream, and waits for the client
+                        # to open the stream's flow-control window, maybe for ever.
+                        with trio.CancelScope(shield=body is not None):
                             if body is not None and not closing:
                                 await body.wait_for_the_rest()
                             held, start = start, None

@@ -111,6 +111,8 @@ class DirectWriteTCPServer(TCPServer):
     #: The scope of a write waiting for the client to take the rest of it: shielded, so
     #: that only :meth:`abort` or the worker's shutdown deadline ends it.
     _waiting: trio.CancelScope | None = None
+    #: When such a write last made progress (the client took some of it).
+    progressed_at = -math.inf
 
     async def run(self) -> None:
         # The connection's tasks (its requests' apps among them) are started from this one
@@ -348,7 +350,7 @@ class DirectWriteTCPServer(TCPServer):
             if worker is not None:
                 worker.waiting.add(self)
             try:
-                await stream.send_all(rest)
+                await self._send_all(stream, rest)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 closed = True
             finally:
@@ -360,6 +362,27 @@ class DirectWriteTCPServer(TCPServer):
             closed = True
         if closed:
             await self.protocol.handle(Closed())
+
+    async def _send_all(self, stream: trio.SocketStream, rest: memoryview) -> None:
+        """``stream.send_all(rest)``, noting each time the client takes some
+        (:attr:`progressed_at`): a client that reads slowly is not one that reads nothing."""
+        if not _WRITE_FD:
+            await stream.send_all(rest)
+            return
+        sock = stream.socket
+        while rest:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the connection was closed")
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                sent = os.write(sock.fileno(), rest)
+            except BlockingIOError:  # woken, yet no room: wait again
+                continue
+            except OSError as exc:  # reset, or closed (a descriptor of -1)
+                raise trio.BrokenResourceError from exc
+            rest = rest[sent:]
+            self.progressed_at = trio.current_time()
 
 
 #: The task of the last write taken whole, and its count of schedule points then.
@@ -416,6 +439,8 @@ class _IdleConnections:
             if set_terminated is None or not callable(getattr(terminated, "is_set", None)):
                 return None
             idle = _IDLE[context] = cls(terminated)
+            if terminated.is_set():  # (a first connection's task that runs after shutdown began)
+                idle.terminated_at = trio.current_time()
 
             async def set_and_close_idle() -> None:
                 await set_terminated()

@@ -70,6 +70,7 @@ __all__ = [
 RESPONSE_ID = re.compile(r"resp_([A-Za-z0-9_-]{1,64})")
 #: A resume point: a sequence number (or -1, from the start), in ASCII digits.
 _START = re.compile(r"-1|[0-9]{1,20}")
+_LIMIT = re.compile(r"[0-9]{1,9}")
 
 #: The message of a response whose server shut down before its run ended.
 SHUTDOWN = "the response was interrupted: its server shut down before it ended"
@@ -210,13 +211,15 @@ def _too_long(found: _Found) -> NoReturn:
 async def _watch_rest(service: RelayService, found: _Found, run: Run) -> tuple[list[Event], Watch]:
     """For a running response whose first events the relay no longer holds: the events the
     store has (every one appended so far: it reads what is queued too), and a watch on those
-    that follow. Should the relay drop more while the store is read, it reads again."""
+    that follow. Should the relay drop more while the store is read, the store is read on
+    from there (a shorter read each time), a few times at most."""
     store = service.store
-    for _ in range(3):
-        if store is None:
-            break
+    if store is None:
+        _too_long(found)
+    events: list[Event] = []
+    for _ in range(8):
         try:
-            events = await store.events(run.id)
+            events += await store.events(run.id, events[-1].seq if events else -1)
         except UnknownRun:  # deleted since it was found
             _not_found(found.id)
         try:
@@ -442,7 +445,7 @@ async def _history(previous_id: str) -> list[dict[str, Any]]:
         gathered = Answer()
         for event in await _events(found):
             gathered.add(event.data)
-        answer = gathered.choices()[0]["message"]
+        answer = gathered.choices(tool_indexes=True)[0]["message"]
     return messages + answer_messages(answer, previous_id)
 
 
@@ -748,8 +751,8 @@ async def response_input_items(response_id: str) -> dict[str, Any]:
             invalid(f"'after': no input item {after!r} in this response", "invalid_request")
         items = items[ids.index(after) + 1 :]
     raw_limit = request.args.get("limit", "20").strip()
-    # (ASCII digits only: ``isdigit`` is also true of "²", which ``int`` refuses)
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
+    # (a few ASCII digits: ``isdigit`` is also true of "²", and ``int`` refuses 4,301 digits)
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 100:
         invalid("'limit' must be a whole number from 1 to 100", "invalid_request")
     page = items[: int(raw_limit)]
     return {

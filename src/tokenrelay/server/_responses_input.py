@@ -214,7 +214,8 @@ def answer_messages(message: Mapping[str, Any], response_id: str) -> list[dict[s
     if calls:
         turn["tool_calls"] = [
             {
-                "id": call.get("id") or call_id(response_id, position),
+                # (stored before calls kept their index: by position, as it was then)
+                "id": call.get("id") or call_id(response_id, call.get("index", position)),
                 "type": "function",
                 "function": {
                     "name": call["function"]["name"],

@@ -376,12 +376,15 @@ class ResponseRenderer:
             # Parallel calls' pieces may come interleaved (index 0, 1, 0, 1...).
             self._end_current(out)
             item = self._begin("function_call", "fc")
-            item.call_id = piece.get("id") or call_id(self.head["id"], len(self._tools))
+            item.call_id = piece.get("id") or call_id(self.head["id"], index)
             item.name = function.get("name") or ""
             self._tools[index] = item
             self._added(item, out)
-        elif function.get("name") and not item.name:
-            item.name = function["name"]
+        else:
+            if piece.get("id"):  # (as the answer gathered from the log takes it: the last)
+                item.call_id = piece["id"]
+            if function.get("name") and not item.name:
+                item.name = function["name"]
         arguments = function.get("arguments") or ""
         if arguments:
             item.arguments.add(arguments)
@@ -448,12 +451,12 @@ class ResponseRenderer:
             self._current = None
 
 
-def call_id(response_id: str, position: int) -> str:
-    """The ``call_id`` of a response's function call that the upstream gave no id: the
-    ``position``-th call of the answer (0 for its first). A follow-up sends the call back
-    under this id too (:func:`~._responses_input.answer_messages`), so that the tool message
-    answering it matches."""
-    return f"call_{response_id.removeprefix('resp_')}_{position}"
+def call_id(response_id: str, index: int) -> str:
+    """The ``call_id`` of a response's function call that the upstream gave no id: by the
+    call's stream ``index``. A follow-up sends the call back under this id too
+    (:func:`~._responses_input.answer_messages`), so that the tool message answering it
+    matches."""
+    return f"call_{response_id.removeprefix('resp_')}_{index}"
 
 
 def response_usage(usage: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ async def serve(
     *,
     shutdown_signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
     shutdown: trio.Event | None = None,
+    second_signal: bool = True,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` (a quart-trio app with :func:`relay_blueprint` registered, or one made
@@ -39,7 +40,8 @@ async def serve(
     (or until ``shutdown`` is set); then stop accepting, stop every run with reason
     ``"shutdown"``, let their ``on_finish`` run, close the connections, and return. Started
     with ``nursery.start``, it reports the addresses it listens on. A second signal stops
-    it at once, without waiting for the connections.
+    it at once, without waiting for the connections (unless ``second_signal`` is false: a
+    process whose supervisor decides that).
 
     From then on, hypercorn's trio worker in this process hands each write of a plain TCP
     connection to the socket at once when the kernel takes it all (``server/_hypercorn.py``).
@@ -55,7 +57,8 @@ async def serve(
             waiting.start_soon(_first_signal, signals, waiting.cancel_scope)
             if shutdown is not None:
                 waiting.start_soon(_until_set, shutdown, waiting.cancel_scope)
-        nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
+        later = _second_signal if second_signal else _later_signals
+        nursery.start_soon(later, signals, nursery.cancel_scope)
         await service.drain()
 
     async def serving(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -92,6 +95,13 @@ async def _second_signal(signals: AsyncIterator[int], serving: trio.CancelScope)
         abort_writes()
         serving.cancel()
         break
+
+
+async def _later_signals(signals: AsyncIterator[int], serving: trio.CancelScope) -> None:
+    """Signals after the first, taken and let be (one left in the receiver would be raised
+    again, with its default action, as it closes)."""
+    async for signum in signals:
+        logger.info("shutting_down_already signal=%s", signal.Signals(signum).name)
 
 
 async def _until_set(event: trio.Event, done: trio.CancelScope) -> None:

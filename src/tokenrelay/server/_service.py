@@ -443,7 +443,8 @@ class RelayService:
             self._keepalives.arm(due, ref)
 
     def _check_stall(self, ref: weakref.ref[Watch]) -> None:
-        """Drop a watch whose write has been blocked for ``stall_timeout``: its run is then no
+        """Drop a watch whose write has been blocked for ``stall_timeout`` (on a connection
+        of ``tokenrelay serve``'s worker, with no progress for that long): its run is then no
         longer held on its account, and its connection, served by ``tokenrelay serve``'s
         worker, is closed (:meth:`DirectWriteTCPServer.abort`; elsewhere it stays until the
         client or the kernel gives up on it: hypercorn's own writes cannot be cancelled)."""
@@ -453,6 +454,10 @@ class RelayService:
         timeout = self.config.stall_timeout
         assert timeout is not None
         since = watch.since
+        if since is not None and watch.connection is not None:
+            # (a write the client is taking, however slowly, is not stalled: from its last
+            # progress on)
+            since = max(since, watch.connection.progressed_at)
         if since is None:
             watch.armed = False  # the next write arms it again
         elif trio.current_time() - since < timeout:
@@ -515,7 +520,7 @@ def outcome(run: Run, events: list[Event]) -> dict[str, Any]:
         "model": run.info.get("model"),
         "system_fingerprint": run.info.get("system_fingerprint"),
         "usage": answer.usage,
-        "choices": answer.choices(),
+        "choices": answer.choices(tool_indexes=True),
     }
     return record
 

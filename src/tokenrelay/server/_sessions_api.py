@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 #: A resume point: a seq (or -1, from the start), in ASCII digits.
 RESUME_POINT = re.compile(r"-1|[0-9]{1,20}")
+_DIGITS = re.compile(r"[0-9]{1,9}")
 
 
 async def resume(session_id: str) -> Response:
@@ -256,18 +257,11 @@ async def _stored_events(run_id: str) -> list[Event]:
 
 
 def _answer(events: list[Event]) -> list[dict[str, Any]]:
-    """The choices ``events`` make, each tool call of choice 0 with its stream ``index``."""
+    """The choices ``events`` make, each tool call with its stream ``index``."""
     answer = Answer()
     for event in events:
         answer.add(event.data)
-    choices = answer.choices()
-    message = choices[0]["message"]
-    if message.get("tool_calls"):
-        message["tool_calls"] = [
-            {"index": index, **call}
-            for index, call in zip(answer.tool_indexes(), message["tool_calls"], strict=True)
-        ]
-    return choices
+    return answer.choices(tool_indexes=True)
 
 
 def _held_run(session_id: str) -> Run:
@@ -296,8 +290,8 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     value = request.args.get(name, "").strip()
     if not value:
         return default
-    # (ASCII digits only: ``isdigit`` is also true of "²", which ``int`` refuses)
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+    # (a few ASCII digits: ``isdigit`` is also true of "²", and ``int`` refuses 4,301 digits)
+    if not _DIGITS.fullmatch(value) or not low <= int(value) <= high:
         invalid(f"'{name}' must be a whole number from {low} to {high}", "invalid_request")
     return int(value)
 

@@ -176,6 +176,7 @@ async def serve(
     hypercorn_config.backlog = 2048
     supervisor_gone = trio.Event()
     async with trio.open_nursery() as nursery:
+        lifeline = os.environ.pop(LIFELINE_FD, None)
 
         async def serving(*, task_status: trio.TaskStatus[list[str]]) -> None:
             await serve_app(
@@ -183,11 +184,14 @@ async def serve(
                 hypercorn_config,
                 shutdown_signals=shutdown_signals,
                 shutdown=supervisor_gone,
+                # A worker gets its supervisor's SIGTERM and, from a terminal or systemd,
+                # the signal its process group got too: its supervisor says when it is "now".
+                second_signal=lifeline is None,
                 task_status=task_status,
             )
             nursery.cancel_scope.cancel()  # served: the lifeline need not be watched
 
-        if (lifeline := os.environ.pop(LIFELINE_FD, None)) is not None:
+        if lifeline is not None:
             await nursery.start(_watch_lifeline, int(lifeline), supervisor_gone)
         binds = await nursery.start(serving)
         if tune_gc:
@@ -297,11 +301,17 @@ async def supervise(
             process.kill()
 
     async def on_signal() -> None:
+        # Every signal is taken, to the end (one left would be raised again as the receiver
+        # closes): the first stops the workers gracefully, a second kills them.
         async for signum in signals:
             name = signal.Signals(signum).name
-            logger.info("shutting_down signal=%s workers=%d", name, config.workers)
-            stopping.set()
-            return
+            if not stopping.is_set():
+                logger.info("shutting_down signal=%s workers=%d", name, config.workers)
+                stopping.set()
+            else:
+                logger.warning("shutting_down_now signal=%s: the workers are killed", name)
+                for process in list(processes):
+                    process.kill()
 
     with (
         listener,

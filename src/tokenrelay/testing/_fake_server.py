@@ -81,6 +81,8 @@ class FakeScript:
     tool_calls: Sequence[tuple[str, str]] = ()
     #: Whether OpenAI-style tool calls carry an ``id`` (some servers send none).
     tool_call_ids: bool = True
+    #: The stream ``index`` of each OpenAI-style tool call (default: 0, 1, 2...).
+    tool_call_indexes: Sequence[int] | None = None
     #: How many choices (OpenAI only): every piece is sent for each, by index.
     choices: int = 1
     #: Send log probabilities with each token.
@@ -289,9 +291,10 @@ class FakeModelServer:
                     text = f"{text}@{time.monotonic():.6f}"
                 yield encode.token(text)
                 record.token_times.append(trio.current_time())
-            for position, (name, arguments) in enumerate(script.tool_calls):
+            indexes = script.tool_call_indexes or range(len(script.tool_calls))
+            for index, (name, arguments) in zip(indexes, script.tool_calls, strict=True):
                 await trio.sleep(script.interval)
-                yield encode.tool_call(position, name, arguments, with_id=script.tool_call_ids)
+                yield encode.tool_call(index, name, arguments, with_id=script.tool_call_ids)
             if script.fault is None:
                 yield encode.done(script.finish_reason, len(tokens))
                 record.completed = True

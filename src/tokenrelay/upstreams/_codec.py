@@ -198,18 +198,16 @@ class Answer:
         """Whether every choice seen has finished."""
         return all(c.finish_reason is not None for c in self._choices.values())
 
-    def choices(self) -> list[dict[str, Any]]:
-        """The ``choices`` of a ``chat.completion`` (choice 0 always, if empty)."""
+    def choices(self, *, tool_indexes: bool = False) -> list[dict[str, Any]]:
+        """The ``choices`` of a ``chat.completion`` (choice 0 always, if empty).
+        ``tool_indexes``: each tool call with its stream ``index`` too (what a client
+        resuming the stream needs, to add the pieces still to come to the right call)."""
         if not self._choices:
             self._choice(0)
-        return [self._choices[index].message(index) for index in sorted(self._choices)]
-
-    def tool_indexes(self, choice: int = 0) -> list[int]:
-        """The stream ``index`` of each of a choice's tool calls, in the order
-        :meth:`choices` lists them (what a client resuming the stream needs, to add the
-        pieces still to come to the right call)."""
-        found = self._choices.get(choice)
-        return sorted(found.tools) if found is not None else []
+        return [
+            self._choices[index].message(index, tool_indexes=tool_indexes)
+            for index in sorted(self._choices)
+        ]
 
 
 class _Choice:
@@ -267,14 +265,17 @@ class _Choice:
         if function.get("arguments"):
             call["function"]["arguments"] += function["arguments"]
 
-    def message(self, index: int) -> dict[str, Any]:
+    def message(self, index: int, *, tool_indexes: bool) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content)}
         if self.tools and not self.content:
             message["content"] = None
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
         if self.tools:
-            message["tool_calls"] = [self.tools[i] for i in sorted(self.tools)]
+            message["tool_calls"] = [
+                {"index": i, **self.tools[i]} if tool_indexes else self.tools[i]
+                for i in sorted(self.tools)
+            ]
         if self.refusal:
             message["refusal"] = "".join(self.refusal)
         message.update(self.extra)

@@ -101,17 +101,29 @@ class SendAllCalls(list[int]):
 
 
 def count_send_all(monkeypatch: pytest.MonkeyPatch) -> SendAllCalls:
+    """The server's writes that wait for the client to take the rest: its own
+    (``DirectWriteTCPServer._send_all``) and any through trio's ``send_all``."""
     calls = SendAllCalls()
-    original = trio.SocketStream.send_all
 
-    async def send_all(self: trio.SocketStream, data: Any) -> None:
+    def note(data: Any) -> None:
+        calls.append(len(data))
+        calls.head |= bytes(data[:9]) == b"HTTP/1.1 "
+        calls.called.set()
+
+    waits = DirectWriteTCPServer._send_all
+    send_all = trio.SocketStream.send_all
+
+    async def waited(server: DirectWriteTCPServer, stream: Any, data: Any) -> None:
+        note(data)
+        await waits(server, stream, data)
+
+    async def sent(self: trio.SocketStream, data: Any) -> None:
         if not getattr(self.socket, "is_client", False):
-            calls.append(len(data))
-            calls.head |= bytes(data[:9]) == b"HTTP/1.1 "
-            calls.called.set()
-        await original(self, data)
+            note(data)
+        await send_all(self, data)
 
-    monkeypatch.setattr(trio.SocketStream, "send_all", send_all)
+    monkeypatch.setattr(DirectWriteTCPServer, "_send_all", waited)
+    monkeypatch.setattr(trio.SocketStream, "send_all", sent)
     return calls
 
 

@@ -971,6 +971,23 @@ async def test_a_response_longer_than_the_relay_holds_is_rendered_from_the_store
             assert "no longer held" in info.value.message
 
 
+async def in_background(client: openai.AsyncOpenAI, served: Served) -> tuple[str, tokenrelay.Run]:
+    """A background response streamed, and left after its first event: its id and run."""
+    created = await client.responses.create(model="fake", input="hi", background=True, stream=True)
+    response_id = (await created.__anext__()).response.id
+    await created.close()
+    run = served.relay.get(_key(served, response_id))
+    assert run is not None
+    return response_id, run
+
+
+async def until_token(run: tokenrelay.Run, token: str) -> None:
+    """Wait until ``run`` has logged ``token`` (a piece of text), from now on."""
+    async with run.subscribe(after=run.event_count - 1) as sub:
+        while json.loads((await sub.receive()).data) != token:
+            pass
+
+
 @pytest.mark.parametrize("db", ["file", ":memory:"])
 @bounded(30)
 async def test_a_running_response_longer_than_the_relay_holds_resumes_from_the_store(
@@ -984,17 +1001,8 @@ async def test_a_running_response_longer_than_the_relay_holds_resumes_from_the_s
     path = str(tmp_path / "relay.db") if db == "file" else db
     served = await start_served(nursery, fake_server, db=path, max_events=5)
     async with sdk(served.url) as client:
-        created = await client.responses.create(
-            model="fake", input="hi", background=True, stream=True
-        )
-        response_id = (await created.__anext__()).response.id
-        await created.close()
-        run = served.relay.get(_key(served, response_id))
-        assert run is not None
-        async with run.subscribe(after=run.event_count - 1) as sub:
-            async for event in sub:  # until every token is in, the first ones dropped
-                if json.loads(event.data) == tokens[-1]:
-                    break
+        response_id, run = await in_background(client, served)
+        await until_token(run, tokens[-1])  # every token is in, the first ones dropped
         if db == ":memory:":
             for call in (
                 client.responses.retrieve(response_id, stream=True, starting_after=3),
@@ -1045,16 +1053,8 @@ async def test_a_resume_whose_store_read_the_relay_outran_reads_on_from_there(
         return events
 
     async with sdk(served.url) as client:
-        created = await client.responses.create(
-            model="fake", input="hi", background=True, stream=True
-        )
-        response_id = (await created.__anext__()).response.id
-        await created.close()
-        run = served.relay.get(_key(served, response_id))
-        assert run is not None
-        async with run.subscribe(after=run.event_count - 1) as sub:
-            while json.loads((await sub.receive()).data) != tokens[10]:
-                pass  # (its first events are dropped by now)
+        response_id, run = await in_background(client, served)
+        await until_token(run, tokens[10])  # (its first events are dropped by now)
         monkeypatch.setattr(store, "events", outrun)
         events = await collect(
             await client.responses.retrieve(response_id, stream=True, starting_after=3)

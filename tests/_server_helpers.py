@@ -29,7 +29,7 @@ from quart_trio import QuartTrio
 
 import tokenrelay
 from tokenrelay.server import _hypercorn
-from tokenrelay.server._hypercorn import use_direct_writes
+from tokenrelay.server._hypercorn import give_up_writes_after, use_direct_writes
 from tokenrelay.testing import FakeModelServer
 from tokenrelay.upstreams._lines import LineSplitter, SSEEvent, SSEParser
 
@@ -59,7 +59,10 @@ async def serve_app(
     keep_alive_timeout: float = 5.0,
     graceful_timeout: float = 0.5,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    write_fuse: float | None = None,
 ) -> str:
+    """``write_fuse``: as ``give_up_writes_after`` (``tokenrelay.server.serve`` gives twice
+    the relay's stall timeout)."""
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
@@ -68,6 +71,7 @@ async def serve_app(
     config.keep_alive_timeout = keep_alive_timeout
     # As tokenrelay.server.serve (and so ``tokenrelay serve``) runs hypercorn.
     assert use_direct_writes()
+    give_up_writes_after(config, write_fuse)
     serve = partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
     binds = await nursery.start(serve)
     return str(binds[0])
@@ -78,6 +82,7 @@ async def start_served(
     fake: FakeModelServer,
     *,
     keep_alive_timeout: float = 5.0,
+    write_fuse: float | None = None,
     **overrides: Any,
 ) -> Served:
     settings: dict[str, Any] = {
@@ -87,7 +92,9 @@ async def start_served(
     }
     settings.update(overrides)
     app = tokenrelay.create_app(tokenrelay.ServerConfig(**settings))
-    url = await serve_app(nursery, app, keep_alive_timeout=keep_alive_timeout)
+    url = await serve_app(
+        nursery, app, keep_alive_timeout=keep_alive_timeout, write_fuse=write_fuse
+    )
     return Served(url, app, app.extensions["tokenrelay"], fake)
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import httpx2
 import pytest
@@ -16,6 +17,7 @@ import tokenrelay
 from _helpers import bounded
 from _server_helpers import RawHTTP, SSEReader, chat, start_served, text_of
 from test_upstreams import closed_port
+from tokenrelay.server._hypercorn import DirectWriteTCPServer
 from tokenrelay.server._sse import ChunkRenderer
 from tokenrelay.testing import FakeModelServer, FakeScript
 from tokenrelay.upstreams._codec import encode_text
@@ -237,6 +239,41 @@ async def test_a_reader_that_stops_reading_is_dropped_after_the_stall_timeout(
             received += chunk
     assert b"[DONE]" not in received
     assert len(received) < 400 * 65536
+    await conn.aclose()
+
+
+@bounded(30)
+async def test_a_whole_answer_nobody_reads_is_given_up_and_its_connection_closed(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not a stream (no stall check of its own): a 25 MB answer to a client that reads
+    # nothing. Its write is given up once the client has taken nothing of it for the fuse
+    # (tokenrelay serve: twice the stall timeout), and the connection closed: the answer's
+    # memory, its task and its socket are not held for as long as the client stays.
+    fake_server.default = FakeScript(tokens=["x" * 65536] * 400)
+    served = await start_served(nursery, fake_server, max_bytes=None, write_fuse=0.3)
+    given_up = trio.Event()
+    wait_for_client = DirectWriteTCPServer._wait_for_client
+
+    async def noted(server: DirectWriteTCPServer, *args: Any) -> None:
+        await wait_for_client(server, *args)
+        if server._waiting is None and server.stream.socket.fileno() == -1:
+            given_up.set()
+
+    monkeypatch.setattr(DirectWriteTCPServer, "_wait_for_client", noted)
+    conn = await RawHTTP.connect(served.url, receive_buffer=4096)
+    body = json.dumps(chat(stream=False)).encode()
+    await conn.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with trio.fail_after(20):
+        await given_up.wait()  # ... and it never reads
+    received = bytearray()
+    while chunk := await conn.stream.receive_some():
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert len(received) < 400 * 65536  # cut short
     await conn.aclose()
 
 

@@ -229,7 +229,8 @@ class ServerConfig:
     stall_timeout: float | None = _option(
         60.0,
         "seconds a client may take nothing of a stream's write before it stops holding its "
-        "run and its connection is closed; 'none': forever",
+        "run and its connection is closed (twice that for any other response); 'none': "
+        "forever",
         seconds_or_none,
         "S",
     )

@@ -72,6 +72,7 @@ from typing import Any, cast
 
 import hypercorn.trio.run
 import trio
+from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
@@ -86,6 +87,7 @@ __all__ = [
     "chunk_writer",
     "connection_of",
     "gathered_writes",
+    "give_up_writes_after",
     "note_connection",
     "use_direct_writes",
 ]
@@ -339,7 +341,8 @@ class DirectWriteTCPServer(TCPServer):
         writes are (a write cut short would cut the response short), but not for ever:
         :meth:`abort` ends the wait, and so does the worker's shutdown, once its graceful
         timeout has passed (hypercorn then cancels the connections, which a shielded wait
-        would outlive). A wait so ended closes the connection."""
+        would outlive). A wait so ended closes the connection, and so does one in which the
+        client takes nothing for the seconds :func:`give_up_writes_after` gives its worker."""
         worker = self._worker
         deadline = math.inf
         if worker is not None and worker.terminated_at is not None:
@@ -353,11 +356,13 @@ class DirectWriteTCPServer(TCPServer):
                 await self._send_all(stream, rest)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 closed = True
+            except _NoProgress:
+                waiting.cancel()
             finally:
                 self._waiting = None
                 if worker is not None:
                     worker.waiting.discard(self)
-        if waiting.cancelled_caught:  # (the rest of the response can never be written)
+        if waiting.cancel_called:  # (the rest of the response can never be written)
             stream.socket.close()
             closed = True
         if closed:
@@ -370,11 +375,15 @@ class DirectWriteTCPServer(TCPServer):
             await stream.send_all(rest)
             return
         sock = stream.socket
+        fuse = _FUSES.get(self.config, math.inf)
         while rest:
             fd = sock.fileno()
             if fd < 0:
                 raise trio.ClosedResourceError("the connection was closed")
-            await trio.lowlevel.wait_writable(sock)
+            with trio.move_on_after(fuse) as fused:
+                await trio.lowlevel.wait_writable(sock)
+            if fused.cancelled_caught:
+                raise _NoProgress
             try:
                 sent = os.write(sock.fileno(), rest)
             except BlockingIOError:  # woken, yet no room: wait again
@@ -383,6 +392,26 @@ class DirectWriteTCPServer(TCPServer):
                 raise trio.BrokenResourceError from exc
             rest = rest[sent:]
             self.progressed_at = trio.current_time()
+
+
+class _NoProgress(Exception):
+    """A write's client took nothing of it for as long as its worker allows."""
+
+
+#: Per worker (by its hypercorn configuration): how long a write may wait with its client
+#: taking nothing (:func:`give_up_writes_after`).
+_FUSES: weakref.WeakKeyDictionary[Config, float] = weakref.WeakKeyDictionary()
+
+
+def give_up_writes_after(config: Config, seconds: float | None) -> None:
+    """Close a connection whose client takes nothing of a write for ``seconds`` (``None``:
+    wait for ever), on the workers serving with ``config``: any response's write, a large
+    answer to a client that reads nothing, say. (A relay stream's own stall check acts
+    sooner, with its run's release: ``RelayService._check_stall``.)"""
+    if seconds is None:
+        _FUSES.pop(config, None)
+    else:
+        _FUSES[config] = seconds
 
 
 #: The task of the last write taken whole, and its count of schedule points then.

@@ -14,7 +14,7 @@ import trio
 from hypercorn.config import Config
 from quart import Quart
 
-from ._hypercorn import abort_writes, use_direct_writes
+from ._hypercorn import abort_writes, give_up_writes_after, use_direct_writes
 from ._service import EXTENSION, RelayService
 
 __all__ = ["CannotListen", "serve"]
@@ -44,13 +44,19 @@ async def serve(
     process whose supervisor decides that).
 
     From then on, hypercorn's trio worker in this process hands each write of a plain TCP
-    connection to the socket at once when the kernel takes it all (``server/_hypercorn.py``).
+    connection to the socket at once when the kernel takes it all (``server/_hypercorn.py``),
+    and gives up, closing its connection, a write whose client takes nothing of it for twice
+    the relay's ``stall_timeout``.
 
     Raises:
         CannotListen: hypercorn could not bind ``config.bind`` (one line, with the reason).
     """
     service: RelayService = app.extensions[EXTENSION]
     use_direct_writes()
+    # Any response's write, given up once its client takes nothing for twice the stall
+    # timeout (a stream's own stall check acts at once, releasing its run).
+    stall = service.config.stall_timeout
+    give_up_writes_after(config, None if stall is None else 2 * stall)
 
     async def until_signal() -> None:
         async with trio.open_nursery() as waiting:

@@ -136,7 +136,7 @@ class DirectWriteTCPServer(TCPServer):
         client that reads nothing would hold it, and the connection's tasks, for ever): the
         connection is closed, the response cut short. Nothing if no write waits."""
         if self._waiting is not None:
-            self._waiting.cancel()
+            self._waiting.cancel(reason="the client's write was given up")
 
     def write_chunk_now(self, data: bytes, *, keep: bool = False) -> bool:
         """Write ``data`` as one chunk of the HTTP/1.1 chunked body in progress, at once and
@@ -357,7 +357,7 @@ class DirectWriteTCPServer(TCPServer):
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 closed = True
             except _NoProgress:
-                waiting.cancel()
+                waiting.cancel(reason="the client took nothing for too long")
             finally:
                 self._waiting = None
                 if worker is not None:

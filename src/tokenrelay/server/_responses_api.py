@@ -182,7 +182,7 @@ async def _events(found: _Found) -> list[Event]:
     run = found.run
     if run is not None:
         events = run.events()
-        if len(events) == run.event_count:
+        if _held_whole(run, events):
             return events
         if store is None:
             _too_long(found)
@@ -198,6 +198,11 @@ async def _events(found: _Found) -> list[Event]:
         return []  # its events expired (--keep-events): the response is kept, its output not
     except UnknownRun:  # deleted since it was found
         _not_found(found.id)
+
+
+def _held_whole(run: Run, events: list[Event]) -> bool:
+    """Whether ``events``, what the relay holds of ``run``, are all its events so far."""
+    return len(events) == run.event_count
 
 
 def _too_long(found: _Found) -> NoReturn:
@@ -679,7 +684,7 @@ async def cancel_response(response_id: str) -> Response:
         )
     run = found.run
     if run is not None and run.finished_at is None:
-        if relay_service().store is None and len(run.events()) != run.event_count:
+        if relay_service().store is None and not _held_whole(run, run.events()):
             _too_long(found)  # (refused before it is cancelled: DELETE stops it)
         run.cancel("cancelled")
         await run.wait_finished()

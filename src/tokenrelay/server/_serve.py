@@ -71,7 +71,7 @@ async def serve(
         await hypercorn.trio.serve(
             app, config, shutdown_trigger=until_signal, task_status=task_status
         )
-        nursery.cancel_scope.cancel()  # served: a second signal is not waited for
+        nursery.cancel_scope.cancel(reason="served")  # a second signal is not waited for
 
     # Caught from the start: a signal that comes before hypercorn asks for its shutdown
     # trigger (just after it says it is listening) must not kill the process.
@@ -99,7 +99,7 @@ async def _second_signal(signals: AsyncIterator[int], serving: trio.CancelScope)
     async for signum in signals:
         logger.warning("shutting_down_now signal=%s", signal.Signals(signum).name)
         abort_writes()
-        serving.cancel()
+        serving.cancel(reason="a second shutdown signal")
         break
 
 

@@ -420,6 +420,29 @@ async def test_an_early_answer_before_a_long_body_says_it_closes(
     await conn.aclose()
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+@bounded(10)
+async def test_a_body_that_stops_coming_is_answered_408_at_the_body_timeout_and_closed(
+    nursery: trio.Nursery, fake_server: FakeModelServer, path: str
+) -> None:
+    served = await start_served(nursery, fake_server, body_timeout=0.5)
+    conn = await RawHTTP.connect(served.url)
+    sent_at = trio.current_time()
+    await conn.send(big_post(500).replace(b"/v1/chat/completions", path.encode()) + b'{"mess')
+    status, _, body = await conn.response()
+    waited = trio.current_time() - sent_at
+    assert status == 408
+    assert json.loads(body)["error"] == {
+        "message": "the request body did not arrive in time; the connection is closed",
+        "type": "invalid_request_error",
+        "code": None,
+    }
+    assert 0.5 <= waited < 2.5
+    assert await conn.closed_by_server()
+    await conn.aclose()
+    assert fake_server.requests == []  # nothing was started
+
+
 @bounded(10)
 async def test_a_client_that_hangs_up_mid_body_ends_the_wait_for_it(
     nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch

@@ -146,7 +146,7 @@ def create_app(config: ServerConfig | None = None) -> QuartTrio:
     config = config or ServerConfig()
     app = QuartTrio("tokenrelay")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
-    app.config["BODY_TIMEOUT"] = 60
+    app.config["BODY_TIMEOUT"] = config.body_timeout
     # "/v1/sessions//stop" is a bad path (404), not a redirect to "/v1/sessions/stop".
     app.url_map.merge_slashes = False
     app.register_blueprint(relay_blueprint(config, page=True))

@@ -204,6 +204,13 @@ class ServerConfig:
     )
     demo_token_delay: float = _option(0.02, "the demo model's delay between tokens", seconds, "S")
     max_body: int = _option(1 << 20, "largest request body (e.g. 1M)", size, "SIZE")
+    body_timeout: float = _option(
+        60.0,
+        "seconds a request's body may take to arrive before it is answered 408 and its "
+        "connection closed",
+        seconds,
+        "S",
+    )
     max_runs: int = _option(1000, "runs at once before answering 429", count, "N")
     max_runs_per_key: int | None = _option(
         None,
@@ -294,8 +301,9 @@ class ServerConfig:
         for name in ("grace", "keepalive", "demo_prefill", "demo_token_delay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 seconds")
-        if not self.finish_timeout > 0:
-            raise ValueError("finish_timeout must be > 0 seconds")
+        for name in ("finish_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds")
         if not self.lease > 0:
             raise ValueError("lease must be > 0 seconds")
         if self.workers > 1 and self.redis is None:

@@ -95,9 +95,10 @@ def werkzeug_error(error: HTTPException, max_body: int) -> Response:
     if status == 413:
         return _too_large_error(max_body).response()
     types = {404: "not_found_error", 500: "server_error"}
-    response = HTTPError(
-        status, error.description or error.name, types.get(status, "invalid_request_error")
-    ).response()
+    message = error.description or error.name
+    if status == 408:  # (Werkzeug's blames "the browser")
+        message = "the request body did not arrive in time; the connection is closed"
+    response = HTTPError(status, message, types.get(status, "invalid_request_error")).response()
     for name, value in error.get_headers():
         if name.lower() != "content-type":
             response.headers[name] = value

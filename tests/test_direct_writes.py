@@ -13,6 +13,10 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import hypercorn.trio
 import hypercorn.trio.run
 import pytest
@@ -591,3 +595,47 @@ async def test_chunks_are_written_at_once_only_for_a_body_of_http_1_1_from_hyper
         ("1.0", "GET", False): False,  # no chunks in HTTP/1.0
         ("1.1", "GET", True): False,  # a wrapper between hypercorn and the app sees it all
     }
+
+
+class DeafApp:
+    """Writes ``chunks`` pieces of 1,000 bytes and its end, never listening for the client's
+    disconnect (an ASGI app need not)."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.finished = trio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(self.chunks):
+            await send({"type": "http.response.body", "body": chunk(i, 1000), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.finished.set()
+
+
+@bounded(10)
+async def test_an_http2_stream_s_writes_held_back_are_let_go_when_the_connection_closes(
+    nursery: trio.Nursery,
+) -> None:
+    # Its client gives the stream no window and then closes the connection: the writes
+    # held back (server/_h2_flow.py) end, though the app never asks whether its client left.
+    app = DeafApp(chunks=1000)
+    port = await serve(nursery, app)
+    stream = await client_stream(port)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    )
+    client.initiate_connection()
+    headers = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x")]
+    client.send_headers(1, headers, end_stream=True)
+    await stream.send_all(client.data_to_send())
+    answered = False
+    while not answered:  # the response's head comes (its body cannot)
+        events = client.receive_data(await stream.receive_some())
+        answered = any(isinstance(e, h2.events.ResponseReceived) for e in events)
+    await stream.aclose()
+    await app.finished.wait()

@@ -74,12 +74,14 @@ import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 from hypercorn.typing import Scope
 
 from .._steps import schedule_points, yielded_since
+from ._h2_flow import hold_back_streams
 
 __all__ = [
     "DirectWriteTCPServer",
@@ -115,6 +117,10 @@ class DirectWriteTCPServer(TCPServer):
     _waiting: trio.CancelScope | None = None
     #: When such a write last made progress (the client took some of it).
     progressed_at = -math.inf
+    #: Whether its HTTP/2 streams' buffers hold their writers back (``_h2_flow``).
+    _holding_back = False
+    #: Whether :meth:`abort` has asked the reading task to close the connection.
+    _aborted = False
 
     async def run(self) -> None:
         # The connection's tasks (its requests' apps among them) are started from this one
@@ -134,9 +140,21 @@ class DirectWriteTCPServer(TCPServer):
     def abort(self) -> None:
         """Give up on the write of this connection that waits for its client to read (a
         client that reads nothing would hold it, and the connection's tasks, for ever): the
-        connection is closed, the response cut short. Nothing if no write waits."""
+        connection is closed, the response cut short. On HTTP/1, nothing if no write waits;
+        on HTTP/2, whose streams' writes wait for the client in hypercorn's protocol
+        (``_h2_flow``), the connection is closed all the same."""
         if self._waiting is not None:
             self._waiting.cancel(reason="the client's write was given up")
+        elif self._holding_back and not self._aborted:
+            self._aborted = True  # the reading task closes it
+            if self._reading is not None:
+                self._reading.cancel(reason="the client's write was given up")
+
+    @property
+    def write_fuse(self) -> float:
+        """Seconds the client may take nothing of a write before the connection is closed
+        (:func:`give_up_writes_after`; ``math.inf``: no limit)."""
+        return _FUSES.get(self.config, math.inf)
 
     def write_chunk_now(self, data: bytes, *, keep: bool = False) -> bool:
         """Write ``data`` as one chunk of the HTTP/1.1 chunked body in progress, at once and
@@ -205,6 +223,9 @@ class DirectWriteTCPServer(TCPServer):
         task = trio.lowlevel.current_task()
         data: bytes | bytearray
         while True:
+            if self._aborted:
+                self._close_at_once()
+                break
             points = schedule_points(task)
             with trio.CancelScope(deadline=self._idle_at) as reading:
                 self._reading = reading
@@ -219,8 +240,8 @@ class DirectWriteTCPServer(TCPServer):
                 finally:
                     self._reading = None
             if reading.cancelled_caught:
-                if self._idle_at == math.inf:  # (a request came in since: read on)
-                    continue
+                if self._idle_at == math.inf or self._aborted:  # (a request came in since:
+                    continue  # read on; or aborted: closed above)
                 # What hypercorn's idle task does when the keep-alive timeout passes.
                 with trio.CancelScope(shield=True):
                     await self._initiate_server_close()
@@ -248,6 +269,13 @@ class DirectWriteTCPServer(TCPServer):
                 raise trio.BrokenResourceError from exc
             await trio.lowlevel.wait_readable(sock)
 
+    def _close_at_once(self) -> None:
+        """Close the socket (any other end of the connection follows from that)."""
+        stream: Any = self.stream
+        stream = getattr(stream, "transport_stream", stream)  # (under TLS)
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
+
     async def _close(self) -> None:
         # hypercorn's close (the end of our side of the stream, then the socket), called when
         # the protocol closes the connection and again as the connection's task ends: on
@@ -271,6 +299,10 @@ class DirectWriteTCPServer(TCPServer):
             self._reading.deadline = deadline
 
     async def protocol_send(self, event: Event) -> None:
+        if not self._holding_back and type(self.protocol.protocol) is H2Protocol:
+            # (An HTTP/2 connection's first write, before it has any stream.)
+            self._holding_back = True
+            hold_back_streams(self.protocol.protocol, self)
         if type(event) is Updated:
             # No bytes, so nothing to write first; and at once: the keep-alive deadline's
             # starts and stops must keep their order (hypercorn's idle task takes a lock for

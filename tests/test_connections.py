@@ -433,7 +433,7 @@ async def test_a_body_that_stops_coming_is_answered_408_at_the_body_timeout_and_
     waited = trio.current_time() - sent_at
     assert status == 408
     assert json.loads(body)["error"] == {
-        "message": "the request body did not arrive in time; the connection is closed",
+        "message": "the request body did not arrive in time",
         "type": "invalid_request_error",
         "code": None,
     }

@@ -9,19 +9,13 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import h2.events
-import h2.settings
 import httpx2
 import pytest
 import trio
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from hypercorn.protocol.events import Body
-from hypercorn.protocol.h2 import H2Protocol
 
 import tokenrelay
 from _helpers import bounded
-from _server_helpers import RawHTTP, SSEReader, chat, port_of, start_served, text_of
+from _server_helpers import RawHTTP, SSEReader, chat, start_served, text_of
 from test_upstreams import closed_port
 from tokenrelay.server._hypercorn import DirectWriteTCPServer
 from tokenrelay.server._sse import ChunkRenderer
@@ -246,148 +240,6 @@ async def test_a_reader_that_stops_reading_is_dropped_after_the_stall_timeout(
     assert b"[DONE]" not in received
     assert len(received) < 400 * 65536
     await conn.aclose()
-
-
-async def h2_client_with_no_window(url: str) -> tuple[trio.SocketStream, H2Connection]:
-    """An HTTP/2 connection (cleartext, prior knowledge) whose client gives the server no
-    flow-control window for its streams, and never opens one."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port_of(url))
-    client = H2Connection(H2Configuration(client_side=True))
-    client.local_settings = h2.settings.Settings(
-        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
-    )
-    client.initiate_connection()
-    await stream.send_all(client.data_to_send())
-    return stream, client
-
-
-def h2_post(client: H2Connection, path: str, body: object) -> bytes:
-    data = json.dumps(body).encode()
-    headers = [(":method", "POST"), (":path", path), (":scheme", "http")]
-    headers += [(":authority", "relay"), ("x-session-id", "s")]
-    client.send_headers(1, [*headers, ("content-length", str(len(data)))])
-    client.send_data(1, data, end_stream=True)
-    return client.data_to_send()
-
-
-def count_http2_body_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the bytes of response body the app hands hypercorn's HTTP/2 protocol."""
-    handed = [0]
-    stream_send = H2Protocol.stream_send
-
-    async def counted(protocol: H2Protocol, event: Any) -> None:
-        if isinstance(event, Body):
-            handed[0] += len(event.data)
-        await stream_send(protocol, event)
-
-    monkeypatch.setattr(H2Protocol, "stream_send", counted)
-    return handed
-
-
-@bounded(30)
-async def test_an_http2_stream_whose_window_stays_shut_is_held_back_then_dropped(
-    nursery: trio.Nursery,
-    fake_server: FakeModelServer,
-    stalled_log: LoggedEvent,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # hypercorn lets an HTTP/2 stream's writes pile up without limit while its client keeps
-    # the stream's window shut (docs/upstream-bugs.md). The writes are held back instead: the
-    # stream's write waits, the stall check sees it, drops the stream's hold on its run and
-    # closes the connection. The run was not held back.
-    fake_server.default = FakeScript(tokens=["x" * 1000] * 2000)  # 2 MB
-    served = await start_served(nursery, fake_server, stall_timeout=0.3, grace=0.5)
-    handed = count_http2_body_bytes(monkeypatch)
-    stream, client = await h2_client_with_no_window(served.url)
-    await stream.send_all(h2_post(client, "/v1/chat/completions", chat()))
-    await stalled_log.event.wait()
-    run = served.run("s")
-    assert run.subscriber_count == 0
-    await run.wait_finished()
-    assert run.status is tokenrelay.RunStatus.DONE
-    assert handed[0] < 256_000  # (of 2 MB and more)
-    with trio.fail_after(20):  # the server closes the connection
-        while chunk := await stream.receive_some():
-            client.receive_data(chunk)
-    await stream.aclose()
-
-
-@bounded(30)
-async def test_an_http2_stream_held_back_ends_when_its_client_resets_it(
-    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake_server.default = FakeScript(tokens=["x" * 1000] * 2000)
-    served = await start_served(nursery, fake_server, stall_timeout=60)
-    handed = count_http2_body_bytes(monkeypatch)
-    inner = served.app.asgi_app
-    ended = trio.Event()
-
-    async def recording(scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await inner(scope, receive, send)
-        finally:
-            ended.set()
-
-    served.app.asgi_app = recording  # type: ignore[method-assign]
-    stream, client = await h2_client_with_no_window(served.url)
-    await stream.send_all(h2_post(client, "/v1/chat/completions", chat()))
-    await fake_server.wait_for_requests(1)
-    run = served.run("s")
-    await run.wait_finished()  # all 2 MB made: the stream's writer waits, held back
-    assert handed[0] < 256_000
-    assert not ended.is_set()
-    client.reset_stream(1)
-    await stream.send_all(client.data_to_send())
-    await ended.wait()  # the writer let go: the request is over
-    assert run.subscriber_count == 0
-    await stream.aclose()
-
-
-@bounded(30)
-async def test_a_whole_answer_over_http2_whose_window_stays_shut_is_given_up(
-    nursery: trio.Nursery, fake_server: FakeModelServer
-) -> None:
-    # Not a stream: the answer's write waits for a window the client never opens, and is
-    # given up, the connection closed, once the client has taken nothing of it for the fuse.
-    fake_server.default = FakeScript(tokens=["x" * 1000] * 200)
-    served = await start_served(nursery, fake_server, write_fuse=0.3)
-    stream, client = await h2_client_with_no_window(served.url)
-    await stream.send_all(h2_post(client, "/v1/chat/completions", chat(stream=False)))
-    waited_from = trio.current_time()
-    headers: list[tuple[bytes, bytes]] = []
-    with trio.fail_after(20):  # the server closes the connection
-        while chunk := await stream.receive_some():
-            for event in client.receive_data(chunk):
-                if isinstance(event, h2.events.ResponseReceived):
-                    headers = event.headers
-    assert (b":status", b"200") in headers
-    assert trio.current_time() - waited_from >= 0.3
-    await stream.aclose()
-
-
-@bounded(30)
-async def test_a_long_stream_over_http2_comes_whole_to_a_client_that_reads_it(
-    nursery: trio.Nursery, fake_server: FakeModelServer
-) -> None:
-    # The held-back writes let the stream go as the client opens its window: all of it.
-    fake_server.default = FakeScript(tokens=["x" * 1000] * 2000)
-    served = await start_served(nursery, fake_server, stall_timeout=5)
-    stream = await trio.open_tcp_stream("127.0.0.1", port_of(served.url))
-    client = H2Connection(H2Configuration(client_side=True))
-    client.initiate_connection()
-    await stream.send_all(client.data_to_send() + h2_post(client, "/v1/chat/completions", chat()))
-    body = bytearray()
-    ended = False
-    while not ended:
-        for event in client.receive_data(await stream.receive_some()):
-            if isinstance(event, h2.events.DataReceived):
-                body += event.data
-                client.acknowledge_received_data(event.flow_controlled_length, 1)
-            ended = ended or isinstance(event, h2.events.StreamEnded)
-        await stream.send_all(client.data_to_send())
-    assert body.endswith(b"data: [DONE]\n\n")
-    assert body.count(b"x" * 1000) == 2000
-    await stream.aclose()
 
 
 @bounded(30)

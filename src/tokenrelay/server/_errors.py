@@ -97,7 +97,7 @@ def werkzeug_error(error: HTTPException, max_body: int) -> Response:
     types = {404: "not_found_error", 500: "server_error"}
     message = error.description or error.name
     if status == 408:  # (Werkzeug's blames "the browser")
-        message = "the request body did not arrive in time; the connection is closed"
+        message = "the request body did not arrive in time"
     response = HTTPError(status, message, types.get(status, "invalid_request_error")).response()
     for name, value in error.get_headers():
         if name.lower() != "content-type":

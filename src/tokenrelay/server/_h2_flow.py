@@ -9,18 +9,26 @@ with everything the app writes, for as long as the client stays (docs/upstream-b
 
 :func:`hold_back_streams` gives an HTTP/2 connection's streams buffers that hold their
 writer back as hypercorn means to: a write that leaves two frames or more waits until the
-client has taken the buffer down to one frame, and the end of a body waits until it has
-taken it all. The wait ends early when the connection closes (hypercorn's own never does),
-and the connection is closed (:meth:`Connection.abort`) when its client takes nothing of
-the stream for the connection's write fuse. A relay stream's writer that waits this long is
-one its stall check sees, as on HTTP/1.
+client has taken the buffer down to less than one frame, and the end of a body waits until
+it has taken it all. The wait ends when the connection closes (hypercorn's own never does).
+
+Each buffer notes when its client last took some of it (:attr:`HeldBackBuffer.progressed_at`:
+a stream read slowly is not a stream not read), and can give its stream up
+(:meth:`HeldBackBuffer.abort`): the stream is reset, and the connection's other streams go
+on. A relay stream's writer held back is one its stall check sees, and gives up, as on
+HTTP/1; and a stream whose client takes nothing of it for the connection's write fuse is
+given up too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import h2.errors
+import h2.exceptions
 import trio
 from hypercorn.events import Closed, Event
 from hypercorn.protocol.h2 import (
@@ -31,7 +39,11 @@ from hypercorn.protocol.h2 import (
     StreamBuffer,
 )
 
-__all__ = ["Connection", "hold_back_streams"]
+__all__ = ["Connection", "HeldBackBuffer", "hold_back_streams"]
+
+#: What of hypercorn's ``H2Protocol`` this relies on (where it is not this shape, streams
+#: keep hypercorn's own buffers).
+_EXPECTED = ("stream_buffers", "connection", "_flush", "_close_stream", "_window_updated")
 
 
 class Connection(Protocol):
@@ -39,19 +51,31 @@ class Connection(Protocol):
 
     @property
     def write_fuse(self) -> float:
-        """Seconds a client may take nothing of a write before the connection is closed."""
+        """Seconds a client may take nothing of a write before it is given up."""
+        ...
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a write of the connection itself waits for the client to read."""
         ...
 
     def abort(self) -> None:
-        """Close the connection, giving up what waits to be written."""
+        """Give up the connection's write that waits for its client, closing it."""
+        ...
+
+    def spawn(self, function: Callable[[], Awaitable[None]]) -> None:
+        """Run ``function`` in a task of the connection's."""
         ...
 
 
-def hold_back_streams(protocol: H2Protocol, connection: Connection) -> None:
+def hold_back_streams(protocol: H2Protocol, connection: Connection) -> bool:
     """From now on, give ``protocol``'s streams buffers that hold their writers back (see
     the module's doc), and release every writer still waiting once it has handled the
-    connection's close. Call it before ``protocol`` has any stream."""
-    protocol.stream_buffers = _HeldBackBuffers(connection)
+    connection's close. Call it before ``protocol`` has any stream. False (and nothing
+    changed) where ``protocol`` is not the shape expected."""
+    if not all(hasattr(protocol, name) for name in _EXPECTED) or protocol.stream_buffers:
+        return False
+    protocol.stream_buffers = _HeldBackBuffers(protocol, connection)
     handle = protocol.handle
 
     async def handle_then_release(event: Event) -> None:
@@ -61,29 +85,40 @@ def hold_back_streams(protocol: H2Protocol, connection: Connection) -> None:
                 await buffer.close()
 
     protocol.handle = handle_then_release  # type: ignore[method-assign]
+    return True
 
 
 class _HeldBackBuffers(dict[int, StreamBuffer]):
     """A connection's streams' buffers: each one hypercorn makes is one of ours instead."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, protocol: H2Protocol, connection: Connection) -> None:
         super().__init__()
+        self._protocol = protocol
         self._connection = connection
 
     def __setitem__(self, stream_id: int, buffer: StreamBuffer) -> None:
         if type(buffer) is StreamBuffer:
-            buffer = _HeldBackBuffer(type(buffer._is_empty), self._connection)
+            buffer = HeldBackBuffer(
+                type(buffer._is_empty), self._protocol, stream_id, self._connection
+            )
         super().__setitem__(stream_id, buffer)
 
 
-class _HeldBackBuffer(StreamBuffer):
+class HeldBackBuffer(StreamBuffer):
     """One stream's unsent body, whose writer waits while it is full (see the module's doc)."""
 
-    def __init__(self, event_class: Any, connection: Connection) -> None:
+    def __init__(
+        self, event_class: Any, protocol: H2Protocol, stream_id: int, connection: Connection
+    ) -> None:
         super().__init__(event_class)
+        self._protocol = protocol
+        self._stream_id = stream_id
         self._connection = connection
         #: Set (and replaced) each time some of the buffer is taken, or it is closed.
         self._taken = trio.Event()
+        self._given_up = False
+        #: When the client last took some of the stream's body.
+        self.progressed_at = -math.inf
 
     async def push(self, data: bytes) -> None:
         if self._complete:
@@ -99,6 +134,7 @@ class _HeldBackBuffer(StreamBuffer):
     async def pop(self, max_length: int) -> bytes:
         data = await super().pop(max_length)
         if data:
+            self.progressed_at = trio.current_time()
             self._taken.set()
             self._taken = trio.Event()
         return data
@@ -107,13 +143,34 @@ class _HeldBackBuffer(StreamBuffer):
         await super().close()  # (empties the buffer)
         self._taken.set()
 
+    def abort(self) -> None:
+        """Give the stream up: it is reset (``CANCEL``), its writer let go, and the
+        connection's other streams go on. If the connection itself cannot write (its client
+        takes nothing at all), the connection is closed instead."""
+        if self._given_up:
+            return
+        self._given_up = True
+        if self._connection.waiting:
+            self._connection.abort()
+        else:
+            self._connection.spawn(self._reset)
+
+    async def _reset(self) -> None:
+        protocol, stream_id = self._protocol, self._stream_id
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # (closed already)
+            protocol.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        await protocol._flush()
+        await protocol._close_stream(stream_id)  # (its app is told the client left)
+        await self.close()
+        await protocol._window_updated(stream_id)  # (its sending task forgets it)
+
     async def _wait_until_below(self, size: float) -> None:
         """Wait until the buffer holds less than ``size`` bytes (or is closed). If its client
-        takes nothing of it for the connection's write fuse, the connection is closed."""
+        takes nothing of it for the connection's write fuse, the stream is given up."""
         fuse = self._connection.write_fuse
         while len(self.buffer) >= size:
             with trio.move_on_after(fuse) as fused:
                 await self._taken.wait()
             if fused.cancelled_caught:
-                self._connection.abort()  # (closing it closes this buffer)
+                self.abort()  # (which closes this buffer)
                 fuse = math.inf

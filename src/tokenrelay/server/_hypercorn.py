@@ -65,10 +65,10 @@ import contextlib
 import math
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import hypercorn.trio.run
 import trio
@@ -81,7 +81,7 @@ from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
 from hypercorn.typing import Scope
 
 from .._steps import schedule_points, yielded_since
-from ._h2_flow import hold_back_streams
+from ._h2_flow import HeldBackBuffer, hold_back_streams
 
 __all__ = [
     "DirectWriteTCPServer",
@@ -92,6 +92,7 @@ __all__ = [
     "give_up_writes_after",
     "note_connection",
     "use_direct_writes",
+    "writes_of",
 ]
 
 #: Whether a socket's descriptor can be written with ``os.write`` (not on Windows).
@@ -119,8 +120,6 @@ class DirectWriteTCPServer(TCPServer):
     progressed_at = -math.inf
     #: Whether its HTTP/2 streams' buffers hold their writers back (``_h2_flow``).
     _holding_back = False
-    #: Whether :meth:`abort` has asked the reading task to close the connection.
-    _aborted = False
 
     async def run(self) -> None:
         # The connection's tasks (its requests' apps among them) are started from this one
@@ -140,19 +139,22 @@ class DirectWriteTCPServer(TCPServer):
     def abort(self) -> None:
         """Give up on the write of this connection that waits for its client to read (a
         client that reads nothing would hold it, and the connection's tasks, for ever): the
-        connection is closed, the response cut short. On HTTP/1, nothing if no write waits;
-        on HTTP/2, whose streams' writes wait for the client in hypercorn's protocol
-        (``_h2_flow``), the connection is closed all the same."""
+        connection is closed, the response cut short. Nothing if no write waits."""
         if self._waiting is not None:
             self._waiting.cancel(reason="the client's write was given up")
-        elif self._holding_back and not self._aborted:
-            self._aborted = True  # the reading task closes it
-            if self._reading is not None:
-                self._reading.cancel(reason="the client's write was given up")
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a write of this connection waits for its client to read."""
+        return self._waiting is not None
+
+    def spawn(self, function: Callable[[], Awaitable[None]]) -> None:
+        """Run ``function`` in a task of this connection's (it ends with them)."""
+        self._task_group.spawn(function)
 
     @property
     def write_fuse(self) -> float:
-        """Seconds the client may take nothing of a write before the connection is closed
+        """Seconds the client may take nothing of a write before it is given up
         (:func:`give_up_writes_after`; ``math.inf``: no limit)."""
         return _FUSES.get(self.config, math.inf)
 
@@ -223,9 +225,6 @@ class DirectWriteTCPServer(TCPServer):
         task = trio.lowlevel.current_task()
         data: bytes | bytearray
         while True:
-            if self._aborted:
-                self._close_at_once()
-                break
             points = schedule_points(task)
             with trio.CancelScope(deadline=self._idle_at) as reading:
                 self._reading = reading
@@ -240,8 +239,8 @@ class DirectWriteTCPServer(TCPServer):
                 finally:
                     self._reading = None
             if reading.cancelled_caught:
-                if self._idle_at == math.inf or self._aborted:  # (a request came in since:
-                    continue  # read on; or aborted: closed above)
+                if self._idle_at == math.inf:  # (a request came in since: read on)
+                    continue
                 # What hypercorn's idle task does when the keep-alive timeout passes.
                 with trio.CancelScope(shield=True):
                     await self._initiate_server_close()
@@ -268,13 +267,6 @@ class DirectWriteTCPServer(TCPServer):
             except OSError as exc:  # reset, or closed (a descriptor of -1)
                 raise trio.BrokenResourceError from exc
             await trio.lowlevel.wait_readable(sock)
-
-    def _close_at_once(self) -> None:
-        """Close the socket (any other end of the connection follows from that)."""
-        stream: Any = self.stream
-        stream = getattr(stream, "transport_stream", stream)  # (under TLS)
-        if isinstance(stream, trio.SocketStream):
-            stream.socket.close()
 
     async def _close(self) -> None:
         # hypercorn's close (the end of our side of the stream, then the socket), called when
@@ -436,10 +428,11 @@ _FUSES: weakref.WeakKeyDictionary[Config, float] = weakref.WeakKeyDictionary()
 
 
 def give_up_writes_after(config: Config, seconds: float | None) -> None:
-    """Close a connection whose client takes nothing of a write for ``seconds`` (``None``:
-    wait for ever), on the workers serving with ``config``: any response's write, a large
-    answer to a client that reads nothing, say. (A relay stream's own stall check acts
-    sooner, with its run's release: ``RelayService._check_stall``.)"""
+    """Give up a write whose client takes nothing of it for ``seconds`` (``None``: wait for
+    ever), on the workers serving with ``config``: any response's write, a large answer to a
+    client that reads nothing, say. Its connection is closed (on HTTP/2, its stream reset).
+    (A relay stream's own stall check acts sooner, with its run's release:
+    ``RelayService._check_stall``.)"""
     if seconds is None:
         _FUSES.pop(config, None)
     else:
@@ -533,6 +526,8 @@ _SERVING: ContextVar[DirectWriteTCPServer | None] = ContextVar("tokenrelay_servi
 
 #: The scope's key for the connection that can write its response's chunks at once.
 _CHUNKS = "tokenrelay.chunk_writer"
+#: The scope's key for an HTTP/2 request's stream (its held-back buffer).
+_STREAM = "tokenrelay.h2_stream"
 
 
 def note_connection(scope: Scope, send: Callable[..., object]) -> None:
@@ -549,6 +544,12 @@ def note_connection(scope: Scope, send: Callable[..., object]) -> None:
     _SERVING.set(None)
     if getattr(send, "__func__", None) is HTTPStream.app_send:
         cast(dict[str, Any], scope)[_CHUNKS] = server
+        protocol = server.protocol.protocol
+        if server._holding_back and isinstance(protocol, H2Protocol):
+            # (the request's stream's own buffer, made before its app was started)
+            buffer = protocol.stream_buffers.get(cast(HTTPStream, send.__self__).stream_id)  # type: ignore[attr-defined]
+            if isinstance(buffer, HeldBackBuffer):
+                cast(dict[str, Any], scope)[_STREAM] = buffer
 
 
 def connection_of(scope: Scope) -> DirectWriteTCPServer | None:
@@ -557,6 +558,26 @@ def connection_of(scope: Scope) -> DirectWriteTCPServer | None:
     gives up the response of."""
     server: DirectWriteTCPServer | None = cast(dict[str, Any], scope).get(_CHUNKS)
     return server
+
+
+class ResponseWrites(Protocol):
+    """A response's writes, as its stall check sees them (:func:`writes_of`)."""
+
+    #: When the client last took some of a write that waited for it.
+    progressed_at: float
+
+    def abort(self) -> None:
+        """Give the response up, its write waiting for the client or not: on HTTP/1 its
+        connection is closed, on HTTP/2 its stream reset."""
+        ...
+
+
+def writes_of(scope: Scope) -> ResponseWrites | None:
+    """What gives up the response of the request of ``scope`` and tells of its client's
+    progress, when :class:`DirectWriteTCPServer` serves it: its connection on HTTP/1, its
+    stream on HTTP/2 (:class:`~tokenrelay.server._h2_flow.HeldBackBuffer`)."""
+    stream: HeldBackBuffer | None = cast(dict[str, Any], scope).get(_STREAM)
+    return stream if stream is not None else connection_of(scope)
 
 
 def chunk_writer(scope: Scope) -> DirectWriteTCPServer | None:

@@ -34,7 +34,7 @@ from ..upstreams._spec import open_upstream
 from ._auth import Keyring
 from ._config import ServerConfig
 from ._errors import fail, run_error
-from ._hypercorn import DirectWriteTCPServer, connection_of
+from ._hypercorn import DirectWriteTCPServer, ResponseWrites, writes_of
 from ._metrics import Metrics
 
 __all__ = ["EXTENSION", "RelayService", "Watch", "relay_service"]
@@ -56,19 +56,19 @@ class Watch:
     __slots__ = (
         "__weakref__",
         "armed",
-        "connection",
         "ended",
         "idle_since",
         "keepalive_armed",
         "since",
         "sub",
+        "writes",
     )
 
-    def __init__(self, sub: Subscription, connection: DirectWriteTCPServer | None = None) -> None:
+    def __init__(self, sub: Subscription, writes: ResponseWrites | None = None) -> None:
         self.sub = sub
-        #: The request's connection, when served by ``tokenrelay serve``'s hypercorn worker
-        #: (a stalled write of it is given up: :meth:`DirectWriteTCPServer.abort`).
-        self.connection = connection
+        #: The response's writes, when served by ``tokenrelay serve``'s hypercorn worker: the
+        #: client's progress, and a stalled response given up (``ResponseWrites.abort``).
+        self.writes = writes
         #: The stream reached its end (a client that left before then "disconnected").
         self.ended = False
         #: When the write in progress began (``None``: no write in progress).
@@ -363,7 +363,7 @@ class RelayService:
         with :meth:`unwatch` (idempotent)."""
         sub = run.subscribe(after=after)
         sub.hold()
-        return Watch(sub, connection_of(request.scope) if has_request_context() else None)
+        return Watch(sub, writes_of(request.scope) if has_request_context() else None)
 
     def unwatch(self, watch: Watch) -> None:
         """The request is done with its run. If the run must not outlive its readers
@@ -445,19 +445,20 @@ class RelayService:
     def _check_stall(self, ref: weakref.ref[Watch]) -> None:
         """Drop a watch whose write has been blocked for ``stall_timeout`` (on a connection
         of ``tokenrelay serve``'s worker, with no progress for that long): its run is then no
-        longer held on its account, and its connection, served by ``tokenrelay serve``'s
-        worker, is closed (:meth:`DirectWriteTCPServer.abort`; elsewhere it stays until the
-        client or the kernel gives up on it: hypercorn's own writes cannot be cancelled)."""
+        longer held on its account, and its response, served by ``tokenrelay serve``'s
+        worker, is given up (``ResponseWrites.abort``: on HTTP/1 its connection is closed, on
+        HTTP/2 its stream reset; elsewhere it stays until the client or the kernel gives up
+        on it: hypercorn's own writes cannot be cancelled)."""
         watch = ref()
         if watch is None:
             return
         timeout = self.config.stall_timeout
         assert timeout is not None
         since = watch.since
-        if since is not None and watch.connection is not None:
+        if since is not None and watch.writes is not None:
             # (a write the client is taking, however slowly, is not stalled: from its last
             # progress on)
-            since = max(since, watch.connection.progressed_at)
+            since = max(since, watch.writes.progressed_at)
         if since is None:
             watch.armed = False  # the next write arms it again
         elif trio.current_time() - since < timeout:
@@ -466,8 +467,8 @@ class RelayService:
             watch.armed = False
             run = watch.run
             self.unwatch(watch)
-            if watch.connection is not None:
-                watch.connection.abort()
+            if watch.writes is not None:
+                watch.writes.abort()
             lifecycle(
                 "subscriber_stalled",
                 logging.WARNING,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
@@ -90,3 +91,19 @@ class Finishes:
 
 async def read_all(sub: tokenrelay.Subscription) -> list[Event]:
     return [event async for event in sub]
+
+
+class LoggedEvent(logging.Handler):
+    """Sets a trio Event when a log record whose message starts with ``prefix`` is logged
+    (lifecycle lines are logged from trio's thread)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.event = trio.Event()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            self.records.append(record)
+            self.event.set()

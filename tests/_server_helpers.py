@@ -51,6 +51,20 @@ class Served:
         assert run is not None
         return run
 
+    def request_ended(self) -> trio.Event:
+        """An event set when a request's ASGI call (the app's whole handling of it) ends."""
+        inner = self.app.asgi_app
+        ended = trio.Event()
+
+        async def recording(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await inner(scope, receive, send)
+            finally:
+                ended.set()
+
+        self.app.asgi_app = recording  # type: ignore[method-assign]
+        return ended
+
 
 async def serve_app(
     nursery: trio.Nursery,

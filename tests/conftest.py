@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
@@ -8,6 +9,7 @@ import pytest
 import trio
 
 import tokenrelay
+from _helpers import LoggedEvent
 from _redis_helpers import RedisServer
 from tokenrelay.testing import FakeModelServer, FakeScript, LifecycleCapture, capture_lifecycle
 
@@ -48,3 +50,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_prefix() -> str:
     """A key prefix of the test's own, on the shared redis-server."""
     return f"test-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def stalled_log() -> Iterator[LoggedEvent]:
+    handler = LoggedEvent("subscriber_stalled")
+    logger = logging.getLogger("tokenrelay")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

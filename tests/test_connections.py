@@ -449,16 +449,7 @@ async def test_a_client_that_hangs_up_mid_body_ends_the_wait_for_it(
 ) -> None:
     monkeypatch.setattr(tokenrelay.server._asgi, "DRAIN_SECONDS", 20.0)  # ended by the hang-up
     served = await start_served(nursery, fake_server, max_body=1000)
-    inner = served.app.asgi_app
-    ended = trio.Event()
-
-    async def recording(scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await inner(scope, receive, send)
-        finally:
-            ended.set()
-
-    served.app.asgi_app = recording  # type: ignore[method-assign]
+    ended = served.request_ended()
     conn = await RawHTTP.connect(served.url)
     await conn.send(big_post(2000))  # a short body, never sent
     assert (await conn.response())[0] == 413

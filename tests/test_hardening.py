@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2
@@ -14,7 +13,7 @@ import pytest
 import trio
 
 import tokenrelay
-from _helpers import bounded
+from _helpers import LoggedEvent, bounded
 from _server_helpers import RawHTTP, SSEReader, chat, start_served, text_of
 from test_upstreams import closed_port
 from tokenrelay.server._hypercorn import DirectWriteTCPServer
@@ -23,33 +22,6 @@ from tokenrelay.testing import FakeModelServer, FakeScript
 from tokenrelay.upstreams._codec import encode_text
 
 LONG = FakeScript(tokens=[f"t{i} " for i in range(100_000)], interval=0.01)
-
-
-class LoggedEvent(logging.Handler):
-    """Sets a trio Event when a log record whose message starts with ``prefix`` is logged
-    (lifecycle lines are logged from trio's thread)."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-        self.event = trio.Event()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith(self.prefix):
-            self.records.append(record)
-            self.event.set()
-
-
-@pytest.fixture
-def stalled_log() -> Iterator[LoggedEvent]:
-    handler = LoggedEvent("subscriber_stalled")
-    logger = logging.getLogger("tokenrelay")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 # -- secrets -----------------------------------------------------------------------------------

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import h2.errors
@@ -22,7 +21,7 @@ from hypercorn.protocol.events import Body
 from hypercorn.protocol.h2 import H2Protocol
 
 import tokenrelay
-from _helpers import bounded
+from _helpers import LoggedEvent, bounded
 from _server_helpers import chat, port_of, start_served
 from tokenrelay.testing import FakeModelServer, FakeScript
 
@@ -127,30 +126,6 @@ class H2Client:
         assert self.pinged
 
 
-class LoggedEvent(logging.Handler):
-    """Notes the lifecycle log's records of one event."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith(self.prefix):
-            self.records.append(record)
-
-
-@pytest.fixture
-def stalled_log() -> Iterator[LoggedEvent]:
-    handler = LoggedEvent("subscriber_stalled")
-    logger = logging.getLogger("tokenrelay")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-
-
 @pytest.fixture
 def handed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The bytes of response body the app has handed hypercorn's HTTP/2 protocol."""
@@ -231,16 +206,7 @@ async def test_a_stream_held_back_ends_when_its_client_resets_it(
 ) -> None:
     fake_server.default = BIG
     served = await start_served(nursery, fake_server, stall_timeout=60)
-    inner = served.app.asgi_app
-    ended = trio.Event()
-
-    async def recording(scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await inner(scope, receive, send)
-        finally:
-            ended.set()
-
-    served.app.asgi_app = recording  # type: ignore[method-assign]
+    ended = served.request_ended()
     async with H2Client.open(served.url, window=0) as client:
         stream_id = client.request("POST", "/v1/chat/completions", chat(), read=False)
         await client.flush()

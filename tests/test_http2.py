@@ -22,7 +22,7 @@ from hypercorn.protocol.h2 import H2Protocol
 
 import tokenrelay
 from _helpers import LoggedEvent, bounded
-from _server_helpers import chat, port_of, start_served
+from _server_helpers import chat, port_of, serve_app, start_served
 from tokenrelay.testing import FakeModelServer, FakeScript
 
 #: A 2 MB answer, made as fast as the relay takes it.
@@ -285,3 +285,33 @@ async def test_a_slow_but_steady_reader_is_not_taken_for_a_stalled_one(
         assert trio.current_time() - started > 0.3  # (longer than the stall timeout)
         assert text_of(client.bodies[replay]) == "x" * 200_000
         assert not stalled_log.records
+
+
+@bounded(30)
+async def test_a_connection_whose_streams_were_all_given_up_closes_at_once_at_shutdown(
+    fake_server: FakeModelServer,
+) -> None:
+    # A stream given up is closed as hypercorn closes one: its connection, with no other
+    # stream, is idle, and a shutdown closes it at once rather than at its graceful timeout.
+    fake_server.default = BIG
+    app = tokenrelay.create_app(
+        tokenrelay.ServerConfig(
+            upstream=f"openai={fake_server.openai_url}", db=":memory:", stall_timeout=0.3
+        )
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as serving:
+        url = await serve_app(
+            serving, app, graceful_timeout=10, keep_alive_timeout=60, shutdown_trigger=shutdown.wait
+        )
+        async with H2Client.open(url, window=0) as client:
+            ids = [
+                client.request("POST", "/v1/chat/completions", chat(), read=False, session=f"s{i}")
+                for i in range(20)
+            ]
+            await client.flush()
+            await client.until(lambda: all(stream_id in client.resets for stream_id in ids))
+            stopping = trio.current_time()
+            shutdown.set()
+            await client.until(lambda: False)  # until the server closes the connection
+    assert trio.current_time() - stopping < 5  # (not the graceful timeout's 10 s)

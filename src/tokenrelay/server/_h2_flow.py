@@ -12,12 +12,13 @@ writer back as hypercorn means to: a write that leaves two frames or more waits 
 client has taken the buffer down to less than one frame, and the end of a body waits until
 it has taken it all. The wait ends when the connection closes (hypercorn's own never does).
 
-Each buffer notes when its client last took some of it (:attr:`HeldBackBuffer.progressed_at`:
-a stream read slowly is not a stream not read), and can give its stream up
-(:meth:`HeldBackBuffer.abort`): the stream is reset, and the connection's other streams go
-on. A relay stream's writer held back is one its stall check sees, and gives up, as on
+Each buffer tells when its client last took some of it (:meth:`HeldBackBuffer.progress`: a
+stream read slowly is not a stream not read), and can give its stream up
+(:meth:`HeldBackBuffer.abort`): the stream is reset, and the connection's other streams
+go on. A relay stream's writer held back is one its stall check sees, and gives up, as on
 HTTP/1; and a stream whose client takes nothing of it for the connection's write fuse is
-given up too.
+given up too. (A connection whose client takes nothing at all is its own write's to give
+up: ``DirectWriteTCPServer``.)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import h2.errors
 import h2.exceptions
 import trio
 from hypercorn.events import Closed, Event
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import (
     BUFFER_HIGH_WATER,
     BUFFER_LOW_WATER,
@@ -43,7 +45,7 @@ __all__ = ["Connection", "HeldBackBuffer", "hold_back_streams"]
 
 #: What of hypercorn's ``H2Protocol`` this relies on (where it is not this shape, streams
 #: keep hypercorn's own buffers).
-_EXPECTED = ("stream_buffers", "connection", "_flush", "_close_stream", "_window_updated")
+_EXPECTED = ("stream_buffers", "connection", "stream_send", "_flush", "_window_updated")
 
 
 class Connection(Protocol):
@@ -52,15 +54,6 @@ class Connection(Protocol):
     @property
     def write_fuse(self) -> float:
         """Seconds a client may take nothing of a write before it is given up."""
-        ...
-
-    @property
-    def waiting(self) -> bool:
-        """Whether a write of the connection itself waits for the client to read."""
-        ...
-
-    def abort(self) -> None:
-        """Give up the connection's write that waits for its client, closing it."""
         ...
 
     def spawn(self, function: Callable[[], Awaitable[None]]) -> None:
@@ -118,7 +111,7 @@ class HeldBackBuffer(StreamBuffer):
         self._taken = trio.Event()
         self._given_up = False
         #: When the client last took some of the stream's body.
-        self.progressed_at = -math.inf
+        self._taken_at = -math.inf
 
     async def push(self, data: bytes) -> None:
         if self._complete:
@@ -134,7 +127,7 @@ class HeldBackBuffer(StreamBuffer):
     async def pop(self, max_length: int) -> bytes:
         data = await super().pop(max_length)
         if data:
-            self.progressed_at = trio.current_time()
+            self._taken_at = trio.current_time()
             self._taken.set()
             self._taken = trio.Event()
         return data
@@ -143,25 +136,27 @@ class HeldBackBuffer(StreamBuffer):
         await super().close()  # (empties the buffer)
         self._taken.set()
 
+    def progress(self) -> float:
+        """When the client last took some of the stream's body."""
+        return self._taken_at
+
     def abort(self) -> None:
         """Give the stream up: it is reset (``CANCEL``), its writer let go, and the
-        connection's other streams go on. If the connection itself cannot write (its client
-        takes nothing at all), the connection is closed instead."""
-        if self._given_up:
-            return
-        self._given_up = True
-        if self._connection.waiting:
-            self._connection.abort()
-        else:
+        connection's other streams go on."""
+        if not self._given_up:
+            self._given_up = True
             self._connection.spawn(self._reset)
 
     async def _reset(self) -> None:
         protocol, stream_id = self._protocol, self._stream_id
         with contextlib.suppress(h2.exceptions.ProtocolError):  # (closed already)
             protocol.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        await protocol._flush()
-        await protocol._close_stream(stream_id)  # (its app is told the client left)
+        # The writer let go first: the frame's write may wait behind the connection's own.
         await self.close()
+        # Closed as hypercorn closes a stream (its app told the client left; the connection
+        # idle, or told to go away at shutdown, if that was its last), then the frame sent.
+        await protocol.stream_send(StreamClosed(stream_id=stream_id))
+        await protocol._flush()
         await protocol._window_updated(stream_id)  # (its sending task forgets it)
 
     async def _wait_until_below(self, size: float) -> None:
@@ -171,6 +166,6 @@ class HeldBackBuffer(StreamBuffer):
         while len(self.buffer) >= size:
             with trio.move_on_after(fuse) as fused:
                 await self._taken.wait()
-            if fused.cancelled_caught:
+            if fused.cancelled_caught:  # (nothing taken: that would have woken it)
                 self.abort()  # (which closes this buffer)
                 fuse = math.inf

@@ -143,14 +143,16 @@ class DirectWriteTCPServer(TCPServer):
         if self._waiting is not None:
             self._waiting.cancel(reason="the client's write was given up")
 
-    @property
-    def waiting(self) -> bool:
-        """Whether a write of this connection waits for its client to read."""
-        return self._waiting is not None
+    def progress(self) -> float:
+        """When the client last took some of a write of this connection's that waited for
+        it (:attr:`progressed_at`)."""
+        return self.progressed_at
 
     def spawn(self, function: Callable[[], Awaitable[None]]) -> None:
-        """Run ``function`` in a task of this connection's (it ends with them)."""
-        self._task_group.spawn(function)
+        """Run ``function`` in a task of this connection's (it ends with them); nothing if
+        the connection's tasks are over."""
+        if getattr(self._task_group, "_nursery", None) is not None:
+            self._task_group.spawn(function)
 
     @property
     def write_fuse(self) -> float:
@@ -563,8 +565,9 @@ def connection_of(scope: Scope) -> DirectWriteTCPServer | None:
 class ResponseWrites(Protocol):
     """A response's writes, as its stall check sees them (:func:`writes_of`)."""
 
-    #: When the client last took some of a write that waited for it.
-    progressed_at: float
+    def progress(self) -> float:
+        """When the client last took some of a write that waits for it."""
+        ...
 
     def abort(self) -> None:
         """Give the response up, its write waiting for the client or not: on HTTP/1 its

@@ -458,7 +458,7 @@ class RelayService:
         if since is not None and watch.writes is not None:
             # (a write the client is taking, however slowly, is not stalled: from its last
             # progress on)
-            since = max(since, watch.writes.progressed_at)
+            since = max(since, watch.writes.progress())
         if since is None:
             watch.armed = False  # the next write arms it again
         elif trio.current_time() - since < timeout:

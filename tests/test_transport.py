@@ -686,3 +686,107 @@ async def test_a_connection_read_directly_takes_its_locks_promptly(nursery: trio
         [connection] = _sharded(client).connections
         assert type(connection._request_lock._trio_lock) is _PromptLock  # type: ignore[attr-defined]
         assert type(connection._connection._state_lock._trio_lock) is _PromptLock  # type: ignore[attr-defined]
+
+
+class SSEUpstream:
+    """A raw OpenAI-style upstream: each request's head noted, each answered with one token
+    (and ``Set-Cookie: sticky=1``, if ``cookie``), on a connection kept alive."""
+
+    def __init__(self, *, cookie: bool = False) -> None:
+        self.cookie = cookie
+        self.heads: list[bytes] = []
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(data) < length:
+                data += await stream.receive_some()
+            data = data[length:]
+            self.heads.append(head.lower())
+            body = (
+                b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+                b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+                b"data: [DONE]\n\n"
+            )
+            cookie = b"Set-Cookie: sticky=1; Path=/\r\n" if self.cookie else b""
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n%b"
+                b"Content-Length: %d\r\n\r\n%b" % (cookie, len(body), body)
+            )
+
+
+async def _one_answer(client: httpx2.AsyncClient, port: int) -> str:
+    upstream = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
+    request = tokenrelay.ChatRequest.from_openai({"messages": [{"role": "user", "content": "q"}]})
+    stream = upstream.stream(request)
+    try:
+        return "".join([delta.text async for delta in stream])
+    finally:
+        await stream.aclose()
+
+
+def _sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts ``AsyncClient.send`` calls (``client.stream`` goes through it)."""
+    sent: list[str] = []
+    send = httpx2.AsyncClient.send
+
+    async def counted(self: httpx2.AsyncClient, request: httpx2.Request, **kwargs: Any) -> Any:
+        sent.append(str(request.url))
+        return await send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx2.AsyncClient, "send", counted)
+    return sent
+
+
+@bounded(10)
+async def test_a_plain_client_s_stream_goes_straight_to_its_transport_and_keeps_cookies(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = _sends(monkeypatch)
+    upstream = SSEUpstream(cookie=True)
+    port = await _serve(nursery, upstream.handle)
+    async with tokenrelay.http_client() as client:
+        assert await _one_answer(client, port) == "hi"
+        assert sent == []  # (not through client.send)
+        assert client.cookies.get("sticky") == "1"  # kept, as client.send keeps it
+        assert await _one_answer(client, port) == "hi"  # (now through client.send: a cookie)
+    assert len(sent) == 1
+    first, second = upstream.heads
+    assert b"user-agent: python-httpx2/" in first  # (the client's own headers)
+    assert b"cookie: sticky=1" in second
+
+
+@pytest.mark.parametrize(
+    ("settings", "seen"),
+    [
+        ({"auth": ("user", "secret")}, b"authorization: basic dxnlcjpzzwnyzxq="),
+        ({"cookies": {"session": "abc"}}, b"cookie: session=abc"),
+        ({"event_hooks": {"request": []}, "headers": {"x-mine": "1"}}, b"x-mine: 1"),
+    ],
+)
+@bounded(10)
+async def test_a_client_with_its_own_ways_streams_through_client_send(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any], seen: bytes
+) -> None:
+    sent = _sends(monkeypatch)
+    upstream = SSEUpstream()
+    port = await _serve(nursery, upstream.handle)
+    hooked: list[httpx2.Request] = []
+
+    async def hook(request: httpx2.Request) -> None:
+        hooked.append(request)
+
+    if "event_hooks" in settings:
+        settings = {**settings, "event_hooks": {"request": [hook]}}
+    async with httpx2.AsyncClient(**settings) as client:
+        assert await _one_answer(client, port) == "hi"
+    assert len(sent) == 1
+    assert seen in upstream.heads[0]
+    assert len(hooked) == ("event_hooks" in settings)

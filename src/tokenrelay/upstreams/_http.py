@@ -312,11 +312,7 @@ class HTTPDeltaStream:
         told = request_sent.set(self.sent)  # the lean stream sets it once the request is out
         try:
             with _transport_errors(self._upstream, "closed before it answered"):
-                response = await self._stack.enter_async_context(
-                    self._client.stream(
-                        "POST", self._url, json=self._payload, headers=self._headers
-                    )
-                )
+                response = await self._send()
         finally:
             request_sent.reset(told)
             self.sent.set()  # (and here, where the connection was not a lean one)
@@ -334,6 +330,30 @@ class HTTPDeltaStream:
             chunks = self._chunks = response.aiter_bytes()
             self._stack.push_async_callback(chunks.aclose)
         self._opened = True
+
+    async def _send(self) -> httpx2.Response:
+        """Send the request; the response, its body not read yet.
+
+        Through ``client.stream()``, or, for a client that has nothing of its own to apply
+        to it (no auth, event hooks, cookies or redirects to follow, and its own transport
+        for the URL: not a proxy's), straight to that transport, as ``client.send`` would
+        hand it on: the request built by the client all the same, and a ``Set-Cookie``
+        answered kept in its jar, as it would keep it. (What ``client.send`` does around the
+        transport, even with nothing to apply, is a schedule of generators and context
+        managers per request, on the way to the first token.)"""
+        client = self._client
+        transport = _bare_transport(client, self._url)
+        if transport is None:
+            return await self._stack.enter_async_context(
+                client.stream("POST", self._url, json=self._payload, headers=self._headers)
+            )
+        request = client.build_request("POST", self._url, json=self._payload, headers=self._headers)
+        response = await transport.handle_async_request(request)
+        self._stack.push_async_callback(response.aclose)
+        response.request = request
+        if "set-cookie" in response.headers:
+            client.cookies.extract_cookies(response)
+        return response
 
     async def aclose(self) -> None:
         """Close the response. If the upstream had said the answer was complete, what is left
@@ -356,6 +376,24 @@ class HTTPDeltaStream:
                         break
             except httpx2.TransportError:
                 pass  # it only costs the connection
+
+
+def _bare_transport(
+    client: httpx2.AsyncClient, url: httpx2.URL
+) -> httpx2.AsyncHTTPTransport | None:
+    """``client``'s transport for ``url``, if ``client.send`` would do nothing but hand it
+    the request (see ``HTTPDeltaStream._send``); else ``None``."""
+    if (
+        client.auth is not None
+        or client.follow_redirects
+        or client.cookies
+        or any(client.event_hooks.values())
+    ):
+        return None
+    transport = client._transport_for_url(url)
+    if transport is not client._transport or type(transport) is not httpx2.AsyncHTTPTransport:
+        return None
+    return transport
 
 
 async def _raise_for_status(upstream: str, response: httpx2.Response) -> None:

@@ -77,6 +77,7 @@ from httpcore2 import AsyncNetworkStream
 from httpcore2 import _synchronization as httpcore2_sync
 from httpcore2._async import connection_pool as httpcore2_pool
 from httpcore2._async import http11 as httpcore2_http11
+from httpx2 import _client as httpx2_client
 from httpx2._transports import default as httpx2_default
 
 from .._steps import COUNTED, schedule_points
@@ -638,7 +639,9 @@ def lean_body(response: httpx2.Response) -> LeanBody | None:
     encoding = response.headers.get("content-encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         return None
-    outer = getattr(response.stream, "_stream", None)
+    outer = response.stream  # (a client's response wraps its transport's stream)
+    if type(outer) is httpx2_client.BoundAsyncStream:
+        outer = outer._stream
     pooled = getattr(outer, "_httpcore_stream", None)
     inner = getattr(pooled, "_stream", None)
     connection = getattr(inner, "_connection", None)

@@ -570,8 +570,8 @@ class ResponseWrites(Protocol):
         ...
 
     def abort(self) -> None:
-        """Give the response up, its write waiting for the client or not: on HTTP/1 its
-        connection is closed, on HTTP/2 its stream reset."""
+        """Give the response up: on HTTP/1 its write that waits for the client, and with it
+        the connection (nothing if none waits); on HTTP/2 its stream, which is reset."""
         ...
 
 

@@ -338,9 +338,9 @@ class HTTPDeltaStream:
         to it (no auth, event hooks, cookies or redirects to follow, and its own transport
         for the URL: not a proxy's), straight to that transport, as ``client.send`` would
         hand it on: the request built by the client all the same, and a ``Set-Cookie``
-        answered kept in its jar, as it would keep it. (What ``client.send`` does around the
-        transport, even with nothing to apply, is a schedule of generators and context
-        managers per request, on the way to the first token.)"""
+        answered kept in its jar, as it would keep it. (Even with nothing to apply,
+        ``client.send`` runs its auth, redirect and hook generators and context managers
+        around the transport: per request, on the way to the first token.)"""
         client = self._client
         transport = _bare_transport(client, self._url)
         if transport is None:

@@ -4,6 +4,7 @@ test_proxy.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -689,12 +690,15 @@ async def test_a_connection_read_directly_takes_its_locks_promptly(nursery: trio
 
 
 class SSEUpstream:
-    """A raw OpenAI-style upstream: each request's head noted, each answered with one token
-    (and ``Set-Cookie: sticky=1``, if ``cookie``), on a connection kept alive."""
+    """A raw OpenAI-style upstream: each request's head and body noted, each answered with
+    one token (and ``Set-Cookie: sticky=1``, if ``cookie``), on a connection kept alive; or
+    not answered at all while ``silent``."""
 
     def __init__(self, *, cookie: bool = False) -> None:
         self.cookie = cookie
+        self.silent = False
         self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         data = b""
@@ -708,8 +712,11 @@ class SSEUpstream:
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             while len(data) < length:
                 data += await stream.receive_some()
+            self.bodies.append(data[:length])
             data = data[length:]
             self.heads.append(head.lower())
+            if self.silent:
+                await trio.sleep_forever()
             body = (
                 b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
                 b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
@@ -722,9 +729,11 @@ class SSEUpstream:
             )
 
 
-async def _one_answer(client: httpx2.AsyncClient, port: int) -> str:
+async def _one_answer(client: httpx2.AsyncClient, port: int, question: str = "q") -> str:
     upstream = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
-    request = tokenrelay.ChatRequest.from_openai({"messages": [{"role": "user", "content": "q"}]})
+    request = tokenrelay.ChatRequest.from_openai(
+        {"messages": [{"role": "user", "content": question}]}
+    )
     stream = upstream.stream(request)
     try:
         return "".join([delta.text async for delta in stream])
@@ -790,3 +799,63 @@ async def test_a_client_with_its_own_ways_streams_through_client_send(
     assert len(sent) == 1
     assert seen in upstream.heads[0]
     assert len(hooked) == ("event_hooks" in settings)
+
+
+def _builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts ``AsyncClient.build_request`` calls."""
+    built: list[str] = []
+    build = httpx2.AsyncClient.build_request
+
+    def counted(self: httpx2.AsyncClient, method: str, url: Any, **kwargs: Any) -> Any:
+        built.append(str(url))
+        return build(self, method, url, **kwargs)
+
+    monkeypatch.setattr(httpx2.AsyncClient, "build_request", counted)
+    return built
+
+
+@bounded(10)
+async def test_a_plain_client_builds_its_first_request_and_copies_it_for_the_next_ones(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = _builds(monkeypatch)
+    upstream = SSEUpstream()
+    port = await _serve(nursery, upstream.handle)
+    questions = ["q", 'a longer question, with ünïcödé and a "quote"', "?"]
+    async with tokenrelay.http_client() as client:
+        for question in questions:
+            assert await _one_answer(client, port, question) == "hi"
+        assert len(built) == 1  # the first request's, kept for the next ones
+        for question, body in zip(questions, upstream.bodies, strict=True):
+            payload = json.loads(body)
+            assert payload["messages"] == [{"role": "user", "content": question}]
+            # Byte for byte what the client would have built (its JSON is not ASCII-only).
+            assert body == client.build_request("POST", "http://x", json=payload).content
+        heads = [head.split(b"\r\n") for head in upstream.heads]
+        lengths = [line for head in heads for line in head if line.startswith(b"content-length")]
+        assert lengths == [b"content-length: %d" % len(body) for body in upstream.bodies]
+        # Otherwise the same head, line for line, the client's own headers in it.
+        assert len({tuple(line for line in head if line not in lengths) for head in heads}) == 1
+        assert b"user-agent: python-httpx2/" in upstream.heads[0]
+
+
+@bounded(10)
+async def test_a_plain_client_s_settings_changed_between_requests_are_honoured(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = SSEUpstream()
+    port = await _serve(nursery, upstream.handle)
+    async with tokenrelay.http_client() as client:
+        assert await _one_answer(client, port) == "hi"
+        client.headers["X-Later"] = "1"  # (changed in place)
+        assert await _one_answer(client, port) == "hi"
+        assert b"x-later: 1" not in upstream.heads[0]
+        assert b"x-later: 1" in upstream.heads[1]
+        client.timeout = httpx2.Timeout(10.0, read=0.2)
+        upstream.silent = True
+        started = trio.current_time()
+        with pytest.raises(tokenrelay.UpstreamConnectError) as caught:
+            await _one_answer(client, port)
+        assert caught.value.timed_out
+        assert 0.2 <= trio.current_time() - started < 5
+        assert len(upstream.heads) == 3

@@ -35,7 +35,7 @@ from .._exceptions import (
 from .._guard import ClosableAsyncIterator
 from ._chat import ChatRequest, Delta
 from ._lines import LineSplitter, SurrogateJoiner, mend_surrogates
-from ._transport import LeanBody, lean_body, request_sent, use_lean_backend
+from ._transport import LeanBody, lean_body, request_sent, send_json, use_lean_backend
 
 __all__ = ["MAX_LINE", "Decoder", "HTTPDeltaStream", "HTTPUpstream", "Upstream", "http_client"]
 
@@ -347,11 +347,17 @@ class HTTPDeltaStream:
             return await self._stack.enter_async_context(
                 client.stream("POST", self._url, json=self._payload, headers=self._headers)
             )
-        request = client.build_request("POST", self._url, json=self._payload, headers=self._headers)
-        response = await transport.handle_async_request(request)
+        response = await send_json(client, transport, self._url, self._headers, self._payload)
+        if response is None:
+            request = client.build_request(
+                "POST", self._url, json=self._payload, headers=self._headers
+            )
+            response = await transport.handle_async_request(request)
         self._stack.push_async_callback(response.aclose)
-        response.request = request
         if "set-cookie" in response.headers:
+            response.request = client.build_request(
+                "POST", self._url, json=self._payload, headers=self._headers
+            )
             client.cookies.extract_cookies(response)
         return response
 

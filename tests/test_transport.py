@@ -859,3 +859,48 @@ async def test_a_plain_client_s_settings_changed_between_requests_are_honoured(
         assert caught.value.timed_out
         assert 0.2 <= trio.current_time() - started < 5
         assert len(upstream.heads) == 3
+
+
+@bounded(10)
+async def test_a_body_s_first_piece_already_there_is_read_without_a_schedule_point(
+    nursery: trio.Nursery,
+) -> None:
+    opened = trio.Event()
+    first_sent = trio.Event()
+    more = trio.Event()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        await _read_request(stream)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        await opened.wait()  # the head is read: the first piece arrives on its own
+        piece = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+        await stream.send_all(b"%x\r\n%b\r\n" % (len(piece), piece))
+        first_sent.set()
+        await more.wait()
+        piece = b'data: {"choices": [{"index": 0, "delta": {"content": "!"}}]}\n\n'
+        await stream.send_all(b"%x\r\n%b\r\n" % (len(piece), piece))
+        end = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        await stream.send_all(b"%x\r\n%b\r\n0\r\n\r\n" % (len(end), end))
+
+    port = await _serve(nursery, handler)
+    async with tokenrelay.http_client() as client:
+        upstream = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
+        request = tokenrelay.ChatRequest.from_openai(
+            {"messages": [{"role": "user", "content": "q"}]}
+        )
+        stream = upstream.stream(request)
+        try:
+            await stream.open()
+            opened.set()
+            await first_sent.wait()  # (on loopback, in this socket's buffer once sent)
+            with trio.testing.assert_no_checkpoints():
+                assert (await stream.__anext__()).text == "hi"
+            more.set()
+            with trio.testing.assert_checkpoints():  # the next one is waited for, as ever
+                assert (await stream.__anext__()).text == "!"
+            assert [delta.finish_reason async for delta in stream] == ["stop"]
+        finally:
+            await stream.aclose()

@@ -52,6 +52,11 @@ end, closed otherwise).
 client built, where ``client.build_request`` and the transport would make a new
 ``httpx2.Request`` and a new ``httpcore2.Request`` from the client's settings every time.
 
+A body's first piece often follows its head at once (a server that writes them apart, as
+hypercorn does): :class:`LeanBody` takes it if it is already there, before the task gives
+its turn away (a server waiting for the head to write its own would otherwise write that
+first, and the piece only after).
+
 httpx2 has no parameter for the network backend, so this sets a private attribute of
 httpcore2's pool (and, to shard it, reads its settings and replaces the transport's pool);
 pyproject.toml bounds both versions, and where the pool is not the shape expected the client
@@ -167,6 +172,23 @@ class _LeanStream(AsyncNetworkStream):
                 data = await self._recv_when_readable(sock, max_bytes)
         except (OSError, trio.ClosedResourceError) as exc:  # what a trio socket raises
             raise httpcore2.ReadError(str(exc) or type(exc).__name__) from exc
+        self._full = len(data) == max_bytes
+        return data
+
+    def read_ready(self, max_bytes: int) -> bytes | None:
+        """What the socket holds already (``b""`` if the server closed), read without a
+        schedule point; ``None`` if it holds nothing, or where only :meth:`read` reads
+        (TLS, a request not sent yet, not POSIX)."""
+        sock = self._socket
+        if sock is None or self._unsent or not _READ_FD:
+            return None
+        fd = sock.fileno()
+        if fd < 0:
+            return None
+        try:
+            data = os.read(fd, max_bytes)
+        except OSError:  # nothing there yet, or reset (the read that follows says so)
+            return None
         self._full = len(data) == max_bytes
         return data
 
@@ -600,14 +622,15 @@ def _share(total: int, parts: int, index: int) -> int:
 class LeanBody:
     """A response body read directly from its HTTP/1.1 connection (see :func:`lean_body`)."""
 
-    __slots__ = ("_h11", "_stream")
+    __slots__ = ("_first", "_h11", "_stream")
 
     #: What one network read asks for (httpcore2's own ``READ_NUM_BYTES``).
     READ_BYTES = 64 * 1024
 
-    def __init__(self, state: h11.Connection, stream: AsyncNetworkStream) -> None:
+    def __init__(self, state: h11.Connection, stream: _LeanStream) -> None:
         self._h11 = state
         self._stream = stream
+        self._first = True
 
     async def read(self) -> bytes | None:
         """The next piece of the body; ``None`` at its end. Raises httpx2's
@@ -620,8 +643,16 @@ class LeanBody:
             except h11.RemoteProtocolError as exc:
                 raise httpx2.RemoteProtocolError(str(exc)) from exc
             if event is h11.NEED_DATA:
+                # The body's first piece often follows its head at once (a server writing
+                # them apart): taken now if it is there, before anyone else's turn.
+                ready = self._stream.read_ready(self.READ_BYTES) if self._first else None
+                self._first = False
                 try:
-                    data = await self._stream.read(self.READ_BYTES, None)
+                    data = (
+                        ready
+                        if ready is not None
+                        else await self._stream.read(self.READ_BYTES, None)
+                    )
                 except httpcore2.NetworkError as exc:
                     raise httpx2.ReadError(str(exc)) from exc
                 except httpcore2.ProtocolError as exc:

@@ -851,7 +851,7 @@ async def test_a_plain_client_s_settings_changed_between_requests_are_honoured(
         assert await _one_answer(client, port) == "hi"
         assert b"x-later: 1" not in upstream.heads[0]
         assert b"x-later: 1" in upstream.heads[1]
-        client.timeout = httpx2.Timeout(10.0, read=0.2)
+        client.timeout.read = 0.2  # (changed in place too)
         upstream.silent = True
         started = trio.current_time()
         with pytest.raises(tokenrelay.UpstreamConnectError) as caught:
@@ -904,3 +904,78 @@ async def test_a_body_s_first_piece_already_there_is_read_without_a_schedule_poi
             assert [delta.finish_reason async for delta in stream] == ["stop"]
         finally:
             await stream.aclose()
+
+
+@bounded(10)
+async def test_a_reset_right_after_the_head_is_reported_as_a_reset(nursery: trio.Nursery) -> None:
+    opened = trio.Event()
+    reset = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _read_request(stream)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        await opened.wait()
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()  # (with no lingering: a reset)
+        reset.set()
+
+    port = await _serve(nursery, handler)  # type: ignore[arg-type]
+    async with tokenrelay.http_client() as client:
+        upstream = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
+        request = tokenrelay.ChatRequest.from_openai(
+            {"messages": [{"role": "user", "content": "q"}]}
+        )
+        stream = upstream.stream(request)
+        try:
+            await stream.open()
+            opened.set()
+            await reset.wait()
+            with pytest.raises(tokenrelay.UpstreamDisconnected) as caught:
+                await stream.__anext__()
+        finally:
+            await stream.aclose()
+    # The reset itself (said once: a read after it would only see the connection's end).
+    assert isinstance(caught.value.__cause__, httpx2.ReadError)
+    assert "reset" in str(caught.value).lower()
+
+
+@bounded(10)
+async def test_a_client_subclass_and_credentials_in_the_url_go_through_client_send(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = _sends(monkeypatch)
+    upstream = SSEUpstream()
+    port = await _serve(nursery, upstream.handle)
+
+    class Numbered(httpx2.AsyncClient):
+        """Numbers its requests (a subclass may build them its own way)."""
+
+        built = 0
+
+        def build_request(self, method: str, url: Any, **kwargs: Any) -> httpx2.Request:
+            self.built += 1
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), "X-Request-Id": str(self.built)}
+            return super().build_request(method, url, **kwargs)
+
+    async with Numbered() as client:
+        use_lean_backend(client)
+        assert await _one_answer(client, port) == "hi"
+        assert await _one_answer(client, port) == "hi"
+    assert len(sent) == 2
+    assert [b"x-request-id: 1" in head for head in upstream.heads] == [True, False]
+    assert b"x-request-id: 2" in upstream.heads[1]
+    async with tokenrelay.http_client() as client:
+        openai = tokenrelay.OpenAIUpstream(f"http://user:secret@127.0.0.1:{port}/v1", client)
+        chat = tokenrelay.ChatRequest.from_openai(
+            {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+        )
+        stream = openai.stream(chat)
+        try:
+            assert "".join([delta.text async for delta in stream]) == "hi"
+        finally:
+            await stream.aclose()
+    assert len(sent) == 3
+    assert b"authorization: basic dxnlcjpzzwnyzxq=" in upstream.heads[2]

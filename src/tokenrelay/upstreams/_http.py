@@ -335,12 +335,13 @@ class HTTPDeltaStream:
         """Send the request; the response, its body not read yet.
 
         Through ``client.stream()``, or, for a client that has nothing of its own to apply
-        to it (no auth, event hooks, cookies or redirects to follow, and its own transport
-        for the URL: not a proxy's), straight to that transport, as ``client.send`` would
-        hand it on: the request built by the client all the same, and a ``Set-Cookie``
-        answered kept in its jar, as it would keep it. (Even with nothing to apply,
-        ``client.send`` runs its auth, redirect and hook generators and context managers
-        around the transport: per request, on the way to the first token.)"""
+        to it (httpx2's own class, with no auth, credentials in the URL, event hooks,
+        cookies or redirects to follow, and its own transport for the URL: not a proxy's),
+        straight to that transport's pool (:func:`send_json`: the request as the client
+        builds it, copied from its first one), and a ``Set-Cookie`` answered kept in its
+        jar, as ``client.send`` would keep it. (Even with nothing to apply, ``client.send``
+        runs its auth, redirect and hook generators and context managers around the
+        transport: per request, on the way to the first token.)"""
         client = self._client
         transport = _bare_transport(client, self._url)
         if transport is None:
@@ -390,7 +391,10 @@ def _bare_transport(
     """``client``'s transport for ``url``, if ``client.send`` would do nothing but hand it
     the request (see ``HTTPDeltaStream._send``); else ``None``."""
     if (
-        client.auth is not None
+        type(client) is not httpx2.AsyncClient  # (a subclass may send its own way)
+        or client.auth is not None
+        or url.username  # (credentials in the URL: client.send makes them Basic auth)
+        or url.password
         or client.follow_redirects
         or client.cookies
         or any(client.event_hooks.values())

@@ -178,7 +178,7 @@ class _LeanStream(AsyncNetworkStream):
     def read_ready(self, max_bytes: int) -> bytes | None:
         """What the socket holds already (``b""`` if the server closed), read without a
         schedule point; ``None`` if it holds nothing, or where only :meth:`read` reads
-        (TLS, a request not sent yet, not POSIX)."""
+        (TLS, a request not sent yet, not POSIX). Raises as :meth:`read` does."""
         sock = self._socket
         if sock is None or self._unsent or not _READ_FD:
             return None
@@ -187,8 +187,10 @@ class _LeanStream(AsyncNetworkStream):
             return None
         try:
             data = os.read(fd, max_bytes)
-        except OSError:  # nothing there yet, or reset (the read that follows says so)
+        except BlockingIOError:
             return None
+        except OSError as exc:  # reset (said once: a read after it would only see the end)
+            raise httpcore2.ReadError(str(exc)) from exc
         self._full = len(data) == max_bytes
         return data
 
@@ -637,17 +639,18 @@ class LeanBody:
         :exc:`~httpx2.ReadError` or :exc:`~httpx2.RemoteProtocolError`, as reading through
         httpx2 would."""
         state = self._h11
+        # The body's first piece often follows its head at once (a server writing them
+        # apart): taken now if it is there, before anyone else's turn.
+        first, self._first = self._first, False
         while True:
             try:
                 event = state.next_event()
             except h11.RemoteProtocolError as exc:
                 raise httpx2.RemoteProtocolError(str(exc)) from exc
             if event is h11.NEED_DATA:
-                # The body's first piece often follows its head at once (a server writing
-                # them apart): taken now if it is there, before anyone else's turn.
-                ready = self._stream.read_ready(self.READ_BYTES) if self._first else None
-                self._first = False
                 try:
+                    ready = self._stream.read_ready(self.READ_BYTES) if first else None
+                    first = False
                     data = (
                         ready
                         if ready is not None
@@ -742,14 +745,25 @@ def _take_locks_promptly(connection: object, name: str) -> None:
 
 class _Template:
     """What ``client.build_request("POST", url, json=..., headers=headers)`` builds, but for
-    its body and ``Content-Length``, as httpcore2 takes it; and what of the client it was
-    built from (see :func:`send_json`)."""
+    its body and ``Content-Length``, as httpcore2 takes it; and what it was built from (see
+    :func:`send_json`)."""
 
-    __slots__ = ("client_headers", "extensions", "headers", "length_at", "settings", "url")
+    __slots__ = (
+        "client_headers",
+        "extensions",
+        "headers",
+        "length_at",
+        "request_headers",
+        "settings",
+        "url",
+    )
 
-    def __init__(self, client: httpx2.AsyncClient, request: httpx2.Request) -> None:
+    def __init__(
+        self, client: httpx2.AsyncClient, headers: Mapping[str, str], request: httpx2.Request
+    ) -> None:
         self.client_headers = client.headers.raw
-        self.settings = (client.timeout, client.params, client.base_url)
+        self.request_headers = dict(headers)
+        self.settings = (client.params, client.base_url)
         self.url = httpcore2.URL(
             scheme=request.url.raw_scheme,
             host=request.url.raw_host,
@@ -763,24 +777,27 @@ class _Template:
         self.length_at = lengths[0] if len(lengths) == 1 else None
         self.extensions = request.extensions
 
-    def fits(self, client: httpx2.AsyncClient) -> bool:
-        """Whether ``client`` would build the same request now (its settings may change)."""
-        timeout, params, base_url = self.settings
+    def fits(self, client: httpx2.AsyncClient, headers: Mapping[str, str]) -> bool:
+        """Whether ``client`` would build the same request with ``headers`` now (a client's
+        settings may change, even in place: its headers and its timeout can)."""
+        params, base_url = self.settings
         return (
-            client.timeout is timeout
-            and client.params is params
+            client.params is params  # (neither of these changes in place)
             and client.base_url is base_url
             and client.headers.raw == self.client_headers
+            and headers == self.request_headers
+            and client.timeout.as_dict() == self.extensions["timeout"]
         )
 
 
 #: The JSON httpx2 writes (``json.dumps`` with these settings builds one per call).
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
-#: A client's templates, by URL and headers.
-_templates: weakref.WeakKeyDictionary[
-    httpx2.AsyncClient, dict[tuple[httpx2.URL, tuple[tuple[str, str], ...]], _Template]
-] = weakref.WeakKeyDictionary()
+#: A client's templates, by URL (at most :data:`MAX_TEMPLATES` of them).
+_templates: weakref.WeakKeyDictionary[httpx2.AsyncClient, dict[httpx2.URL, _Template]] = (
+    weakref.WeakKeyDictionary()
+)
+MAX_TEMPLATES = 16
 
 
 async def send_json(
@@ -792,24 +809,28 @@ async def send_json(
 ) -> httpx2.Response | None:
     """``POST`` ``payload`` as JSON to ``url`` through ``transport``'s pool, the request as
     ``client.build_request`` builds it, and the response as ``transport`` answers it; or
-    ``None``, having sent nothing, where the request cannot be made so (see below).
+    ``None``, having sent nothing, where the request has no one ``Content-Length`` to set
+    (``headers`` ask for ``Transfer-Encoding``, say): build and send that one as usual.
+    ``client`` is httpx2's own class (a subclass may build its requests its own way).
 
     ``client.build_request`` merges the client's headers, cookies, parameters and timeout
     into a new ``httpx2.Request`` on every call, and ``transport`` turns that into an
     ``httpcore2.Request``: on the way to the first token, about a fifth of the relay's own
     work between reading its client's request and sending the upstream's (220 of about
     1,000 µs, measured in ``tokenrelay serve`` on this machine).
-    Here the first request of a client to a URL with given headers is built by the client
-    itself and kept, and later ones copy it with their own body and ``Content-Length``,
-    while the client's headers, timeout, parameters and base URL are what they were (else
-    it is built again). The response has no ``request`` (only ``client.send`` sets one)."""
-    key = (url, tuple(headers.items()))
+    Here the first request of a client to a URL is built by the client itself and kept,
+    and later ones copy it with their own body and ``Content-Length``, while their headers
+    and the client's headers, timeout, parameters and base URL are what they were (else it
+    is built again). The response has no ``request`` (only ``client.send`` sets one)."""
     templates = _templates.get(client)
-    template = None if templates is None else templates.get(key)
-    if template is None or not template.fits(client):
+    if templates is None:
+        templates = _templates[client] = {}
+    template = templates.get(url)
+    if template is None or not template.fits(client, headers):
         request = client.build_request("POST", url, json=payload, headers=headers)
-        template = _Template(client, request)
-        _templates.setdefault(client, {})[key] = template
+        if len(templates) >= MAX_TEMPLATES and url not in templates:
+            templates.clear()  # (a caller with a new URL each time: they would only pile up)
+        template = templates[url] = _Template(client, headers, request)
     at = template.length_at
     if at is None:
         return None

@@ -4,6 +4,7 @@ test_proxy.py."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from httpcore2._backends.trio import TrioStream
 import tokenrelay
 import tokenrelay.upstreams._transport
 from _helpers import bounded
+from tokenrelay.upstreams._http import HTTPDeltaStream
 from tokenrelay.upstreams._transport import (
     LeanTrioBackend,
     ShardedPool,
@@ -729,36 +731,50 @@ class SSEUpstream:
             )
 
 
-async def _one_answer(client: httpx2.AsyncClient, port: int, question: str = "q") -> str:
-    upstream = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
-    request = tokenrelay.ChatRequest.from_openai(
-        {"messages": [{"role": "user", "content": question}]}
+def _chat_stream(
+    client: httpx2.AsyncClient, port: int, question: str = "q", *, userinfo: str = ""
+) -> HTTPDeltaStream:
+    """An OpenAI-style upstream at ``port``'s stream of one question (not opened yet)."""
+    upstream = tokenrelay.OpenAIUpstream(f"http://{userinfo}127.0.0.1:{port}/v1", client, model="m")
+    return upstream.stream(
+        tokenrelay.ChatRequest.from_openai({"messages": [{"role": "user", "content": question}]})
     )
-    stream = upstream.stream(request)
+
+
+async def _one_answer(
+    client: httpx2.AsyncClient, port: int, question: str = "q", *, userinfo: str = ""
+) -> str:
+    stream = _chat_stream(client, port, question, userinfo=userinfo)
     try:
         return "".join([delta.text async for delta in stream])
     finally:
         await stream.aclose()
 
 
-def _sends(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Counts ``AsyncClient.send`` calls (``client.stream`` goes through it)."""
-    sent: list[str] = []
-    send = httpx2.AsyncClient.send
+def _calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[None]:
+    """Counts calls of ``AsyncClient``'s method ``name`` (``client.stream`` goes through
+    ``send``, ``client.send`` does not build requests)."""
+    calls: list[None] = []
+    method = getattr(httpx2.AsyncClient, name)
 
-    async def counted(self: httpx2.AsyncClient, request: httpx2.Request, **kwargs: Any) -> Any:
-        sent.append(str(request.url))
-        return await send(self, request, **kwargs)
+    async def counted_async(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return await method(*args, **kwargs)
 
-    monkeypatch.setattr(httpx2.AsyncClient, "send", counted)
-    return sent
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return method(*args, **kwargs)
+
+    async_method = inspect.iscoroutinefunction(method)
+    monkeypatch.setattr(httpx2.AsyncClient, name, counted_async if async_method else counted)
+    return calls
 
 
 @bounded(10)
 async def test_a_plain_client_s_stream_goes_straight_to_its_transport_and_keeps_cookies(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sent = _sends(monkeypatch)
+    sent = _calls(monkeypatch, "send")
     upstream = SSEUpstream(cookie=True)
     port = await _serve(nursery, upstream.handle)
     async with tokenrelay.http_client() as client:
@@ -784,7 +800,7 @@ async def test_a_plain_client_s_stream_goes_straight_to_its_transport_and_keeps_
 async def test_a_client_with_its_own_ways_streams_through_client_send(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any], seen: bytes
 ) -> None:
-    sent = _sends(monkeypatch)
+    sent = _calls(monkeypatch, "send")
     upstream = SSEUpstream()
     port = await _serve(nursery, upstream.handle)
     hooked: list[httpx2.Request] = []
@@ -801,24 +817,11 @@ async def test_a_client_with_its_own_ways_streams_through_client_send(
     assert len(hooked) == ("event_hooks" in settings)
 
 
-def _builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Counts ``AsyncClient.build_request`` calls."""
-    built: list[str] = []
-    build = httpx2.AsyncClient.build_request
-
-    def counted(self: httpx2.AsyncClient, method: str, url: Any, **kwargs: Any) -> Any:
-        built.append(str(url))
-        return build(self, method, url, **kwargs)
-
-    monkeypatch.setattr(httpx2.AsyncClient, "build_request", counted)
-    return built
-
-
 @bounded(10)
 async def test_a_plain_client_builds_its_first_request_and_copies_it_for_the_next_ones(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    built = _builds(monkeypatch)
+    built = _calls(monkeypatch, "build_request")
     upstream = SSEUpstream()
     port = await _serve(nursery, upstream.handle)
     questions = ["q", 'a longer question, with ünïcödé and a "quote"', "?"]
@@ -887,11 +890,7 @@ async def test_a_body_s_first_piece_already_there_is_read_without_a_schedule_poi
 
     port = await _serve(nursery, handler)
     async with tokenrelay.http_client() as client:
-        upstream = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
-        request = tokenrelay.ChatRequest.from_openai(
-            {"messages": [{"role": "user", "content": "q"}]}
-        )
-        stream = upstream.stream(request)
+        stream = _chat_stream(client, port)
         try:
             await stream.open()
             opened.set()
@@ -924,11 +923,7 @@ async def test_a_reset_right_after_the_head_is_reported_as_a_reset(nursery: trio
 
     port = await _serve(nursery, handler)  # type: ignore[arg-type]
     async with tokenrelay.http_client() as client:
-        upstream = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
-        request = tokenrelay.ChatRequest.from_openai(
-            {"messages": [{"role": "user", "content": "q"}]}
-        )
-        stream = upstream.stream(request)
+        stream = _chat_stream(client, port)
         try:
             await stream.open()
             opened.set()
@@ -946,7 +941,7 @@ async def test_a_reset_right_after_the_head_is_reported_as_a_reset(nursery: trio
 async def test_a_client_subclass_and_credentials_in_the_url_go_through_client_send(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sent = _sends(monkeypatch)
+    sent = _calls(monkeypatch, "send")
     upstream = SSEUpstream()
     port = await _serve(nursery, upstream.handle)
 
@@ -968,14 +963,6 @@ async def test_a_client_subclass_and_credentials_in_the_url_go_through_client_se
     assert [b"x-request-id: 1" in head for head in upstream.heads] == [True, False]
     assert b"x-request-id: 2" in upstream.heads[1]
     async with tokenrelay.http_client() as client:
-        openai = tokenrelay.OpenAIUpstream(f"http://user:secret@127.0.0.1:{port}/v1", client)
-        chat = tokenrelay.ChatRequest.from_openai(
-            {"model": "m", "messages": [{"role": "user", "content": "q"}]}
-        )
-        stream = openai.stream(chat)
-        try:
-            assert "".join([delta.text async for delta in stream]) == "hi"
-        finally:
-            await stream.aclose()
+        assert await _one_answer(client, port, userinfo="user:secret@") == "hi"
     assert len(sent) == 3
     assert b"authorization: basic dxnlcjpzzwnyzxq=" in upstream.heads[2]

@@ -711,7 +711,12 @@ class SSEUpstream:
                     return
                 data += chunk
             head, _, data = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if b"transfer-encoding: chunked" in head.lower():  # (kept raw, to its last chunk)
+                while b"0\r\n\r\n" not in data:
+                    data += await stream.receive_some()
+                length = data.index(b"0\r\n\r\n") + 5
+            else:
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             while len(data) < length:
                 data += await stream.receive_some()
             self.bodies.append(data[:length])
@@ -966,3 +971,36 @@ async def test_a_client_subclass_and_credentials_in_the_url_go_through_client_se
         assert await _one_answer(client, port, userinfo="user:secret@") == "hi"
     assert len(sent) == 3
     assert b"authorization: basic dxnlcjpzzwnyzxq=" in upstream.heads[2]
+
+
+@bounded(10)
+async def test_a_request_asking_for_chunks_is_built_by_the_client_once_each_time(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = _calls(monkeypatch, "build_request")
+    sent = _calls(monkeypatch, "send")
+    upstream = SSEUpstream()
+    port = await _serve(nursery, upstream.handle)
+    async with tokenrelay.http_client() as client:
+        openai = tokenrelay.OpenAIUpstream(f"http://127.0.0.1:{port}/v1", client, model="m")
+        chat = tokenrelay.ChatRequest.from_openai({"messages": [{"role": "user", "content": "q"}]})
+        for _ in range(2):
+            stream = HTTPDeltaStream(
+                client,
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                openai.payload(chat),
+                openai.decoder(),
+                upstream="test",
+                headers={"Transfer-Encoding": "chunked"},
+            )
+            try:
+                assert "".join([delta.text async for delta in stream]) == "hi"
+            finally:
+                await stream.aclose()
+    assert len(built) == 2  # no Content-Length to set: one build per request, no more
+    assert sent == []
+    for head, body in zip(upstream.heads, upstream.bodies, strict=True):
+        assert b"transfer-encoding: chunked" in head
+        assert b"content-length" not in head
+        assert body.endswith(b"0\r\n\r\n")
+        assert b'"content":"q"' in body

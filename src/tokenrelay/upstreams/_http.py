@@ -349,11 +349,6 @@ class HTTPDeltaStream:
                 client.stream("POST", self._url, json=self._payload, headers=self._headers)
             )
         response = await send_json(client, transport, self._url, self._headers, self._payload)
-        if response is None:
-            request = client.build_request(
-                "POST", self._url, json=self._payload, headers=self._headers
-            )
-            response = await transport.handle_async_request(request)
         self._stack.push_async_callback(response.aclose)
         if "set-cookie" in response.headers:
             response.request = client.build_request(

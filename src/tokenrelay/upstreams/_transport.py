@@ -806,12 +806,12 @@ async def send_json(
     url: httpx2.URL,
     headers: Mapping[str, str],
     payload: Any,
-) -> httpx2.Response | None:
+) -> httpx2.Response:
     """``POST`` ``payload`` as JSON to ``url`` through ``transport``'s pool, the request as
-    ``client.build_request`` builds it, and the response as ``transport`` answers it; or
-    ``None``, having sent nothing, where the request has no one ``Content-Length`` to set
-    (``headers`` ask for ``Transfer-Encoding``, say): build and send that one as usual.
-    ``client`` is httpx2's own class (a subclass may build its requests its own way).
+    ``client.build_request`` builds it, and the response as ``transport`` answers it. A
+    request with no one ``Content-Length`` to set (``headers`` ask for ``Transfer-Encoding``,
+    say) is built by the client each time and handed to ``transport``. ``client`` is
+    httpx2's own class (a subclass may build its requests its own way).
 
     ``client.build_request`` merges the client's headers, cookies, parameters and timeout
     into a new ``httpx2.Request`` on every call, and ``transport`` turns that into an
@@ -826,14 +826,17 @@ async def send_json(
     if templates is None:
         templates = _templates[client] = {}
     template = templates.get(url)
+    built = None
     if template is None or not template.fits(client, headers):
-        request = client.build_request("POST", url, json=payload, headers=headers)
+        built = client.build_request("POST", url, json=payload, headers=headers)
         if len(templates) >= MAX_TEMPLATES and url not in templates:
             templates.clear()  # (a caller with a new URL each time: they would only pile up)
-        template = templates[url] = _Template(client, headers, request)
+        template = templates[url] = _Template(client, headers, built)
     at = template.length_at
-    if at is None:
-        return None
+    if at is None:  # no one Content-Length to set: the request as the client builds it
+        if built is None:
+            built = client.build_request("POST", url, json=payload, headers=headers)
+        return await transport.handle_async_request(built)
     content = _JSON.encode(payload).encode()
     raw = template.headers.copy()
     raw[at] = (raw[at][0], b"%d" % len(content))

@@ -162,6 +162,7 @@ class RawHTTP:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = b""
+        self.head_lines: list[str] = []
 
     @classmethod
     async def connect(cls, url: str, *, receive_buffer: int | None = None) -> RawHTTP:
@@ -179,20 +180,40 @@ class RawHTTP:
         await self.stream.send_all(data)
 
     async def response(self) -> tuple[int, dict[str, str], bytes]:
-        """The next response (one with a Content-Length body): status, headers, body."""
+        """The next response (its body framed by Content-Length, or chunked): status,
+        headers, body (de-chunked). Its header lines, as sent, are kept in ``head_lines``."""
         while b"\r\n\r\n" not in self.buffer:
             await self._fill()
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").split("\r\n")
+        status_line, *self.head_lines = head.decode("latin-1").split("\r\n")
         headers = {}
-        for line in lines:
+        for line in self.head_lines:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding") == "chunked":
+            return int(status_line.split()[1]), headers, await self._chunks()
         length = int(headers.get("content-length", "0"))
+        body = await self._take(length)
+        return int(status_line.split()[1]), headers, body
+
+    async def _chunks(self) -> bytes:
+        body = b""
+        while True:
+            while b"\r\n" not in self.buffer:
+                await self._fill()
+            size_line, _, self.buffer = self.buffer.partition(b"\r\n")
+            size = int(size_line, 16)
+            chunk = await self._take(size + 2)
+            assert chunk.endswith(b"\r\n"), chunk
+            if size == 0:
+                return body
+            body += chunk[:-2]
+
+    async def _take(self, length: int) -> bytes:
         while len(self.buffer) < length:
             await self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return int(status_line.split()[1]), headers, body
+        data, self.buffer = self.buffer[:length], self.buffer[length:]
+        return data
 
     async def final_response(self) -> tuple[int, dict[str, str], bytes]:
         """The next response that is not ``100 Continue``."""

@@ -23,6 +23,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import httpx2
+import hypercorn.logging
 import openai
 import pytest
 import trio
@@ -726,6 +727,76 @@ async def test_a_host_app_s_own_streams_keep_their_heads_and_refusals_keep_its_h
     assert response.headers["content-type"] == "application/json"
     assert "cache-control" not in response.headers  # the stream's, not the error's
     assert len(replaced) == 1  # made as a stream, then replaced before anything was written
+
+
+@bounded(20)
+async def test_a_stream_s_head_is_made_before_its_first_piece_and_a_refusal_replaces_it(
+    nursery: trio.Nursery, fake_server: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On HTTP/1.1 a stream's head is made by hypercorn as soon as the app starts it, while
+    the upstream has not answered, and kept unwritten until its first piece. A refusal then
+    replaces the head made: in the framing h11 now writes (a chunked body), with hypercorn's
+    own headers once, and the connection kept, or closed if the request asked for that."""
+    made: list[tokenrelay.server._hypercorn.DirectWriteTCPServer] = []
+    made_ahead = trio.Event()
+
+    class Spy(tokenrelay.server._hypercorn.gathered_writes):
+        async def __aexit__(self, *exc_info: Any) -> None:
+            await super().__aexit__(*exc_info)
+            if not self._write:
+                made.extend(self._servers)
+                made_ahead.set()
+
+    monkeypatch.setattr(tokenrelay.server._asgi, "gathered_writes", Spy)
+    logged: list[int] = []  # the status of each response, as hypercorn's access log has it
+
+    async def access(self: object, scope: Any, response: Any, *_: Any) -> None:
+        if scope["server"][1] == port_of(served.url):  # (not the fake model's)
+            logged.append(response["status"])
+
+    monkeypatch.setattr(hypercorn.logging.Logger, "access", access)
+    fake_server.default = FakeScript(fault="no_headers")
+    served = await start_served(nursery, fake_server, first_token_timeout=1.0)
+    data = json.dumps(chat()).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(data)
+    )
+    conn = await RawHTTP.connect(served.url)
+    await conn.send(head + b"\r\n" + data)
+    await made_ahead.wait()
+    (server,) = made
+    assert server._gathered.startswith(b"HTTP/1.1 200 ")
+    with pytest.raises(BlockingIOError):  # nothing written yet
+        os.read(conn.stream.socket.fileno(), 1)
+
+    status, headers, body = await conn.response()
+    assert status == 504
+    assert json.loads(body)["error"]["type"] == "upstream_timeout"
+    framing = {"content-length", "transfer-encoding", "connection", "date", "server"}
+    names = [line.partition(":")[0].strip().lower() for line in conn.head_lines]
+    assert sorted(name for name in names if name in framing) == [
+        "date",
+        "server",
+        "transfer-encoding",
+    ]
+    assert headers["content-type"] == "application/json"
+    assert "cache-control" not in headers  # the stream's, not the error's
+    assert {"x-session-id", "x-run-id"} <= set(headers)
+
+    fake_server.default = FakeScript()  # the same connection serves the next request
+    await conn.send(head + b"\r\n" + data)
+    status, _, body = await conn.response()
+    assert status == 200
+    assert body.endswith(b"data: [DONE]\n\n")
+
+    fake_server.default = FakeScript(fault="no_headers")
+    await conn.send(head + b"Connection: close\r\n\r\n" + data)
+    status, headers, _ = await conn.response()
+    assert (status, headers["connection"]) == (504, "close")
+    assert await conn.closed_by_server()
+    await conn.aclose()
+    assert logged == [504, 200, 504]
 
 
 async def test_request_messages_already_there_are_taken_without_a_schedule_point() -> None:

@@ -15,6 +15,13 @@ The fix here: the response's last send is shielded, so that what hypercorn does 
 the socket, or arm the keep-alive timer) completes. hypercorn already shields every socket
 write, so no wait becomes longer than it was.
 
+A held head (:func:`hold_head`) of a stream on HTTP/1.1, on a connection that writes at once
+(:func:`~tokenrelay.server._hypercorn.chunk_writer`), is made by hypercorn as soon as the app
+starts the response, and kept unwritten until the first piece of body: making it (hypercorn's
+headers, h11's checks of them, three times over) is then done while the app waits for that
+piece, not after it has it. A :class:`ReplacedResponse` then replaces the bytes made, in the
+framing h11 has taken on for them (a chunked body).
+
 A send that races hypercorn closing the connection from its reading task (it does that
 without its send lock) would fail with ``trio.BusyResourceError``; that send is dropped.
 
@@ -31,7 +38,9 @@ import json
 from collections.abc import Callable
 from typing import Any, Self, cast
 
+import h11
 import trio
+from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGIReceiveEvent,
@@ -42,7 +51,7 @@ from hypercorn.typing import (
     Scope,
 )
 
-from ._hypercorn import gathered_writes, note_connection
+from ._hypercorn import DirectWriteTCPServer, chunk_writer, gathered_writes, note_connection
 
 __all__ = [
     "CloseConnections",
@@ -130,9 +139,14 @@ class CloseConnections:
         start: HTTPResponseStartEvent | None = None
         last: bytes | None = None
         replaced = False
+        # On HTTP/1.1 over a connection that writes at once, a held stream's head is given to
+        # hypercorn as soon as it comes, its bytes kept unwritten until the first piece
+        # (``ahead``): made while the app waits for that piece, not after it has it.
+        server = chunk_writer(scope)
+        ahead: HTTPResponseStartEvent | None = None
 
         async def send_last_shielded(message: ASGISendEvent) -> None:
-            nonlocal closing, start, last, replaced
+            nonlocal closing, start, last, replaced, ahead
             if replaced:  # the app's own end of the response it replaced
                 return
             try:
@@ -141,12 +155,25 @@ class CloseConnections:
                         message = _closing(message)
                         closing = True
                     if scope.get(_HOLD):
-                        start = message
+                        if server is not None and server.writable and _chunked(message):
+                            async with gathered_writes(write=False):
+                                await send(message)
+                            ahead = message
+                        else:
+                            start = message
                         return
                 if message["type"] == "http.response.body":
                     data = message.get("body", b"")
                     more = message.get("more_body", False)
-                    if type(data) is ReplacedResponse and start is not None:
+                    if type(data) is ReplacedResponse and ahead is not None:
+                        assert server is not None
+                        replaced = True
+                        _replace_head_made(server, send, _replaced(ahead, data))
+                        message = HTTPResponseBodyEvent(
+                            type="http.response.body", body=bytes(data), more_body=False
+                        )
+                        more = False
+                    elif type(data) is ReplacedResponse and start is not None:
                         replaced = True
                         start = _replaced(start, data)
                         if closing:
@@ -158,6 +185,7 @@ class CloseConnections:
                     elif body is not None and more and type(data) is LastBody and last is None:
                         last = data
                         return
+                    ahead = None  # (written with this piece, or with the next write)
                     if last is not None:
                         message = {**message, "body": last + data}
                         last = None
@@ -207,6 +235,59 @@ def _receive_ready(receive: ASGIReceiveCallable) -> Callable[[], ASGIReceiveEven
     ):
         return cast(Callable[[], ASGIReceiveEvent], channel.receive_nowait)
     return None
+
+
+def _chunked(start: HTTPResponseStartEvent) -> bool:
+    """Whether the response ``start`` starts has a chunked body on HTTP/1.1 (a body whose
+    length it does not say), which a replacement can have too (:func:`_replace_head_made`)."""
+    status = start["status"]
+    return (
+        200 <= status < 300
+        and status != 204
+        and all(name.lower() != b"content-length" for name, _ in start["headers"])
+    )
+
+
+def _replace_head_made(
+    server: DirectWriteTCPServer, send: ASGISendCallable, answer: HTTPResponseStartEvent
+) -> None:
+    """Replace the head hypercorn made of a response (kept unwritten on ``server``) with the
+    head of ``answer``, in the same framing: a chunked body, which hypercorn's h11 writes from
+    now on, and ``Connection: close`` if the head made said so (the connection's fate is
+    h11's already). With hypercorn's own headers (``Date``, ``Server``), and made by h11 as
+    hypercorn's is. hypercorn is told the status (its access log, its body rules).
+
+    Nothing to replace if the head was written already: only a connection being closed
+    writes what is kept (a client that has left)."""
+    made = server.take_back()
+    if not made:
+        return
+    headers = [(name, value) for name, value in answer["headers"] if name.lower() not in _FRAMING]
+    headers += server.config.response_headers("h11")
+    if _says_close(made):
+        headers.append((b"connection", b"close"))
+    head = h11.Connection(h11.SERVER)  # in the state of one answering an HTTP/1.1 request
+    head.receive_data(b"GET / HTTP/1.1\r\nHost: tokenrelay\r\n\r\n")
+    head.next_event()
+    data = head.send(h11.Response(status_code=answer["status"], headers=headers))
+    assert data is not None  # (h11 makes bytes of every event but a ConnectionClosed)
+    server.keep(data)
+    stream = getattr(send, "__self__", None)
+    if isinstance(stream, HTTPStream):
+        stream.response = answer
+
+
+#: The headers that say how a body is framed (h11 adds those of the head it makes).
+_FRAMING = {b"content-length", b"transfer-encoding", b"connection"}
+
+
+def _says_close(head: bytes) -> bool:
+    """Whether an HTTP/1.1 response ``head``, as h11 writes one, says ``Connection: close``."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"connection" and b"close" in value.lower():
+            return True
+    return False
 
 
 #: Headers of a started response that describe its body: a replacement brings its own.

@@ -216,6 +216,17 @@ class DirectWriteTCPServer(TCPServer):
         if self._gathered:
             await self._write(b"")
 
+    def take_back(self) -> bytes:
+        """Take back what is gathered and not written yet (``b""`` if nothing is, written by
+        another write in between): nothing of it will be written. For bytes kept by
+        ``gathered_writes(write=False)`` and made again otherwise."""
+        return self._take_gathered()
+
+    def keep(self, data: bytes) -> None:
+        """Gather ``data`` after what is gathered already: the connection's next write sends
+        it first (see :class:`gathered_writes`)."""
+        self._gathered += data
+
     async def _read_data(self) -> None:
         # hypercorn's loop, its wait under the keep-alive deadline (see the module's doc), and
         # on plain TCP its schedule point after the data is handed to the protocol rather
@@ -609,13 +620,19 @@ class gathered_writes:
     be written that way (or dropped with the connection). Elsewhere (TLS, another server) the
     writes are made as they come. Only for HTTP/1: an HTTP/2 write may wait for flow
     control, which must not wait for bytes kept here.
+
+    ``gathered_writes(write=False)`` leaves what the block gathered unwritten at its end:
+    the connection's next write sends it first, unless it is taken back before
+    (:meth:`DirectWriteTCPServer.take_back`). A response's head made ahead of its body, say,
+    which the body's first write sends with it.
     """
 
-    __slots__ = ("_servers", "_task", "_token")
+    __slots__ = ("_servers", "_task", "_token", "_write")
 
-    def __init__(self) -> None:
+    def __init__(self, *, write: bool = True) -> None:
         #: The servers with writes kept by this block, in order (a dict as an ordered set).
         self._servers: dict[DirectWriteTCPServer, None] = {}
+        self._write = write
 
     async def __aenter__(self) -> None:
         self._task = trio.lowlevel.current_task()
@@ -628,7 +645,7 @@ class gathered_writes:
         traceback: TracebackType | None,
     ) -> None:
         _GATHERING.reset(self._token)
-        if exc_value is None:
+        if exc_value is None and self._write:
             for server in self._servers:
                 if server._gathered:  # (unless another write took it already)
                     await server._write(b"")

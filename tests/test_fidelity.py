@@ -5,8 +5,10 @@ model list; resume in the middle of a tool call; reasoning that keeps a stream a
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
+import h11
 import httpx2
 import openai
 import pytest
@@ -276,3 +278,52 @@ def test_a_stored_answer_names_each_tool_call_by_its_stream_index() -> None:
         (2, "a", {"name": "f", "arguments": '{"x": 1}'}),
         (5, "b", {"name": "g", "arguments": ""}),
     ]
+
+
+async def _answer_in_one_write(stream: trio.SocketStream) -> None:
+    """An OpenAI-style model server that writes its whole streamed answer, head included,
+    in one write, under a model name of its own."""
+    connection = h11.Connection(h11.SERVER)
+    while not isinstance(event := connection.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            connection.receive_data(await stream.receive_some())
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        fields = {"id": "c", "object": "chat.completion.chunk", "created": 1}
+        return (
+            b"data: %b\n\n"
+            % json.dumps({**fields, "model": "served-v2", "choices": [choice]}).encode()
+        )
+
+    body = (
+        chunk({"role": "assistant", "content": "Hi"}, None)
+        + chunk({}, "stop")
+        + b"data: [DONE]\n\n"
+    )
+    headers = [("content-type", "text/event-stream"), ("content-length", str(len(body)))]
+    out = connection.send(h11.Response(status_code=200, headers=headers))
+    out += connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage())
+    await stream.send_all(out)
+    await stream.aclose()
+
+
+@bounded(10)
+async def test_the_role_chunk_names_the_model_the_upstream_served_if_it_said_it_by_then(
+    nursery: trio.Nursery, fake_server: FakeModelServer
+) -> None:
+    """The stream's opening is made before the upstream answers; its role chunk is made again
+    when the upstream has named the model by the time the opening is written (here, its
+    first piece comes with its head)."""
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, _answer_in_one_write, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    served = await start_served(
+        nursery, fake_server, upstream=f"openai=http://127.0.0.1:{port}/v1", model="asked"
+    )
+    async with sdk(served.url) as client:
+        stream = await client.chat.completions.create(model="asked", messages=MESSAGES, stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert {chunk.model for chunk in chunks} == {"served-v2"}

@@ -99,13 +99,6 @@ async def _stream(
     ``deliver``): this task wakes for what cannot be written so (the rest of a write the
     kernel took in part, events behind one that waits), keep-alives and the end."""
     run = watch.run
-    if accepted is not None:
-        await accepted.wait()
-        if run.status is RunStatus.ERROR and run.event_count == 0:
-            watch.ended = True
-            service.unwatch(watch)
-            yield run_error_answer(run, headers or {})
-            return
     info = run.info
     renderer = ChunkRenderer(
         run.id, info.get("created", 0), include_usage=info.get("include_usage", False)
@@ -114,10 +107,21 @@ async def _stream(
     # Flushed at once, before any token: the client (and any proxy) sees the stream is up.
     comment = sse_comment(f"tokenrelay run {run.id}")
     retry = sse_retry()  # rides on the first event that has data
+    # Made while the upstream has not answered yet, and again only if the names change.
+    role = renderer.role() if after == -1 else b""
+    if accepted is not None:
+        await accepted.wait()
+        if run.status is RunStatus.ERROR and run.event_count == 0:
+            watch.ended = True
+            service.unwatch(watch)
+            yield run_error_answer(run, headers or {})
+            return
+        if renderer.name(info.get("model", ""), info.get("system_fingerprint")) and role:
+            role = renderer.role()
     try:
         service.writing(watch)
         if after == -1:  # what is ready at once goes out in one write
-            opening = comment + retry + renderer.role()
+            opening = comment + retry + role
             retry = b""
             try:
                 ready = watch.sub.receive_ready()

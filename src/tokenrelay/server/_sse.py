@@ -60,11 +60,11 @@ class ChunkRenderer:
         self._names: tuple[str, str | None] | None = None
         self.name("", None)
 
-    def name(self, model: str, system_fingerprint: str | None) -> None:
+    def name(self, model: str, system_fingerprint: str | None) -> bool:
         """The ``model`` and ``system_fingerprint`` of the chunks from now on (the upstream
-        says them with its first output)."""
+        says them with its first output). Whether they changed."""
         if self._names == (model, system_fingerprint):
-            return
+            return False
         self._names = (model, system_fingerprint)
         fields: dict[str, Any] = {
             "id": self.run_id,
@@ -80,6 +80,7 @@ class ChunkRenderer:
         self._content_head = head + ',"choices":[{"index":0,"delta":{"content":'
         self._content_tail = '},"finish_reason":null}]}'
         self._usage_head = head + ',"choices":[],"usage":'
+        return True
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None, **extra: Any) -> str:
         choices = _compact([{"index": 0, "delta": delta, "finish_reason": finish_reason}])

@@ -76,8 +76,7 @@ def relay_blueprint(config: ServerConfig | None = None, *, page: bool = False) -
     bp.record_once(lambda state: install(state.app))  # type: ignore[arg-type]
     bp.before_app_serving(_start)
     bp.after_app_serving(_stop)
-    bp.before_request(_hold_heads)
-    bp.before_request(_authenticate)
+    bp.before_request(_before_request)
     bp.register_error_handler(HTTPError, _http_error)
     bp.register_error_handler(InvalidRequest, _invalid_request)
     bp.register_error_handler(HTTPException, _werkzeug_error)
@@ -118,12 +117,10 @@ async def _stop() -> None:
     await relay_service().stop()
 
 
-async def _hold_heads() -> None:
+async def _before_request() -> None:
+    # One hook, not one per step: Quart finds and awaits each hook on every request.
     # The relay's own responses write their first piece at once: their heads wait for it.
     hold_head(request.scope)
-
-
-async def _authenticate() -> None:
     if request.endpoint not in _OPEN:
         g.tokenrelay_namespace = relay_service().keys.require(request.headers.get("Authorization"))
 

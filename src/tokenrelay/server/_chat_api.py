@@ -115,7 +115,11 @@ async def start_run(
         service.release(namespace)  # it never ran, so on_finish will not be called
         refuse_start(exc, call.session_id)
         raise
-    run.info = info  # the producer's names (it has not run yet) and the request's
+    # The run's producer and this task are runnable together now, in either order: the
+    # producer goes first, so that its first step (the upstream request) is not behind the
+    # rest of this one. Not a cancellation point: the request must come to hold its run.
+    await trio.lowlevel.cancel_shielded_checkpoint()
+    run.info = info  # the request's, and the names the producer gives the answer
     if service.store is not None:
         service.store.describe_run(
             run.id, namespace, call.session_id, call.chat.prompt_text(), call.chat.body

@@ -130,6 +130,15 @@ async def run(quick: bool) -> list[Result]:
             floor, floor_pid = await _start(
                 nursery, [python, "-m", "benchmarks.floor"], url_on="stdout"
             )
+            # Time to first token only: where the relay's own share goes (see _own_share).
+            yardsticks = []
+            for name, flags in ((PLAIN, []), (LEAN, ["--lean"])):
+                url, pid = await _start(
+                    nursery,
+                    [python, "-m", "benchmarks.baselines.trio_proxy", fake, *flags],
+                    url_on="stdout",
+                )
+                yardsticks.append((name, url, pid))
             # The CPU a server process spends per token it delivers (the fake model's own, for
             # the direct row): the measure least disturbed by the other processes on the machine.
             targets = [
@@ -139,7 +148,7 @@ async def run(quick: bool) -> list[Result]:
                 (PROXY, proxy, proxy_pid),
                 (FLOOR, floor, floor_pid),
             ]
-            results += await _first_token(targets, ttft_rounds)
+            results += await _first_token([*targets, *yardsticks], ttft_rounds)
             for streams in levels:
                 print(f"{streams} streams ...", file=sys.stderr)
                 # At 100 streams the relay and the proxy are closest: more rounds there.
@@ -153,6 +162,10 @@ MEMORY = "tokenrelay serve --db :memory:"
 PROXY = "FastAPI + sse-starlette proxy"
 #: The bare server stack, writing the same events with no upstream (``benchmarks/floor.py``).
 FLOOR = "floor: bare hypercorn + quart-trio"
+#: The FastAPI proxy's code on the relay's server stack, plain, and with the relay's shortcuts
+#: (``benchmarks/baselines/trio_proxy.py``): time to first token only.
+PLAIN = "plain proxy on quart-trio + hypercorn + httpx2"
+LEAN = "lean proxy: the relay's client and writes, no relay"
 SQLITE = "tokenrelay serve --db FILE"
 RATIO = "--db FILE / :memory:"
 PAIRED_TTFT = "time to first token: relay / proxy"
@@ -194,17 +207,21 @@ def _own_share(blocks: list[dict[str, float]]) -> list[Result]:
     """Paired, block by block (the targets of one block ran one after another, in the same
     mood of the machine): the relay's time to first token over the proxy's, and its own share
     over the serving floor (what it adds over the model's own time to first token, less what
-    the floor adds over a client's bare request, which is what being a server costs)."""
+    the floor adds over a client's bare request, which is what being a server costs); and the
+    same share of the two proxies written for the relay's stack (``baselines/trio_proxy.py``):
+    plain, what the stack costs a proxy before anything is done about it; lean, what is left
+    of the relay's share without the relay (so the relay's share less the lean proxy's is
+    what the relay's own features cost on the way to the first token)."""
     direct = "the fake model, directly"
     ratio = [b[MEMORY] / b[PROXY] for b in blocks if MEMORY in b and PROXY in b]
     share = {
         name: [b[name] - b[direct] - b[FLOOR] for b in blocks if {name, direct, FLOOR} <= b.keys()]
-        for name in (MEMORY, PROXY)
+        for name in (MEMORY, PROXY, PLAIN, LEAN)
     }
     rows = []
     if ratio:
         rows.append(Result(PAIRED_TTFT, "relay / proxy, block by block", "x", ratio, "<= 1x"))
-    for name, goal in ((MEMORY, "<= 1 ms"), (PROXY, "")):
+    for name, goal in ((MEMORY, "<= 1 ms"), (PROXY, ""), (PLAIN, ""), (LEAN, "")):
         if share[name]:
             rows.append(Result(OWN_SHARE, name, "s", share[name], goal))
     return rows

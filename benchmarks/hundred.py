@@ -4,7 +4,11 @@ proxy and the serving floor, each in its own process, the rounds interleaved, ``
 times over. ``--before DIR`` adds a second relay run from the ``src`` directory of another
 checkout (``git worktree add DIR main``, say): before and after, side by side.
 
-Run: ``python -m benchmarks.hundred [--repeats 5] [--streams 100] [--before DIR]``.
+``--yardsticks`` adds the two proxies on the relay's own stack to the time to first token
+(``baselines/trio_proxy.py``, plain and ``--lean``).
+
+Run: ``python -m benchmarks.hundred [--repeats 5] [--streams 100] [--before DIR]
+[--yardsticks]``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,34 @@ import os
 import subprocess
 import sys
 import tempfile
+from functools import partial
 
 import trio
 
 from ._stats import Result, table
-from .throughput import FLOOR, MEMORY, PROXY, _first_token, _paced, _start, relay_command
+from .throughput import (
+    FLOOR,
+    LEAN,
+    MEMORY,
+    PLAIN,
+    PROXY,
+    _first_token,
+    _paced,
+    _start,
+    relay_command,
+)
 
 BEFORE = "tokenrelay serve (--before)"
 
 
-async def run(repeats: int, streams: int, ttft_rounds: int, before: str | None) -> list[Result]:
+async def run(
+    repeats: int,
+    streams: int,
+    ttft_rounds: int,
+    before: str | None,
+    *,
+    yardsticks: bool = False,
+) -> list[Result]:
     """``before``: the ``src`` directory of the relay to run as the before row."""
     python = sys.executable
     results: list[Result] = []
@@ -48,8 +70,17 @@ async def run(repeats: int, streams: int, ttft_rounds: int, before: str | None) 
                 nursery, [python, "-m", "benchmarks.floor"], url_on="stdout"
             )
             targets += [(PROXY, proxy, proxy_pid), (FLOOR, floor, floor_pid)]
+            extra = []
+            if yardsticks:
+                for name, flags in ((PLAIN, []), (LEAN, ["--lean"])):
+                    url, pid = await _start(
+                        nursery,
+                        [python, "-m", "benchmarks.baselines.trio_proxy", fake, *flags],
+                        url_on="stdout",
+                    )
+                    extra.append((name, url, pid))
             if ttft_rounds:
-                results += await _first_token(targets, ttft_rounds)
+                results += await _first_token([*targets, *extra], ttft_rounds)
             results += await _paced(targets, streams, repeats)
             nursery.cancel_scope.cancel()
     return results
@@ -61,6 +92,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--ttft-rounds", type=int, default=100)
     parser.add_argument("--before", help="a checkout (or its src/) run as a second relay")
+    parser.add_argument("--yardsticks", action="store_true", help="the proxies on our stack")
     args = parser.parse_args()
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"before: {load}", file=sys.stderr)
@@ -72,7 +104,13 @@ def main() -> None:
         before = root if os.path.basename(root) == "src" else os.path.join(root, "src")
         if not os.path.isfile(os.path.join(before, "tokenrelay", "__init__.py")):
             parser.error(f"--before {args.before}: no src/tokenrelay there")
-    results = trio.run(run, args.repeats, args.streams, args.ttft_rounds, before)
+    results = trio.run(
+        partial(run, yardsticks=args.yardsticks),
+        args.repeats,
+        args.streams,
+        args.ttft_rounds,
+        before,
+    )
     print(table(results))
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"after: {load}")

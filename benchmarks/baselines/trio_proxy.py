@@ -69,7 +69,10 @@ def create_app(upstream: str, *, lean: bool = False) -> QuartTrio:
                         ],
                     }
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
-                    if done:
+                    if done and not lean:
+                        # (As the FastAPI proxy does: the response is closed before its end
+                        # is read, and its connection with it. The lean one reads to the end,
+                        # as the relay does, and keeps the connection.)
                         break
             yield b"data: [DONE]\n\n"
 

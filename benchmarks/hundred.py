@@ -25,14 +25,13 @@ import trio
 from ._stats import Result, table
 from .throughput import (
     FLOOR,
-    LEAN,
     MEMORY,
-    PLAIN,
     PROXY,
     _first_token,
     _paced,
     _start,
     relay_command,
+    start_yardsticks,
 )
 
 BEFORE = "tokenrelay serve (--before)"
@@ -70,15 +69,7 @@ async def run(
                 nursery, [python, "-m", "benchmarks.floor"], url_on="stdout"
             )
             targets += [(PROXY, proxy, proxy_pid), (FLOOR, floor, floor_pid)]
-            extra = []
-            if yardsticks:
-                for name, flags in ((PLAIN, []), (LEAN, ["--lean"])):
-                    url, pid = await _start(
-                        nursery,
-                        [python, "-m", "benchmarks.baselines.trio_proxy", fake, *flags],
-                        url_on="stdout",
-                    )
-                    extra.append((name, url, pid))
+            extra = await start_yardsticks(nursery, fake) if yardsticks else []
             if ttft_rounds:
                 results += await _first_token([*targets, *extra], ttft_rounds)
             results += await _paced(targets, streams, repeats)

@@ -77,6 +77,17 @@ async def _start(
     return found[0].decode(), process.pid
 
 
+async def start_yardsticks(nursery: trio.Nursery, fake: str) -> list[tuple[str, str, int]]:
+    """The two proxies on the relay's own stack (``baselines/trio_proxy.py``) in front of the
+    fake model at ``fake``, plain and lean: their rows' names, URLs and pids."""
+    started = []
+    for name, flags in ((PLAIN, []), (LEAN, ["--lean"])):
+        argv = [sys.executable, "-m", "benchmarks.baselines.trio_proxy", fake, *flags]
+        url, pid = await _start(nursery, argv, url_on="stdout")
+        started.append((name, url, pid))
+    return started
+
+
 def _cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
@@ -131,14 +142,7 @@ async def run(quick: bool) -> list[Result]:
                 nursery, [python, "-m", "benchmarks.floor"], url_on="stdout"
             )
             # Time to first token only: where the relay's own share goes (see _own_share).
-            yardsticks = []
-            for name, flags in ((PLAIN, []), (LEAN, ["--lean"])):
-                url, pid = await _start(
-                    nursery,
-                    [python, "-m", "benchmarks.baselines.trio_proxy", fake, *flags],
-                    url_on="stdout",
-                )
-                yardsticks.append((name, url, pid))
+            yardsticks = await start_yardsticks(nursery, fake)
             # The CPU a server process spends per token it delivers (the fake model's own, for
             # the direct row): the measure least disturbed by the other processes on the machine.
             targets = [

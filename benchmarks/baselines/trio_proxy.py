@@ -7,9 +7,10 @@ resume, and none of the relay's shortcuts.
 request straight to httpx2's connection pool (``send_json``), the body read straight from
 the connection (``lean_body``) over the relay's network backend, and hypercorn's
 connections with the relay's direct writes. No run, no task of its own, no log, no
-fan-out: what is left between it and ``tokenrelay serve`` is the relay itself. (It reaches
-into tokenrelay's private modules: a yardstick for this benchmark, not a way to write a
-proxy.)
+fan-out: what is left between it and ``tokenrelay serve`` is the relay itself. It does not
+tune its garbage collector as ``tokenrelay serve`` does (``_settle_gc``), so it pays
+collections the relay does not: a yardstick that errs on the relay's side. (It reaches into
+tokenrelay's private modules: a yardstick for this benchmark, not a way to write a proxy.)
 
 Run: ``python -m benchmarks.baselines.trio_proxy UPSTREAM_URL [--lean]``; prints its own URL.
 """
